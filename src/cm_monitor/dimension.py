@@ -1,0 +1,521 @@
+"""Class-manifold and boundary dimension by cutting planes: the public estimators.
+
+See ``docs/method.md`` for the method in a user's words and ``docs/api.md`` for every parameter.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from cm_monitor._model import (
+    ModelLike,
+    as_members,
+    check_float_inputs,
+    ensemble_log_probs,
+    explain_inference_tensors,
+    make_generator,
+    measuring,
+    model_device,
+    model_float_dtype,
+)
+from cm_monitor.cutting import OptimizerSettings, data_scale, optimize_planes
+from cm_monitor.planes import check_dims, plane_seed
+
+
+@dataclass(frozen=True)
+class DimensionEstimate:
+    """Result of :func:`cm_dimension` or :func:`boundary_dimension`.
+
+    Per target (a class for a class manifold, a tuple of classes for a boundary) it gives the
+    cutting dimension ``d*`` (the plane dimension at which random planes through the anchors reach
+    the target region), the effective dimension ``D - d*`` and its fraction of ``D``, with a
+    bootstrap uncertainty over anchors. The raw per-problem outcomes are kept, so
+    :meth:`at` re-reads everything at another threshold without optimizing again.
+
+    Attributes:
+        kind: ``"cm"`` or ``"boundary"``.
+        input_dim: ``D``, the number of elements of one input.
+        targets: the targets, in order: class ids (``"cm"``) or tuples of class ids (``"boundary"``).
+        dims: ``[K]`` plane dimensions of the grid.
+        threshold: success level of the score (target probability for ``"cm"``; for a boundary
+            among ``k`` classes, ``k · min`` of their probabilities, so 0.8 means each ``>= 0.8/k``).
+        scores: ``[T, A, K]`` best score reached per (target, anchor slot, d); NaN where the slot is
+            unused (see ``anchor_index``) or the optimization produced NaN/inf.
+        losses: ``[T, A, K]`` lowest cross-entropy reached.
+        steps: ``[T, A, K]`` Adam steps taken.
+        nonfinite: ``[T, A, K]`` True where a NaN/inf appeared during the optimization.
+        anchor_index: ``[T, A]`` index into the anchors passed in for each slot, ``-1`` if unused.
+        curve: ``[T, K]`` mean over anchors of the best score, made monotone in ``d`` (planes are
+            nested, so the best over a plane can only grow with ``d``).
+        cutting_dim: ``[T]`` ``d*``: where ``curve`` crosses ``threshold``, interpolated linearly in
+            ``log d`` between grid points. NaN when the curve never reaches the threshold or when
+            the optimization produced NaN/inf for the target (see :attr:`failed`).
+        cutting_dim_std: ``[T]`` bootstrap standard deviation of ``d*`` over resampled anchors.
+        dimension: ``[T]`` effective dimension ``D - d*``.
+        dimension_frac: ``[T]`` ``(D - d*) / D``.
+        num_bootstrap: number of bootstrap resamples; ``bootstrap_seed`` makes them reproducible.
+    """
+
+    kind: str
+    input_dim: int
+    targets: list
+    dims: Tensor
+    threshold: float
+    scores: Tensor
+    losses: Tensor
+    steps: Tensor
+    nonfinite: Tensor
+    anchor_index: Tensor
+    curve: Tensor
+    cutting_dim: Tensor
+    cutting_dim_std: Tensor
+    dimension: Tensor
+    dimension_frac: Tensor
+    num_bootstrap: int
+    bootstrap_seed: int
+
+    @property
+    def dimension_std(self) -> Tensor:
+        """``[T]`` bootstrap standard deviation of the dimension (equal to that of ``d*``)."""
+        return self.cutting_dim_std
+
+    @property
+    def mean_dimension(self) -> float:
+        """Mean of :attr:`dimension` over targets (NaN if any target has none)."""
+        return float(self.dimension.mean())
+
+    @property
+    def mean_dimension_frac(self) -> float:
+        """Mean of :attr:`dimension_frac` over targets."""
+        return float(self.dimension_frac.mean())
+
+    @property
+    def mean_dimension_std(self) -> float:
+        """Uncertainty of :attr:`mean_dimension`, treating targets as independent."""
+        return float(self.cutting_dim_std.pow(2).sum().sqrt() / len(self.targets))
+
+    @property
+    def failed(self) -> Tensor:
+        """``[T]`` True where the optimization produced NaN/inf for some problem of the target."""
+        return self.nonfinite.flatten(1).any(1)
+
+    def success_rate(self, threshold: float | None = None) -> Tensor:
+        """``[T, K]`` fraction of anchors whose (monotone) best score reaches ``threshold``."""
+        thr = self.threshold if threshold is None else _check_threshold(threshold, "threshold")
+        mono = _monotone(self.scores)
+        valid = self.anchor_index >= 0
+        hit = (mono >= thr) & valid[..., None]
+        return hit.sum(1) / valid.sum(1, keepdim=True).clamp_min(1)
+
+    def at(self, threshold: float) -> DimensionEstimate:
+        """The same measurement read at another ``threshold`` (no optimization is re-run)."""
+        thr = _check_threshold(threshold, "threshold")
+        return _read_off(replace(self, threshold=thr))
+
+    def as_dict(self) -> dict[str, float]:
+        """Per-target and mean dimensions as plain floats, keyed like the callbacks' metrics."""
+        out: dict[str, float] = {"dim": self.mean_dimension, "dim_frac": self.mean_dimension_frac}
+        for t, d in zip(self.targets, self.dimension.tolist(), strict=True):
+            key = str(t) if isinstance(t, int) else "_".join(str(c) for c in t)
+            out[f"dim_{key}"] = d
+        return out
+
+
+def cm_dimension(
+    model: ModelLike,
+    anchors: Tensor,
+    labels: Tensor | Sequence[int],
+    *,
+    classes: Sequence[int] | None = None,
+    dims: Sequence[int] | Tensor | None = None,
+    threshold: float = 0.5,
+    generator: torch.Generator | int | None = None,
+    anchors_per_target: int | None = None,
+    chunk_size: int = 2048,
+    num_bootstrap: int = 200,
+    settings: OptimizerSettings | None = None,
+    lr: float | None = None,
+    max_steps: int | None = None,
+    scale: float | str | None = None,
+) -> DimensionEstimate:
+    """Effective dimension of each class manifold ``{x : p_c(x) >= threshold}``, by cutting planes.
+
+    For each target class ``c`` and each anchor whose label is not ``c``, random planes of every
+    dimension ``d`` in ``dims`` are passed through the anchor and Adam maximizes ``p_c`` inside
+    each; ``d*`` is the smallest ``d`` at which the mean best ``p_c`` over anchors reaches
+    ``threshold`` (interpolated in ``log d``), and the class manifold's dimension is ``D - d*``.
+
+    Args:
+        model: an ``nn.Module`` mapping a float batch ``[N, *shape]`` to logits ``[N, C]``, or a list
+            of them (an ensemble: mean log-softmax in the loss, mean softmax as the probability).
+        anchors: ``[A, *shape]`` float inputs (vectors, images, sequences of feature vectors).
+        labels: ``[A]`` integer class of each anchor. Anchors of class ``c`` are not used for ``c``.
+        classes: target classes (default: all ``C``).
+        dims: grid of plane dimensions in ``[1, D]`` (default :func:`~cm_monitor.planes.default_dims`).
+        threshold: target probability that counts as reaching the class manifold.
+        generator: a CPU ``torch.Generator`` or an int seed (default seed 0). The global RNG is not used.
+        anchors_per_target: use at most this many anchors per target (a random subset).
+        chunk_size: at most this many problems (``anchor × d``) in one forward pass: bounds memory.
+        num_bootstrap: bootstrap resamples of the anchors for the uncertainty.
+        settings: optimizer settings (:class:`~cm_monitor.OptimizerSettings`); ``lr``,
+            ``max_steps`` and ``scale`` override its fields.
+
+    Returns:
+        A :class:`DimensionEstimate` with ``targets`` the classes.
+
+    Example::
+
+        >>> import torch
+        >>> from cm_monitor import cm_dimension
+        >>> model = torch.nn.Linear(16, 2)
+        >>> anchors, labels = torch.randn(8, 16), torch.zeros(8, dtype=torch.long)
+        >>> est = cm_dimension(model, anchors, labels, classes=[1], dims=[1, 4, 16])
+        >>> est.dimension.tolist()  # a half-space: every line reaches it, so D - 1
+        [15.0]
+    """
+    return _estimate(
+        "cm",
+        model,
+        anchors,
+        labels,
+        targets=None if classes is None else [_as_class_tuple(c, "classes") for c in classes],
+        dims=dims,
+        threshold=threshold,
+        generator=generator,
+        anchors_per_target=anchors_per_target,
+        chunk_size=chunk_size,
+        num_bootstrap=num_bootstrap,
+        settings=_settings(settings, lr, max_steps, scale),
+        k=1,
+    )
+
+
+def boundary_dimension(
+    model: ModelLike,
+    anchors: Tensor,
+    labels: Tensor | Sequence[int],
+    *,
+    pairs: Sequence[Sequence[int]] | None = None,
+    dims: Sequence[int] | Tensor | None = None,
+    threshold: float = 0.8,
+    generator: torch.Generator | int | None = None,
+    anchors_per_target: int | None = None,
+    chunk_size: int = 2048,
+    num_bootstrap: int = 200,
+    settings: OptimizerSettings | None = None,
+    lr: float | None = None,
+    max_steps: int | None = None,
+    scale: float | str | None = None,
+) -> DimensionEstimate:
+    """Effective dimension of the low-confidence boundaries among sets of classes.
+
+    For a set ``Y`` of ``k`` classes the plane coordinates minimize the cross-entropy to the uniform
+    distribution on ``Y``; a plane succeeds when every class of ``Y`` reaches probability
+    ``>= threshold / k`` at the same point (default 0.8: for two classes, both ``>= 0.4``).
+    Anchors come from classes outside ``Y``; when ``Y`` holds every class (a two-class model),
+    anchors of all classes are used.
+
+    Args:
+        pairs: the class sets ``Y`` (default: every pair of classes). Tuples of ``k >= 2`` distinct
+            classes; all of one length.
+        threshold: ``τ`` in ``(0, 1]``; see above.
+
+    The other arguments are those of :func:`cm_dimension`. ``targets`` of the result are tuples.
+    """
+    if pairs is not None:
+        pairs = [_as_class_tuple(p, "pairs") for p in pairs]
+        lengths = {len(p) for p in pairs}
+        if not pairs:
+            raise ValueError("`pairs` is empty; expected class sets such as [(0, 1), (2, 3)].")
+        if len(lengths) != 1 or min(lengths) < 2:
+            raise ValueError(f"`pairs` must hold class sets of one length k >= 2, got lengths {sorted(lengths)}.")
+        k = lengths.pop()
+    else:
+        k = 2
+    return _estimate(
+        "boundary",
+        model,
+        anchors,
+        labels,
+        targets=pairs,
+        dims=dims,
+        threshold=threshold,
+        generator=generator,
+        anchors_per_target=anchors_per_target,
+        chunk_size=chunk_size,
+        num_bootstrap=num_bootstrap,
+        settings=_settings(settings, lr, max_steps, scale),
+        k=k,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _settings(
+    settings: OptimizerSettings | None, lr: float | None, max_steps: int | None, scale: float | str | None
+) -> OptimizerSettings:
+    if settings is None:
+        settings = OptimizerSettings()
+    elif not isinstance(settings, OptimizerSettings):
+        raise TypeError(f"`settings` is a {type(settings).__name__}; expected an OptimizerSettings.")
+    overrides = {k: v for k, v in {"lr": lr, "max_steps": max_steps, "scale": scale}.items() if v is not None}
+    return replace(settings, **overrides) if overrides else settings
+
+
+def _as_class_tuple(c: object, name: str) -> tuple[int, ...]:
+    if isinstance(c, Tensor):
+        c = c.tolist()
+    if isinstance(c, int) and not isinstance(c, bool):
+        return (c,)
+    if isinstance(c, Sequence) and not isinstance(c, str):
+        out = tuple(c)
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in out):
+            if len(set(out)) != len(out):
+                raise ValueError(f"`{name}` holds {out!r}, which repeats a class.")
+            return out
+    raise TypeError(f"`{name}` holds {c!r}; expected integer class ids.")
+
+
+def _check_threshold(threshold: float, name: str) -> float:
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 < threshold <= 1:
+        raise ValueError(f"`{name}` must be a number in (0, 1], got {threshold!r}.")
+    return float(threshold)
+
+
+def _check_positive_int(value: object, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+    return value
+
+
+def _check_labels(labels: Tensor | Sequence[int], num_anchors: int) -> Tensor:
+    if not isinstance(labels, Tensor):
+        try:
+            labels = torch.as_tensor(labels)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"`labels` could not be read as integer class ids: {err}") from err
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"`labels` has dtype {labels.dtype}; expected integer class ids.")
+    if labels.dim() != 1 or labels.shape[0] != num_anchors:
+        raise ValueError(f"`labels` has shape {tuple(labels.shape)}; expected [{num_anchors}], one class per anchor.")
+    return labels.detach().to("cpu", torch.long)
+
+
+def _estimate(
+    kind: Literal["cm", "boundary"],
+    model: ModelLike,
+    anchors: Tensor,
+    labels: Tensor | Sequence[int],
+    *,
+    targets: list[tuple[int, ...]] | None,
+    dims: Sequence[int] | Tensor | None,
+    threshold: float,
+    generator: torch.Generator | int | None,
+    anchors_per_target: int | None,
+    chunk_size: int,
+    num_bootstrap: int,
+    settings: OptimizerSettings,
+    k: int,
+) -> DimensionEstimate:
+    members = as_members(model)
+    check_float_inputs(anchors, "anchors")
+    labels = _check_labels(labels, anchors.shape[0])
+    threshold = _check_threshold(threshold, "threshold")
+    chunk_size = _check_positive_int(chunk_size, "chunk_size")
+    num_bootstrap = _check_positive_int(num_bootstrap, "num_bootstrap", minimum=0)
+    if anchors_per_target is not None:
+        anchors_per_target = _check_positive_int(anchors_per_target, "anchors_per_target")
+    input_dim = anchors[0].numel()
+    dim_grid = check_dims(dims, input_dim)
+    gen = make_generator(generator)
+    scale = data_scale(anchors) if settings.scale == "auto" else float(settings.scale)
+
+    device = model_device(members, anchors.device)
+    dtype = model_float_dtype(members, anchors.dtype)
+    with measuring(members):
+        x = anchors.detach().to(device).clone()  # a normal tensor even if made in inference mode
+        with torch.no_grad():
+            try:
+                logp, _ = ensemble_log_probs(members, x.to(dtype))
+            except RuntimeError as err:
+                raise explain_inference_tensors(err) from err
+        num_classes = logp.shape[1]
+        if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+            raise ValueError(
+                f"`labels` must be class ids in [0, {num_classes - 1}] (the model has {num_classes} classes), got values in [{int(labels.min())}, {int(labels.max())}]."
+            )
+        targets = _check_targets(kind, targets, num_classes, k)
+
+        base_seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+        bootstrap_seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+        per_target = []
+        for t in targets:
+            usable = _usable_anchors(labels, t, num_classes)
+            if usable.numel() == 0:
+                name = "class" if kind == "cm" else "class set"
+                raise ValueError(
+                    f"No usable anchor for target {name} {t if kind == 'boundary' else t[0]}: every anchor's label is in the target. Pass anchors of other classes."
+                )
+            if anchors_per_target is not None and usable.numel() > anchors_per_target:
+                pick = torch.randperm(usable.numel(), generator=gen)[:anchors_per_target]
+                usable = usable[pick.sort().values]
+            per_target.append(usable)
+
+        group_anchor = torch.cat(per_target)
+        group_targets = torch.tensor(
+            [t for t, u in zip(targets, per_target, strict=True) for _ in range(u.numel())], dtype=torch.long
+        ).view(-1, k)
+        seeds = [plane_seed(base_seed, t, int(a)) for t, u in zip(targets, per_target, strict=True) for a in u.tolist()]
+        outcome = optimize_planes(
+            members,
+            x,
+            group_anchor.to(device),
+            group_targets.to(device),
+            seeds,
+            dim_grid,
+            settings,
+            scale,
+            chunk_size=chunk_size,
+            num_classes=num_classes,
+            model_dtype=dtype,
+        )
+
+    T, A, K = len(targets), max(u.numel() for u in per_target), len(dim_grid)
+    scores = torch.full((T, A, K), math.nan)
+    losses = torch.full((T, A, K), math.nan)
+    steps = torch.zeros((T, A, K), dtype=torch.long)
+    nonfinite = torch.zeros((T, A, K), dtype=torch.bool)
+    anchor_index = torch.full((T, A), -1, dtype=torch.long)
+    start = 0
+    for i, u in enumerate(per_target):
+        n = u.numel()
+        scores[i, :n] = outcome.score[start : start + n]
+        losses[i, :n] = outcome.loss[start : start + n]
+        steps[i, :n] = outcome.steps[start : start + n]
+        nonfinite[i, :n] = outcome.nonfinite[start : start + n]
+        anchor_index[i, :n] = u
+        start += n
+
+    nan = torch.full((T,), math.nan)
+    est = DimensionEstimate(
+        kind=kind,
+        input_dim=input_dim,
+        targets=[t[0] for t in targets] if kind == "cm" else targets,
+        dims=torch.tensor(dim_grid, dtype=torch.long),
+        threshold=threshold,
+        scores=scores,
+        losses=losses,
+        steps=steps,
+        nonfinite=nonfinite,
+        anchor_index=anchor_index,
+        curve=torch.full((T, K), math.nan),
+        cutting_dim=nan,
+        cutting_dim_std=nan,
+        dimension=nan,
+        dimension_frac=nan,
+        num_bootstrap=num_bootstrap,
+        bootstrap_seed=bootstrap_seed,
+    )
+    est = _read_off(est)
+    if bool(est.failed.any()):
+        bad = [t for t, f in zip(est.targets, est.failed.tolist(), strict=True) if f]
+        warnings.warn(
+            f"NaN/inf appeared while optimizing cutting planes for targets {bad}; their dimension "
+            "is reported as NaN (see DimensionEstimate.nonfinite).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return est
+
+
+def _check_targets(kind: str, targets: list[tuple[int, ...]] | None, num_classes: int, k: int) -> list[tuple[int, ...]]:
+    name = "classes" if kind == "cm" else "pairs"
+    if targets is None:
+        if kind == "cm":
+            return [(c,) for c in range(num_classes)]
+        if k > num_classes:
+            raise ValueError(
+                f"Boundaries among {k} classes need a model with at least {k} classes; it has {num_classes}."
+            )
+        return list(itertools.combinations(range(num_classes), k))
+    if not targets:
+        raise ValueError(f"`{name}` is empty; expected at least one target.")
+    for t in targets:
+        for c in t:
+            if not 0 <= c < num_classes:
+                raise ValueError(
+                    f"`{name}` holds class {c}, outside [0, {num_classes - 1}] (the model has {num_classes} classes)."
+                )
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"`{name}` repeats a target: {targets}.")
+    return targets
+
+
+def _usable_anchors(labels: Tensor, target: tuple[int, ...], num_classes: int) -> Tensor:
+    """Anchors whose label is outside the target set; all anchors if the set covers every class."""
+    if len(target) > 1 and len(set(target)) == num_classes:
+        return torch.arange(labels.numel())
+    outside = ~torch.isin(labels, torch.tensor(target, dtype=torch.long))
+    return outside.nonzero().squeeze(1)
+
+
+def _monotone(scores: Tensor) -> Tensor:
+    """Running maximum over the ``d`` axis (NaN propagates)."""
+    return torch.cummax(scores, dim=-1).values
+
+
+def _crossing(curves: Tensor, log_dims: Tensor, threshold: float) -> Tensor:
+    """``d*`` where each monotone curve ``[..., K]`` first reaches ``threshold`` (log-d interpolation)."""
+    reached = curves >= threshold
+    any_reached = reached.any(-1)
+    j = reached.to(torch.int64).argmax(-1)  # first index reaching the threshold
+    jm = (j - 1).clamp_min(0)
+    c_hi = curves.gather(-1, j[..., None]).squeeze(-1)
+    c_lo = curves.gather(-1, jm[..., None]).squeeze(-1)
+    l_hi, l_lo = log_dims[j], log_dims[jm]
+    frac = ((threshold - c_lo) / (c_hi - c_lo).clamp_min(1e-12)).clamp(0, 1)
+    log_d = torch.where(j == 0, l_hi, l_lo + frac * (l_hi - l_lo))
+    d = log_d.exp()
+    nan = torch.full_like(d, math.nan)
+    return torch.where(any_reached & torch.isfinite(curves).all(-1), d, nan)
+
+
+def _read_off(est: DimensionEstimate) -> DimensionEstimate:
+    """Fill curve, d*, its bootstrap uncertainty and the dimensions from the raw scores."""
+    mono = _monotone(est.scores)  # [T, A, K]
+    valid = est.anchor_index >= 0
+    log_dims = est.dims.double().log()
+    T = mono.shape[0]
+    curve = torch.full((T, mono.shape[2]), math.nan, dtype=torch.float64)
+    d_star = torch.full((T,), math.nan, dtype=torch.float64)
+    d_std = torch.full((T,), math.nan, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(est.bootstrap_seed)
+    for i in range(T):
+        s = mono[i, valid[i]].double()  # [A_i, K]
+        curve[i] = s.mean(0)
+        d_star[i] = _crossing(curve[i], log_dims, est.threshold)
+        if est.num_bootstrap > 0 and s.shape[0] > 1:
+            idx = torch.randint(0, s.shape[0], (est.num_bootstrap, s.shape[0]), generator=gen)
+            boot = _crossing(s[idx].mean(1), log_dims, est.threshold)
+            if torch.isfinite(d_star[i]):
+                # resamples that never reach the threshold count as d* = D (the largest possible)
+                boot = torch.where(torch.isfinite(boot), boot, float(est.input_dim))
+                d_std[i] = boot.std()
+    D = est.input_dim
+    return replace(
+        est,
+        curve=curve.float(),
+        cutting_dim=d_star.float(),
+        cutting_dim_std=d_std.float(),
+        dimension=(D - d_star).float(),
+        dimension_frac=((D - d_star) / D).float(),
+    )

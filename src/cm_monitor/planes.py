@@ -1,0 +1,93 @@
+"""Random cutting planes: nested orthonormal bases and the grid of plane dimensions.
+
+A cutting plane of dimension ``d`` through an anchor ``x0`` is ``x0 + M θ`` with ``M`` a
+``D × d`` matrix of orthonormal columns. Here one random orthonormal basis ``Q`` (``D × d_max``,
+the QR factor of a Gaussian matrix) is drawn per (target, anchor) and the ``d``-plane is spanned
+by its first ``d`` columns: planes are nested in ``d``, so a point reachable in a small plane is
+reachable in every larger one and the outcomes are consistent across ``d``.
+
+Each basis is drawn from its own seed, derived from a base seed and the (target, anchor) key, so
+the same anchor and target get the same plane whatever else is measured in the same call, and a
+callback that keeps the base seed measures the same planes at every evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+#: The plane dimensions of the reference notebook (capped at ``D`` and with ``D`` appended).
+REFERENCE_DIMS: tuple[int, ...] = (1, 3, 5, 10, 15, 30, 50, 75, 100, 200, 300, 500, 1000)
+
+_SEED_MASK = (1 << 63) - 1
+
+
+def default_dims(input_dim: int, num: int = 24) -> list[int]:
+    """A log-spaced grid of about ``num`` plane dimensions from 1 to ``input_dim`` (inclusive).
+
+    Denser than the reference grid (:data:`REFERENCE_DIMS`) so that small inputs (8 × 8 digits,
+    D = 64) are resolved: the read-off interpolates between neighbouring grid points.
+    """
+    if input_dim < 1:
+        raise ValueError(f"`input_dim` must be >= 1, got {input_dim}.")
+    if num < 2:
+        raise ValueError(f"`num` must be >= 2, got {num}.")
+    grid = {max(1, min(input_dim, round(math.exp(t)))) for t in torch.linspace(0, math.log(input_dim), num).tolist()}
+    grid.add(input_dim)
+    return sorted(grid)
+
+
+def reference_dims(input_dim: int) -> list[int]:
+    """The reference notebook's grid: 1, 3, 5, 10, ..., 1000 below ``input_dim``, then ``input_dim``."""
+    return sorted({d for d in REFERENCE_DIMS if d < input_dim} | {input_dim})
+
+
+def check_dims(dims: Sequence[int] | Tensor | None, input_dim: int) -> list[int]:
+    """Validate a grid of plane dimensions: integers in ``[1, input_dim]``, sorted, unique."""
+    if dims is None:
+        return default_dims(input_dim)
+    values = dims.tolist() if isinstance(dims, Tensor) else list(dims)
+    if not values:
+        raise ValueError("`dims` is empty; expected plane dimensions in [1, D].")
+    out = []
+    for d in values:
+        if isinstance(d, bool) or int(d) != d:
+            raise TypeError(f"`dims` must hold integers, got {d!r}.")
+        d = int(d)
+        if not 1 <= d <= input_dim:
+            raise ValueError(f"`dims` holds {d}, outside [1, D] = [1, {input_dim}] (D = number of input elements).")
+        out.append(d)
+    return sorted(set(out))
+
+
+def plane_seed(base_seed: int, key: Sequence[int], anchor: int) -> int:
+    """The seed of the basis for one (target ``key``, ``anchor``) pair; deterministic."""
+    return hash((int(base_seed), tuple(int(k) for k in key), int(anchor))) & _SEED_MASK
+
+
+def nested_bases(
+    seeds: Sequence[int],
+    input_dim: int,
+    max_dim: int,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Random orthonormal bases ``[len(seeds), input_dim, max_dim]``, one per seed.
+
+    The first ``d`` columns of each basis span a uniformly random ``d``-dimensional subspace
+    (the QR factor of a Gaussian matrix), and the subspaces are nested in ``d``. Gaussians are
+    drawn on ``device`` with a generator per seed: same seeds and device, same bases.
+    """
+    if not 1 <= max_dim <= input_dim:
+        raise ValueError(f"`max_dim` must be in [1, {input_dim}], got {max_dim}.")
+    device = torch.device(device)
+    gaussians = torch.empty(len(seeds), input_dim, max_dim, device=device, dtype=dtype)
+    for i, seed in enumerate(seeds):
+        gen = torch.Generator(device=device).manual_seed(int(seed))
+        torch.randn(input_dim, max_dim, generator=gen, device=device, dtype=dtype, out=gaussians[i])
+    q, _ = torch.linalg.qr(gaussians, mode="reduced")
+    return q
