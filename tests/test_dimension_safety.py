@@ -1,0 +1,105 @@
+"""The estimator must leave the model, the RNG and autograd state exactly as it found them."""
+
+import pytest
+import torch
+from models import Tube
+from torch import nn
+
+from cm_monitor import boundary_dimension, cm_dimension
+
+KW = dict(dims=[1, 8, 32, 64], max_steps=30, num_bootstrap=20)
+
+
+def bn_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 3))
+
+
+def data(n=9):
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(n, 64, generator=g), torch.arange(n) % 3
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def test_model_state_is_bit_identical_and_modes_restored():
+    model = bn_model()
+    model.train()
+    model[3].eval()  # a submodule in another mode than its parent must keep it
+    model[0].bias.requires_grad_(False)  # a frozen parameter stays frozen
+    # gradients mid-accumulation must be left alone
+    model[4].weight.grad = torch.full_like(model[4].weight, 0.25)
+    before = snapshot(model)
+    grad_before = model[4].weight.grad.clone()
+    modes = [m.training for m in model.modules()]
+    flags = [p.requires_grad for p in model.parameters()]
+
+    cm_dimension(model, *data(), **KW)
+    boundary_dimension(model, *data(), **KW)
+
+    after = snapshot(model)
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k  # BN running stats and num_batches_tracked too
+    assert [m.training for m in model.modules()] == modes
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert torch.equal(model[4].weight.grad, grad_before)
+    assert all(p.grad is None for n, p in model.named_parameters() if n != "4.weight")
+
+
+def test_global_rng_is_untouched():
+    model = bn_model()
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    cm_dimension(model, *data(), **KW)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_same_seed_same_result_other_seed_other_planes():
+    model = bn_model()
+    a = cm_dimension(model, *data(), generator=7, **KW)
+    b = cm_dimension(model, *data(), generator=torch.Generator().manual_seed(7), **KW)
+    c = cm_dimension(model, *data(), generator=8, **KW)
+    assert torch.equal(
+        a.scores,
+        b.scores,
+    ) and torch.equal(a.cutting_dim_std, b.cutting_dim_std)
+    assert not torch.equal(a.scores, c.scores)
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_works_under_no_grad_and_inference_mode(context):
+    model = Tube(64, 16)
+    anchors = model.sample_outside(4)
+    labels = torch.zeros(4, dtype=torch.long)
+    kw = dict(classes=[1], dims=[40, 48, 56])
+    plain = cm_dimension(model, anchors, labels, **kw)
+    with context():
+        inner_anchors = anchors.clone()  # an inference tensor under inference_mode
+        inside = cm_dimension(model, inner_anchors, labels, **kw)
+        assert torch.is_inference_mode_enabled() == (context is torch.inference_mode)
+    assert torch.equal(plain.scores, inside.scores)
+
+
+def test_model_made_in_inference_mode_gives_a_clear_error():
+    with torch.inference_mode():
+        model = nn.Linear(64, 3)
+    with pytest.raises(RuntimeError, match="inference tensors"):
+        cm_dimension(model, *data(), **KW)
+
+
+def test_runs_on_the_models_dtype():
+    model = Tube(64, 16).double()
+    anchors = model.sample_outside(4).double()
+    est = cm_dimension(model, anchors, torch.zeros(4, dtype=torch.long), classes=[1], dims=[40, 56])
+    assert torch.isfinite(est.scores).all()
+
+
+@pytest.mark.gpu
+def test_runs_on_the_models_device():
+    model = Tube(64, 16).cuda()
+    anchors = model.sample_outside(4).cpu()  # anchors elsewhere are moved to the model's device
+    est = cm_dimension(model, anchors, torch.zeros(4, dtype=torch.long), classes=[1])
+    assert abs(float(est.dimension[0]) - 16) <= 5
