@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
-from models import HalfSpace
 from torch import nn
 
 from cm_monitor import boundary_dimension, cm_dimension
+from cm_monitor.synthetic import HalfSpace
 
 D = 16
 KW = dict(dims=[1, 4, 16], max_steps=20)

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from models import HalfSpace, Tube
 from torch import nn
 
 from cm_monitor import boundary_dimension, cm_dimension, default_dims
+from cm_monitor.synthetic import HalfSpace, Tube
 
 D = 64
 

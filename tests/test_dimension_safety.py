@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from models import Tube
 from torch import nn
 
 from cm_monitor import boundary_dimension, cm_dimension
+from cm_monitor.synthetic import Tube
 
 KW = dict(dims=[1, 8, 32, 64], max_steps=30, num_bootstrap=20)
 

@@ -176,6 +176,9 @@ def _optimize_chunk(
     k = targets.shape[1]
     max_dim = dims[-1]
     basis = nested_bases(seeds, D, max_dim, device=device, dtype=x0.dtype)  # [Gc, D, max_dim]
+    basis_t = basis.transpose(1, 2).contiguous()  # [Gc, max_dim, D]
+    # the d-plane uses the first d basis columns only: coordinates beyond d are masked to zero
+    mask = (torch.arange(max_dim, device=device)[None, :] < torch.tensor(dims, device=device)[:, None]).to(x0.dtype)
     theta = torch.zeros(Gc, K, max_dim, device=device, dtype=x0.dtype, requires_grad=True)
     optimizer = torch.optim.Adam([theta], lr=settings.lr)
 
@@ -193,10 +196,8 @@ def _optimize_chunk(
         idx = active.nonzero().squeeze(1)
         if idx.numel() == 0:
             break
-        # x(θ) for every problem of the chunk: the d-plane uses the first d basis columns only.
-        delta = torch.stack(
-            [torch.bmm(basis[:, :, :d], theta[:, j, :d, None]).squeeze(2) for j, d in enumerate(dims)], 1
-        )
+        # x(θ) for every problem of the chunk, in one batched product
+        delta = torch.bmm(theta * mask, basis_t)  # [Gc, K, D]
         x = (x0[:, None, :] + scale * delta).reshape(P, D)[idx]
         try:
             logp, p = ensemble_log_probs(members, x.to(model_dtype).reshape(idx.numel(), *shape), num_classes)

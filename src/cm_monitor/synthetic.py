@@ -1,4 +1,7 @@
-"""Synthetic classifiers whose class-manifold dimension is known."""
+"""Synthetic classifiers whose class-manifold dimension is known, for validating the estimator.
+
+The test suite and ``benchmarks/`` use them; users can too, to check a setting before trusting it.
+"""
 
 from __future__ import annotations
 
