@@ -78,11 +78,11 @@ def check_float_inputs(x: Tensor, name: str, *, min_dims: int = 2) -> None:
 
 
 @contextlib.contextmanager
-def measuring(members: list[nn.Module]) -> Iterator[None]:
+def measuring(members: list[nn.Module], grad: bool = True) -> Iterator[None]:
     """Evaluation mode and autograd for a measurement; restores every submodule's mode after.
 
-    Works inside ``torch.no_grad()`` and ``torch.inference_mode()``: both are switched off for
-    the duration (tensors created in inference mode must be cloned by the caller before they
+    With ``grad=False`` (forward passes only) autograd is off. With ``grad=True`` it works inside
+    ``torch.no_grad()`` and ``torch.inference_mode()``: both are switched off for the duration (tensors created in inference mode must be cloned by the caller before they
     join a graph). Parameters are not touched: gradients are taken with
     :func:`torch.autograd.grad` with respect to the measurement's own tensors only.
     """
@@ -90,8 +90,12 @@ def measuring(members: list[nn.Module]) -> Iterator[None]:
     try:
         for m in members:
             m.eval()
-        with torch.inference_mode(False), torch.enable_grad():
-            yield
+        if grad:
+            with torch.inference_mode(False), torch.enable_grad():
+                yield
+        else:
+            with torch.no_grad():
+                yield
     finally:
         for sub, training in modes:
             sub.training = training

@@ -1,0 +1,430 @@
+"""Maximum-entropy diffeomorphisms of images and the relative stability R_f.
+
+Source: Petrini, Favero, Geiger, Wyart, *Relative stability toward diffeomorphisms indicates
+performance in deep nets* (arXiv 2105.02468). See ``docs/diffeo.md``.
+
+Conventions used throughout (ours, stated once): pixel coordinates of each axis are mapped to
+``u ∈ [0, 1]`` (first pixel at 0, last at 1), the displacement field is in **pixels**, and a
+``temperature`` is in the *pixel convention* of the authors' current code::
+
+    τ_a(u, v) = sqrt(T) · Σ_{i, j >= 1, sqrt(i² + j²) < c + 1/2} ξ_ij^a / sqrt(i² + j²) · sin(iπu) sin(jπv)
+
+for each axis ``a`` independently, with ``ξ ~ N(0, 1)``. The paper's unit-square convention is
+``T_paper = T / n²`` (:func:`temperature_from_paper`). The user's main knob is the typical
+displacement ``delta`` in pixels: the root-mean-square length of the displacement vector at the
+image centre, computed exactly for the modes in use (:func:`displacement_for_temperature`).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cm_monitor._model import (
+    ModelLike,
+    as_members,
+    check_float_inputs,
+    make_generator,
+    measuring,
+    model_device,
+    model_float_dtype,
+)
+
+# ---------------------------------------------------------------------------------------------
+# Temperature and displacement
+
+
+def _check_cutoff(cutoff: float) -> float:
+    if isinstance(cutoff, bool) or not isinstance(cutoff, int | float) or not cutoff >= 1:
+        raise ValueError(f"`cutoff` must be a number >= 1 (the highest mode frequency), got {cutoff!r}.")
+    return float(cutoff)
+
+
+def _modes(cutoff: float) -> Tensor:
+    """``[c, c]`` weights ``1 / sqrt(i² + j²)`` of the allowed modes (0 for the others)."""
+    n = math.floor(cutoff + 0.5)
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    r = (i[:, None] ** 2 + i[None, :] ** 2).sqrt()
+    return torch.where(r < cutoff + 0.5, 1 / r, torch.zeros_like(r))
+
+
+def displacement_for_temperature(temperature: float, cutoff: float = 3) -> float:
+    """Exact root-mean-square length (pixels) of the displacement vector at the image centre."""
+    w = _modes(_check_cutoff(cutoff))
+    i = torch.arange(1, w.shape[0] + 1, dtype=torch.float64)
+    s = torch.sin(i * math.pi / 2) ** 2
+    per_axis = float((w**2 * s[:, None] * s[None, :]).sum())
+    return math.sqrt(2 * temperature * per_axis)
+
+
+def temperature_for_displacement(delta: float, cutoff: float = 3) -> float:
+    """The temperature (pixel convention) whose exact centre displacement is ``delta`` pixels."""
+    return float(delta) ** 2 / displacement_for_temperature(1.0, cutoff) ** 2
+
+
+def approximate_displacement(temperature: float, cutoff: float = 3) -> float:
+    """The paper's large-``c`` formula ``δ ≈ sqrt(T) (0.28 ln c + 0.7)``, in pixels."""
+    return math.sqrt(temperature) * (0.28 * math.log(_check_cutoff(cutoff)) + 0.7)
+
+
+def temperature_range(size: int, cutoff: float = 3) -> tuple[float, float]:
+    """``(T_min, T_max)`` of natural deformations of an ``size × size`` image (pixel convention).
+
+    ``T_min`` displaces the centre by about half a pixel; above ``T_max`` deformations start to fold.
+    For non-square images pass the smaller side.
+    """
+    c = _check_cutoff(cutoff)
+    return (0.5 / (0.28 * math.log(c) + 0.7)) ** 2, (0.4 * size * c ** (-1.1)) ** 2
+
+
+def temperature_from_paper(temperature: float, size: int) -> float:
+    """Convert a temperature of the paper's unit-square convention to the pixel convention."""
+    return temperature * size**2
+
+
+# ---------------------------------------------------------------------------------------------
+# Fields and deformations
+
+
+def sample_coefficients(
+    num: int,
+    temperature: float,
+    cutoff: float = 3,
+    *,
+    generator: torch.Generator | int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Random mode coefficients ``[num, 2, c, c]`` (already scaled by ``sqrt(T) / sqrt(i² + j²)``).
+
+    Drawn on the CPU from ``generator`` (default seed 0), so the same seed gives the same
+    deformations on every device.
+    """
+    if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"`temperature` must be a finite number >= 0, got {temperature!r}.")
+    w = _modes(_check_cutoff(cutoff))
+    xi = torch.randn(num, 2, *w.shape, generator=make_generator(generator), dtype=torch.float64)
+    return (xi * w * math.sqrt(temperature)).to(dtype)
+
+
+def _sine_basis(n: int, modes: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``[modes, n]`` values ``sin(iπu)`` at the pixels, exactly 0 on the first and last pixel."""
+    u = torch.linspace(0, 1, n, dtype=torch.float64)
+    i = torch.arange(1, modes + 1, dtype=torch.float64)
+    s = torch.sin(math.pi * i[:, None] * u[None, :])
+    s[:, 0] = 0
+    s[:, -1] = 0
+    return s.to(device=device, dtype=dtype)
+
+
+def displacement_field(coefficients: Tensor, height: int, width: int) -> Tensor:
+    """Displacement in pixels ``[N, 2, H, W]`` (rows, then columns) of the given coefficients."""
+    if coefficients.dim() != 4 or coefficients.shape[1] != 2 or coefficients.shape[2] != coefficients.shape[3]:
+        raise ValueError(f"`coefficients` has shape {tuple(coefficients.shape)}; expected [N, 2, c, c].")
+    m = coefficients.shape[2]
+    su = _sine_basis(height, m, coefficients.dtype, coefficients.device)
+    sv = _sine_basis(width, m, coefficients.dtype, coefficients.device)
+    return torch.einsum("nkij,ih,jw->nkhw", coefficients, su, sv)
+
+
+def min_jacobian_determinant(coefficients: Tensor, height: int, width: int, upsample: int = 4) -> Tensor:
+    """``[N]`` smallest determinant of the map ``p -> p + τ(p)`` over the image, per deformation.
+
+    Evaluated by finite differences on a grid ``upsample`` times finer than the pixels. A
+    deformation is a diffeomorphism (no fold-over) when it is positive.
+    """
+    rows, cols = upsample * (height - 1) + 1, upsample * (width - 1) + 1
+    tau = displacement_field(coefficients.double(), rows, cols)
+    d_r = torch.diff(tau, dim=2)[:, :, :, :-1] * (rows - 1) / (height - 1)  # d tau / d row (pixels)
+    d_c = torch.diff(tau, dim=3)[:, :, :-1, :] * (cols - 1) / (width - 1)  # d tau / d column
+    det = (1 + d_r[:, 0]) * (1 + d_c[:, 1]) - d_c[:, 0] * d_r[:, 1]
+    return det.amin((1, 2))
+
+
+def check_images(images: Tensor, name: str = "images") -> None:
+    """Raise a clear error unless ``images`` is a finite float batch ``[N, C, H, W]``."""
+    check_float_inputs(images, name)
+    if images.dim() != 4:
+        raise ValueError(
+            f"`{name}` has shape {tuple(images.shape)}; expected images [N, C, H, W] (a batch of "
+            "N images with C channels, H rows and W columns). Deformations need 2-D images: "
+            "reshape flat inputs, e.g. x.view(N, 1, 28, 28)."
+        )
+    if images.shape[2] < 3 or images.shape[3] < 3:
+        raise ValueError(f"`{name}` has shape {tuple(images.shape)}; expected images of at least 3 × 3 pixels.")
+
+
+def deform(images: Tensor, coefficients: Tensor) -> Tensor:
+    """Apply the deformations of ``coefficients`` (one per image) to ``images`` ``[N, C, H, W]``.
+
+    The deformed image at pixel ``p`` is the original sampled at ``p + τ(p)`` by bilinear
+    interpolation, coordinates clamped to the image. The field vanishes on the border.
+    """
+    check_images(images)
+    n, _, h, w = images.shape
+    if coefficients.shape[0] != n:
+        raise ValueError(f"`coefficients` holds {coefficients.shape[0]} deformations for {n} images.")
+    dtype = images.dtype
+    tau = displacement_field(coefficients.to(device=images.device, dtype=torch.float64), h, w)
+    rows = torch.arange(h, dtype=torch.float64, device=images.device)[:, None] + tau[:, 0]
+    cols = torch.arange(w, dtype=torch.float64, device=images.device)[None, :] + tau[:, 1]
+    # grid_sample with align_corners=True maps -1 and 1 to the centres of the first and last pixel
+    grid = torch.stack([2 * cols / (w - 1) - 1, 2 * rows / (h - 1) - 1], dim=-1).to(dtype)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Relative stability
+
+
+@dataclass(frozen=True)
+class StabilityEstimate:
+    """Result of :func:`relative_stability`.
+
+    Attributes:
+        rf: relative stability ``R_f = D_f / G_f``.
+        df: stability to deformations ``D_f`` (output change under deformation / typical distance).
+        gf: stability to noise ``G_f`` (output change under noise of the same norm / typical distance).
+        rf_std: bootstrap standard deviation of ``R_f`` over images (NaN without bootstrap).
+        log10_rf, log10_rf_std: ``log10 R_f`` and its bootstrap standard deviation.
+        temperature: the temperature used (pixel convention), after clipping.
+        delta: the exact centre displacement in pixels of that temperature.
+        cutoff, reduction: as passed.
+        num_images, num_deformations: probe images and deformations per image.
+        fold_fraction: fraction of the deformations used that fold over (not diffeomorphisms);
+            more than 5 % gives a warning: use a smaller ``delta``.
+        failed: the model returned NaN/inf; every value is then NaN (and a RuntimeWarning was issued).
+    """
+
+    rf: float
+    df: float
+    gf: float
+    rf_std: float
+    log10_rf: float
+    log10_rf_std: float
+    temperature: float
+    delta: float
+    cutoff: float
+    reduction: str
+    num_images: int
+    num_deformations: int
+    fold_fraction: float = 0.0
+    failed: bool = False
+
+    def as_dict(self) -> dict[str, float]:
+        """The headline values as plain floats."""
+        return {"rf": self.rf, "df": self.df, "gf": self.gf, "log10_rf": self.log10_rf}
+
+
+OutputFn = Callable[[Tensor], Tensor]
+
+
+def _output_fn(output: str | OutputFn) -> OutputFn:
+    if callable(output):
+        return output
+    if output == "logits":
+        return lambda out: out
+    if output == "probabilities":
+        return lambda out: out.float().softmax(dim=1)
+    raise ValueError(f"`output` must be 'logits', 'probabilities' or a callable, got {output!r}.")
+
+
+def resolve_temperature(size: int, delta: float | None, temperature: float | None, cutoff: float, clip: bool) -> float:
+    """The temperature for ``delta`` pixels (or the given one), clipped into the natural range."""
+    if (delta is None) == (temperature is None):
+        raise ValueError("Pass exactly one of `delta` (pixels) and `temperature` (pixel convention).")
+    if delta is not None:
+        if not (isinstance(delta, int | float) and math.isfinite(delta) and delta >= 0):
+            raise ValueError(f"`delta` must be a finite number of pixels >= 0, got {delta!r}.")
+        temperature = temperature_for_displacement(delta, cutoff)
+    assert temperature is not None
+    if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"`temperature` must be a finite number >= 0, got {temperature!r}.")
+    t_min, t_max = temperature_range(size, cutoff)
+    if clip and temperature > 0 and not t_min <= temperature <= t_max:
+        clipped = min(max(temperature, t_min), t_max)
+        warnings.warn(
+            f"Temperature {temperature:.4g} is outside the natural range [{t_min:.4g}, {t_max:.4g}] of "
+            f"{size}-pixel images with cutoff {cutoff:g}; clipped to {clipped:.4g} (pass clip=False to keep it).",
+            UserWarning,
+            stacklevel=3,
+        )
+        temperature = clipped
+    return float(temperature)
+
+
+def relative_stability(
+    model: ModelLike,
+    images: Tensor,
+    *,
+    delta: float | None = 1.0,
+    temperature: float | None = None,
+    cutoff: float = 3,
+    num_deformations: int = 1,
+    reduction: Literal["mean", "median"] = "mean",
+    output: str | OutputFn = "logits",
+    clip: bool = True,
+    generator: torch.Generator | int | None = None,
+    num_bootstrap: int = 200,
+    chunk_size: int = 1024,
+) -> StabilityEstimate:
+    """Relative stability ``R_f`` of a model's output to small diffeomorphisms vs matched noise.
+
+    For every probe image ``x`` and each of ``num_deformations`` random deformations ``τ``, noise
+    ``η`` of exactly the norm of the deformation's change ``‖τx − x‖`` is drawn, and::
+
+        D_f = ⟨‖f(τx) − f(x)‖²⟩ / ⟨‖f(x) − f(z)‖²⟩      G_f = ⟨‖f(x + η) − f(x)‖²⟩ / ⟨‖f(x) − f(z)‖²⟩
+
+    with ``z`` another probe image; ``R_f = D_f / G_f``. ``⟨·⟩`` is the mean, or with
+    ``reduction="median"`` the reference code's robust version (median per output component, then
+    summed; median of pairwise squared distances in the denominator).
+
+    Args:
+        model: an ``nn.Module`` (or a list: the mean of the members' outputs) taking ``[N, C, H, W]``.
+        images: ``[N, C, H, W]`` probe images, ``N >= 2``; any size, not only square.
+        delta: typical displacement in pixels (exact centre RMS); default 1 pixel.
+        temperature: alternatively the temperature (pixel convention); pass ``delta=None`` with it.
+        cutoff: highest mode frequency ``c`` (default 3).
+        num_deformations: deformations (and noise draws) per image.
+        reduction: ``"mean"`` (default; the identity map gives exactly 1) or ``"median"``.
+        output: what ``f`` is: ``"logits"`` (the model's output, default), ``"probabilities"``
+            (softmax), or a callable applied to the model's output.
+        clip: clip the temperature into :func:`temperature_range` (smaller side), with a warning.
+        generator: CPU ``torch.Generator`` or int seed (default 0) for deformations and noise.
+        num_bootstrap: bootstrap resamples of the images for ``rf_std``.
+        chunk_size: images per forward pass.
+    """
+    members = as_members(model)
+    check_images(images)
+    if images.shape[0] < 2:
+        raise ValueError(
+            f"`images` holds {images.shape[0]} image; expected at least 2 (the denominator compares pairs)."
+        )
+    for name, value, minimum in (
+        ("num_deformations", num_deformations, 1),
+        ("chunk_size", chunk_size, 1),
+        ("num_bootstrap", num_bootstrap, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+    if reduction not in ("mean", "median"):
+        raise ValueError(f"`reduction` must be 'mean' or 'median', got {reduction!r}.")
+    fn = _output_fn(output)
+    cutoff = _check_cutoff(cutoff)
+    n, _, h, w = images.shape
+    temperature = resolve_temperature(min(h, w), delta, temperature, cutoff, clip)
+    gen = make_generator(generator)
+
+    device = model_device(members, images.device)
+    dtype = model_float_dtype(members, images.dtype)
+    x = images.detach().to(device=device, dtype=dtype)
+    reps = num_deformations
+    xr = x.repeat_interleave(reps, 0)  # [N·R, C, H, W]
+    coeffs = sample_coefficients(n * reps, temperature, cutoff, generator=gen, dtype=torch.float64)
+    z = torch.randn(xr.shape, generator=gen, dtype=torch.float64).to(device)
+    boot_seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    fold_fraction = float((min_jacobian_determinant(coeffs, h, w) <= 0).double().mean())
+    if fold_fraction > 0.05:
+        warnings.warn(
+            f"{fold_fraction:.0%} of the deformations fold over at {displacement_for_temperature(temperature, cutoff):.2g} "
+            f"pixels on {h} × {w} images: they are not diffeomorphisms. Use a smaller `delta`.",
+            UserWarning,
+            stacklevel=2,
+        )
+
+    def f(batch: Tensor) -> Tensor:
+        outs = []
+        for start in range(0, batch.shape[0], chunk_size):
+            chunk = batch[start : start + chunk_size]
+            out = sum(fn(m(chunk)) for m in members) / len(members)
+            if not isinstance(out, Tensor) or out.shape[0] != chunk.shape[0]:
+                raise ValueError(
+                    f"The model's output (after `output`) must be a tensor [N, ...]; got {type(out).__name__} {getattr(out, 'shape', '')}."
+                )
+            outs.append(out.reshape(chunk.shape[0], -1).double())
+        return torch.cat(outs)
+
+    with measuring(members, grad=False):
+        deformed = deform(xr, coeffs)
+        change = (deformed.double() - xr.double()).flatten(1)
+        sigma = change.norm(dim=1)
+        zf = z.flatten(1)
+        eta = (zf / zf.norm(dim=1, keepdim=True) * sigma[:, None]).view_as(xr)
+        noisy = (xr.double() + eta).to(dtype)
+        fx, ftau, feta = f(x), f(deformed), f(noisy)
+
+    if not all(bool(torch.isfinite(t).all()) for t in (fx, ftau, feta)):
+        warnings.warn(
+            "The model returned NaN/inf on the probe images or their deformed/noisy versions; "
+            "R_f, D_f and G_f are reported as NaN (StabilityEstimate.failed).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        nan = math.nan
+        return StabilityEstimate(
+            nan,
+            nan,
+            nan,
+            nan,
+            nan,
+            nan,
+            temperature,
+            displacement_for_temperature(temperature, cutoff),
+            cutoff,
+            reduction,
+            n,
+            reps,
+            failed=True,
+        )
+    fxr = fx.repeat_interleave(reps, 0)
+    d_sq = (ftau - fxr).pow(2)  # [N·R, F]
+    g_sq = (feta - fxr).pow(2)
+    pair = torch.cdist(fx, fx).pow(2)  # [N, N]
+
+    def ratios(img: Tensor) -> tuple[Tensor, Tensor]:
+        """D_f and G_f for a (resampled) list of image indices ``[..., M]``."""
+        rows = (img[..., :, None] * reps + torch.arange(reps, device=img.device)).flatten(-2)
+        dn, gn = d_sq[rows], g_sq[rows]
+        pairs = pair[img[..., :, None], img[..., None, :]]
+        mask = img[..., :, None] != img[..., None, :]  # pairs x != z (a resample may repeat an image)
+        if reduction == "mean":
+            num_d, num_g = dn.sum(-1).mean(-1), gn.sum(-1).mean(-1)
+            den = (pairs * mask).sum((-1, -2)) / mask.sum((-1, -2)).clamp_min(1)
+        else:
+            num_d, num_g = dn.median(-2).values.sum(-1), gn.median(-2).values.sum(-1)
+            den = torch.where(mask, pairs, math.nan).flatten(-2).nanmedian(-1).values
+        return num_d / den, num_g / den
+
+    idx = torch.arange(n, device=pair.device)
+    df, gf = (float(v) for v in ratios(idx))
+    rf = df / gf if gf > 0 else math.nan
+    rf_std = log_std = math.nan
+    if num_bootstrap > 0:
+        bgen = torch.Generator().manual_seed(boot_seed)
+        boot_idx = torch.randint(0, n, (num_bootstrap, n), generator=bgen).to(pair.device)
+        bd, bg = ratios(boot_idx)
+        brf = (bd / bg)[torch.isfinite(bd / bg) & (bg > 0)]
+        if brf.numel() > 1:
+            rf_std = float(brf.std())
+            log_std = float(brf.clamp_min(1e-300).log10().std())
+    return StabilityEstimate(
+        rf=rf,
+        df=df,
+        gf=gf,
+        rf_std=rf_std,
+        log10_rf=math.log10(rf) if rf > 0 else (-math.inf if rf == 0 else math.nan),
+        log10_rf_std=log_std,
+        temperature=temperature,
+        delta=displacement_for_temperature(temperature, cutoff),
+        cutoff=cutoff,
+        reduction=reduction,
+        num_images=n,
+        num_deformations=reps,
+        fold_fraction=fold_fraction,
+    )

@@ -1,0 +1,233 @@
+"""Maximum-entropy diffeomorphisms and the relative stability R_f (methods.md section 2)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from cm_monitor.diffeo import (
+    approximate_displacement,
+    deform,
+    displacement_field,
+    displacement_for_temperature,
+    min_jacobian_determinant,
+    relative_stability,
+    sample_coefficients,
+    temperature_for_displacement,
+    temperature_from_paper,
+    temperature_range,
+)
+
+
+def field(n, h, w, temperature, cutoff=3, seed=0):
+    c = sample_coefficients(n, temperature, cutoff, generator=seed, dtype=torch.float64)
+    return c, displacement_field(c, h, w)
+
+
+def test_field_has_energy_only_in_the_allowed_modes():
+    """Least-squares fit of the field on every sine mode up to 8: nothing outside the disk."""
+    cutoff, h, w = 3, 41, 37
+    coeffs, tau = field(5, h, w, 2.0, cutoff)
+    modes = 8
+    u, v = torch.linspace(0, 1, h, dtype=torch.float64), torch.linspace(0, 1, w, dtype=torch.float64)
+    i = torch.arange(1, modes + 1, dtype=torch.float64)
+    su, sv = torch.sin(math.pi * i[:, None] * u), torch.sin(math.pi * i[:, None] * v)  # [modes, H], [modes, W]
+    # tau = su^T C sv  =>  C = pinv(su^T) tau pinv(sv)
+    fit = torch.linalg.pinv(su.T) @ tau @ torch.linalg.pinv(sv)
+    r = (i[:, None] ** 2 + i[None, :] ** 2).sqrt()
+    allowed = r < cutoff + 0.5
+    assert fit[..., ~allowed].abs().max() < 1e-9
+    m = coeffs.shape[-1]
+    torch.testing.assert_close(fit[..., :m, :m], coeffs, atol=1e-9, rtol=0)
+    assert int(allowed.sum()) == 6  # (1,1) (1,2) (2,1) (2,2) (1,3) (3,1) for c = 3
+    assert bool((coeffs[..., 2, 1:] == 0).all()) and bool((coeffs[..., 1:, 2] == 0).all())
+
+
+def test_field_is_zero_on_the_border_and_border_pixels_stay():
+    _, tau = field(8, 12, 20, 3.0)
+    assert bool((tau[..., 0, :] == 0).all() and (tau[..., -1, :] == 0).all())
+    assert bool((tau[..., :, 0] == 0).all() and (tau[..., :, -1] == 0).all())
+    assert tau.abs().max() > 0.5
+    images = torch.rand(8, 2, 12, 20, dtype=torch.float64)
+    out = deform(images, sample_coefficients(8, 3.0, generator=0, dtype=torch.float64))
+    for edge in (out[..., 0, :] - images[..., 0, :], out[..., :, -1] - images[..., :, -1]):
+        assert edge.abs().max() < 1e-12
+    assert (out - images).abs().max() > 0.05
+
+
+@pytest.mark.parametrize("cutoff", [3, 5, 10])
+def test_measured_displacement_matches_the_formula(cutoff):
+    temperature = 2.0
+    _, tau = field(4000, 33, 33, temperature, cutoff, seed=cutoff)
+    centre = tau[:, :, 16, 16]  # the centre pixel of an odd-sized image
+    measured = centre.pow(2).sum(1).mean().sqrt().item()
+    exact = displacement_for_temperature(temperature, cutoff)
+    assert measured == pytest.approx(exact, rel=0.04)
+    # the paper's large-c formula understates it, by at most about a quarter
+    approx = approximate_displacement(temperature, cutoff)
+    assert 0.75 * exact <= approx <= exact
+    assert temperature_for_displacement(exact, cutoff) == pytest.approx(temperature)
+
+
+def test_temperature_helpers():
+    t_min, t_max = temperature_range(32, 3)
+    assert t_min == pytest.approx((0.5 / (0.28 * math.log(3) + 0.7)) ** 2)
+    assert t_max == pytest.approx((0.4 * 32 * 3**-1.1) ** 2)
+    assert approximate_displacement(t_min, 3) == pytest.approx(0.5)
+    assert temperature_from_paper(0.01, 32) == pytest.approx(10.24)
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 8, 8), (2, 3, 17, 29)])
+def test_zero_temperature_is_the_identity(shape):
+    images = torch.rand(shape)
+    out = deform(images, sample_coefficients(shape[0], 0.0, generator=1))
+    torch.testing.assert_close(out, images, atol=1e-6, rtol=0)
+
+
+def test_jacobian_helper_on_a_single_mode():
+    """tau_row = A sin(pi u) sin(pi v): det = 1 + A pi / (n - 1) cos(pi u) sin(pi v), min 1 - A pi / (n - 1)."""
+    n, amplitude = 16, 0.5 * 15 / math.pi
+    coeffs = torch.zeros(1, 2, 3, 3, dtype=torch.float64)
+    coeffs[0, 0, 0, 0] = amplitude
+    assert float(min_jacobian_determinant(coeffs, n, n, upsample=8)[0]) == pytest.approx(0.5, abs=0.01)
+    assert float(min_jacobian_determinant(torch.zeros(2, 2, 3, 3), n, n)[0]) == 1.0
+
+
+@pytest.mark.parametrize("n", [28, 32])
+def test_no_fold_over_in_the_regime_used(n):
+    """The default 1-pixel deformation of MNIST/CIFAR-sized images is a diffeomorphism."""
+    temperature = temperature_for_displacement(1.0, 3)
+    assert temperature <= temperature_range(n, 3)[1]
+    coeffs = sample_coefficients(1000, temperature, 3, generator=n, dtype=torch.float64)
+    assert min_jacobian_determinant(coeffs, n, n).min() > 0
+    # the check can fail: at the reference's T_max about half of the deformations fold
+    hot = sample_coefficients(1000, temperature_range(n, 3)[1], 3, generator=n, dtype=torch.float64)
+    assert 0.2 < (min_jacobian_determinant(hot, n, n) <= 0).double().mean() < 0.8
+
+
+def test_small_images_fold_at_one_pixel_and_are_warned_about():
+    """8 x 8 digits sit at the edge: 1 pixel folds often, 0.6 pixel (about T_min) rarely."""
+    one = sample_coefficients(1000, temperature_for_displacement(1.0), generator=0, dtype=torch.float64)
+    small = sample_coefficients(1000, temperature_for_displacement(0.6), generator=0, dtype=torch.float64)
+    assert (min_jacobian_determinant(one, 8, 8) <= 0).double().mean() > 0.2
+    assert (min_jacobian_determinant(small, 8, 8) <= 0).double().mean() < 0.05
+    with pytest.warns(UserWarning, match=r"fold over"):
+        est = relative_stability(nn.Flatten(), torch.rand(100, 1, 8, 8), delta=1.0)
+    assert est.fold_fraction > 0.2
+    assert relative_stability(nn.Flatten(), torch.rand(100, 1, 8, 8), delta=0.6).fold_fraction < 0.05
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class Border(nn.Module):
+    """Reads only the border pixels, which deformations leave in place."""
+
+    def forward(self, x):
+        return torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, :, 0], x[:, :, :, -1]], -1).flatten(1)
+
+
+@pytest.mark.parametrize("shape, scale", [((10, 1, 16, 16), 1.0), ((6, 3, 17, 29), 1000.0), ((5, 2, 32, 32), 0.01)])
+def test_identity_map_gives_rf_one(shape, scale):
+    images = torch.rand(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * scale
+    est = relative_stability(nn.Flatten(), images, num_deformations=2)
+    assert est.rf == pytest.approx(1.0, abs=1e-9)
+    assert est.log10_rf == pytest.approx(0.0, abs=1e-9)
+    assert est.df > 0 and est.gf > 0
+
+
+def test_identity_map_in_float32():
+    est = relative_stability(nn.Flatten(), torch.rand(8, 1, 12, 12))
+    assert est.rf == pytest.approx(1.0, abs=1e-5)
+
+
+def test_border_model_gives_rf_zero():
+    images = torch.rand(8, 3, 16, 12, dtype=torch.float64)
+    est = relative_stability(Border(), images)
+    assert est.df < 1e-20 and est.gf > 1e-3
+    assert est.rf < 1e-20
+
+
+def test_a_smooth_model_is_more_stable_to_deformations_than_to_noise():
+    """Averaging over the image cannot see where pixels went: R_f far below 1."""
+    model = nn.Sequential(nn.AvgPool2d(8), nn.Flatten())
+    est = relative_stability(model, torch.rand(10, 1, 16, 16, dtype=torch.float64))
+    assert est.rf < 0.5
+
+
+def test_median_reduction_and_probabilities_output():
+    images = torch.rand(12, 1, 16, 16)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(256, 10))
+    mean = relative_stability(model, images)
+    median = relative_stability(model, images, reduction="median")
+    probs = relative_stability(model, images, output="probabilities")
+    custom = relative_stability(model, images, output=lambda out: out[:, :3])
+    assert median.reduction == "median" and median.rf != mean.rf
+    assert all(math.isfinite(e.rf) and e.rf > 0 for e in (mean, median, probs, custom))
+    assert mean.rf_std > 0 and math.isfinite(mean.log10_rf_std)
+
+
+def test_model_is_untouched_and_global_rng_is_not_used():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5), nn.Flatten(), nn.Linear(4 * 14 * 14, 3)
+    )
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.rand(6, 1, 16, 16)
+    state = torch.get_rng_state()
+    a = relative_stability(model, images, generator=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(m.training for m in model.modules())
+    with torch.inference_mode():
+        b = relative_stability(model, images.clone(), generator=3)
+    assert a == b  # same seed, same result, also inside inference_mode
+    c = relative_stability(model, images, generator=4)
+    assert c.rf != a.rf
+
+
+def test_errors_name_the_argument():
+    with pytest.raises(ValueError, match=r"`images` has shape \(4, 64\); expected images \[N, C, H, W\]"):
+        relative_stability(nn.Identity(), torch.rand(4, 64))
+    with pytest.raises(ValueError, match=r"at least 2"):
+        relative_stability(nn.Flatten(), torch.rand(1, 1, 8, 8))
+    with pytest.raises(ValueError, match=r"exactly one of `delta`"):
+        relative_stability(nn.Flatten(), torch.rand(3, 1, 8, 8), temperature=1.0)
+    with pytest.raises(ValueError, match=r"`reduction` must be"):
+        relative_stability(nn.Flatten(), torch.rand(3, 1, 8, 8), reduction="max")
+    with pytest.raises(ValueError, match=r"`output` must be"):
+        relative_stability(nn.Flatten(), torch.rand(3, 1, 8, 8), output="softmax!")
+    with pytest.raises(ValueError, match=r"`cutoff` must be"):
+        relative_stability(nn.Flatten(), torch.rand(3, 1, 8, 8), cutoff=0)
+    with pytest.raises(ValueError, match=r"`images` contains NaN"):
+        relative_stability(nn.Flatten(), torch.full((3, 1, 8, 8), math.nan))
+
+
+def test_temperature_outside_the_natural_range_is_clipped_with_a_warning():
+    with pytest.warns(UserWarning) as record:  # clipped to T_max, where many deformations fold
+        est = relative_stability(nn.Flatten(), torch.rand(4, 1, 8, 8), delta=3.0)
+    assert any("clipped" in str(w.message) for w in record)
+    assert est.temperature == pytest.approx(temperature_range(8, 3)[1])
+    with pytest.warns(UserWarning, match=r"fold over"):
+        est = relative_stability(nn.Flatten(), torch.rand(4, 1, 8, 8), delta=3.0, clip=False)
+    assert est.delta == pytest.approx(3.0)
+
+
+def test_nan_output_is_reported_not_a_value():
+    class Nan(nn.Module):
+        def forward(self, x):
+            return torch.full((x.shape[0], 3), math.nan)
+
+    with pytest.warns(RuntimeWarning, match=r"NaN/inf"):
+        est = relative_stability(Nan(), torch.rand(4, 1, 16, 16))
+    assert est.failed and math.isnan(est.rf)
+
+
+@pytest.mark.gpu
+def test_runs_on_the_models_device():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 3)).cuda()
+    est = relative_stability(model, torch.rand(6, 1, 8, 8))
+    assert math.isfinite(est.rf)
