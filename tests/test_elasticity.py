@@ -1,0 +1,151 @@
+"""Local elasticity (methods.md section 3): known answers, safety, summaries, errors."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from cm_monitor.elasticity import class_contrast, local_elasticity, spectral_cluster_score
+
+
+def data(n=12, d=5, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=torch.float64), torch.arange(n) % classes
+
+
+@pytest.mark.parametrize("lr", [1e-4, 0.5, 20.0])
+def test_linear_softmax_classifier_has_the_closed_form_for_any_step(lr):
+    x, y = data()
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3).double()
+    est = local_elasticity(model, x, y, lr=lr, cluster=False)
+    gram = x @ x.T + 1  # <x, x'> + 1
+    torch.testing.assert_close(est.similarity, gram.abs() / gram.diag()[:, None], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(est.kernel, gram, rtol=1e-9, atol=1e-9)
+    assert bool((est.lr == lr).all())
+
+
+def test_small_step_kernel_of_an_mlp_is_its_tangent_kernel():
+    """S_ker[i, j] -> g_i^T J(x_j) J(x_i)^T g_i / |g_i|^2, with J computed here by plain autograd."""
+    x, y = data(8)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    est = local_elasticity(model, x, y, relative_step=1e-6, cluster=False)
+    params = list(model.parameters())
+
+    def jac(xi):  # [C, P]
+        out = model(xi[None])[0]
+        rows = [
+            torch.cat([g.flatten() for g in torch.autograd.grad(out[c], params, retain_graph=True)])
+            for c in range(out.numel())
+        ]
+        return torch.stack(rows)
+
+    J = torch.stack([jac(xi) for xi in x])  # [N, C, P]
+    with torch.no_grad():
+        g = model(x).softmax(1) - nn.functional.one_hot(y, 3).double()  # dCE/dlogits
+    ntk = torch.einsum("ic,jcp,idp,id->ij", g, J, J, g) / g.pow(2).sum(1)[:, None]
+    torch.testing.assert_close(est.kernel, ntk, rtol=1e-4, atol=1e-6)
+    assert est.linearity_error < 1e-4
+
+
+def test_model_is_untouched_rng_and_modes_kept_and_works_in_inference_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.3), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)
+    )
+    model.train()
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    images, labels = torch.rand(6, 1, 8, 8), torch.arange(6) % 3
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = torch.get_rng_state()
+    a = local_elasticity(model, images, labels)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(m.training for m in model.modules())
+    assert torch.equal(model[0].weight.grad, torch.ones_like(model[0].weight))
+    assert all(p.grad is None for n, p in model.named_parameters() if n != "0.weight")
+    with torch.inference_mode():
+        b = local_elasticity(model, images.clone(), labels.clone())
+    assert torch.equal(a.similarity, b.similarity) and torch.equal(a.kernel, b.kernel)
+    assert a.similarity.shape == (6, 6)
+    torch.testing.assert_close(a.similarity.diagonal(), torch.ones(6, dtype=torch.float64))
+
+
+def test_chunking_does_not_change_the_result():
+    x, y = data(10)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    a = local_elasticity(model, x, y, chunk_size=3, cluster=False)
+    b = local_elasticity(model, x, y, chunk_size=100, cluster=False)
+    torch.testing.assert_close(a.similarity, b.similarity)
+
+
+def test_token_ids_are_accepted():
+    model = nn.Sequential(nn.Embedding(50, 8), nn.Flatten(), nn.Linear(8 * 4, 2))
+    tokens = torch.randint(0, 50, (6, 4), generator=torch.Generator().manual_seed(0))
+    est = local_elasticity(model, tokens, torch.tensor([0, 1] * 3))
+    assert torch.isfinite(est.similarity).all()
+
+
+def test_summaries_on_a_known_block_matrix():
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    same = (labels[:, None] == labels[None, :]).double()
+    matrix = 0.1 + 0.8 * same
+    intra, inter, ratio = class_contrast(matrix, labels)
+    assert (intra, inter) == pytest.approx((0.9, 0.1)) and ratio == pytest.approx(9.0)
+    ari, clusters = spectral_cluster_score(matrix, labels)
+    assert ari == pytest.approx(1.0)
+    assert len(set(clusters.tolist())) == 3
+    shuffled = labels[torch.randperm(9, generator=torch.Generator().manual_seed(0))]
+    assert spectral_cluster_score(matrix, shuffled)[0] < 0.5
+
+
+def test_trained_mlp_on_digits_is_locally_elastic():
+    """Measured here, not a law: a trained MLP's steps move same-class predictions more."""
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(n_class=3, return_X_y=True)
+    X, y = torch.tensor(X, dtype=torch.float32) / 16, torch.tensor(y)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3))
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(200):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X[:400]), y[:400]).backward()
+        opt.step()
+    probe = torch.cat([torch.nonzero(y[400:] == c).squeeze(1)[:10] + 400 for c in range(3)])
+    est = local_elasticity(model, X[probe], y[probe])
+    assert est.linearity_error < 0.05
+    assert est.ratio > 1.5
+    assert est.cluster_ari > 0.5
+
+
+def test_errors():
+    x, y = data()
+    model = nn.Linear(5, 3).double()
+    with pytest.raises(ValueError, match=r"`labels` must be \[N\] = \[12\]"):
+        local_elasticity(model, x, y[:5])
+    with pytest.raises(ValueError, match=r"`inputs` must be a tensor \[N, ...\] with N >= 2"):
+        local_elasticity(model, x[:1], y[:1])
+    with pytest.raises(ValueError, match=r"`inputs` contains NaN"):
+        local_elasticity(model, x * math.nan, y)
+    with pytest.raises(ValueError, match=r"`lr` must be a positive"):
+        local_elasticity(model, x, y, lr=-1.0)
+    with pytest.raises(ValueError, match=r"`labels` must be class ids in \[0, 2\]"):
+        local_elasticity(model, x, y + 5)
+    with pytest.raises(ValueError, match=r"no trainable parameters"):
+        local_elasticity(nn.Linear(5, 3).double().requires_grad_(False), x, y)
+    with pytest.raises(ValueError, match=r"returned shape \(12,\)"):
+        local_elasticity(nn.Sequential(nn.Linear(5, 1).double(), nn.Flatten(0)), x, y)
+    with pytest.raises(TypeError, match=r"`model` is a function"):
+        local_elasticity(lambda t: t, x, y)
+
+
+@pytest.mark.gpu
+def test_runs_on_the_models_device():
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).cuda()
+    x, y = data()
+    est = local_elasticity(model, x.float(), y)
+    assert est.similarity.device.type == "cpu" and torch.isfinite(est.similarity).all()
