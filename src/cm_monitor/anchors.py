@@ -1,0 +1,276 @@
+"""Choosing anchors from a dataloader: stratified by class, reproducible, fixed for a run.
+
+The measurements of :mod:`cm_monitor` start from *anchors*: held-out inputs with their labels.
+This module reads ``(inputs, labels)`` out of the batches of any dataloader (tuples, lists, dicts
+or a user function) and keeps a uniformly random sample of ``per_class`` inputs of every class,
+drawn with a dedicated :class:`torch.Generator` (the global RNG is never used), while streaming
+over the batches: memory is bounded by ``per_class × classes`` inputs, whatever the dataset size.
+
+Pure PyTorch; no Lightning import (the callbacks in :mod:`cm_monitor.callbacks` use it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+#: Signature of a user function that maps one batch to ``(inputs, labels)``.
+BatchReader = Callable[[Any], tuple[Tensor, Tensor]]
+
+#: Keys tried, in order, for the inputs of a dict batch when no ``input_key`` is given.
+INPUT_KEYS: tuple[str, ...] = ("x", "input", "inputs", "image", "images", "pixel_values", "features", "data")
+#: Keys tried, in order, for the labels of a dict batch when no ``label_key`` is given.
+LABEL_KEYS: tuple[str, ...] = ("y", "label", "labels", "target", "targets", "class", "classes")
+
+
+def split_batch(batch: Any, *, input_key: str | None = None, label_key: str | None = None) -> tuple[Tensor, Tensor]:
+    """Return ``(inputs, labels)`` from one batch, or raise an error that says what to pass.
+
+    Accepted batches: a tuple or list whose first two items are the inputs and the labels (further
+    items are ignored), or a mapping with the inputs under ``input_key`` and the labels under
+    ``label_key`` (by default the first of :data:`INPUT_KEYS` / :data:`LABEL_KEYS` present).
+    The result is checked by :func:`check_inputs_labels`.
+    """
+    if isinstance(batch, Mapping):
+        keys = list(batch.keys())
+        x_key = _pick_key(keys, input_key, INPUT_KEYS, "input_key", "inputs")
+        y_key = _pick_key(keys, label_key, LABEL_KEYS, "label_key", "labels")
+        inputs, labels = batch[x_key], batch[y_key]
+    elif isinstance(batch, Sequence) and not isinstance(batch, str | bytes) and not isinstance(batch, Tensor):
+        if len(batch) < 2:
+            raise ValueError(
+                f"A validation batch is a {type(batch).__name__} of length {len(batch)}; expected "
+                "(inputs, labels, ...). Pass `batch_to_inputs=` a function that maps a batch to "
+                "(inputs, labels)."
+            )
+        inputs, labels = batch[0], batch[1]
+    else:
+        raise TypeError(
+            f"A validation batch is a {type(batch).__name__}, which is not recognized; expected a "
+            "tuple/list (inputs, labels, ...) or a dict. Pass `batch_to_inputs=` a function that "
+            "maps a batch to (inputs, labels)."
+        )
+    return check_inputs_labels(inputs, labels)
+
+
+def check_inputs_labels(inputs: Any, labels: Any, source: str = "the validation batch") -> tuple[Tensor, Tensor]:
+    """Raise a clear error unless ``inputs`` is a float batch ``[B, ...]`` and ``labels`` is ``[B]`` integer."""
+    if not isinstance(inputs, Tensor):
+        raise TypeError(
+            f"The inputs read from {source} are a {type(inputs).__name__}; expected a tensor "
+            "[B, *shape]. Pass `batch_to_inputs=` a function that maps a batch to (inputs, labels)."
+        )
+    if not isinstance(labels, Tensor):
+        raise TypeError(
+            f"The labels read from {source} are a {type(labels).__name__}; expected an integer "
+            "tensor [B]. Pass `batch_to_inputs=` a function that maps a batch to (inputs, labels)."
+        )
+    if not inputs.is_floating_point():
+        raise TypeError(
+            f"The inputs read from {source} have dtype {inputs.dtype}; the measurements move inputs "
+            "continuously, so they need floating-point inputs (convert images to float in the "
+            "dataset or in `batch_to_inputs=`)."
+        )
+    if inputs.dim() < 2:
+        raise ValueError(
+            f"The inputs read from {source} have shape {tuple(inputs.shape)}; expected a batch [B, *shape]."
+        )
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(
+            f"The labels read from {source} have dtype {labels.dtype}; expected integer class ids "
+            "(not one-hot or soft labels). Pass `batch_to_inputs=` to convert them."
+        )
+    if labels.dim() != 1 or labels.shape[0] != inputs.shape[0]:
+        raise ValueError(
+            f"The labels read from {source} have shape {tuple(labels.shape)} for inputs of shape "
+            f"{tuple(inputs.shape)}; expected one class id per input, [{inputs.shape[0]}]."
+        )
+    if labels.numel() and int(labels.min()) < 0:
+        raise ValueError(f"The labels read from {source} contain the negative class id {int(labels.min())}.")
+    return inputs, labels
+
+
+def make_batch_reader(
+    batch_to_inputs: BatchReader | None = None,
+    *,
+    input_key: str | None = None,
+    label_key: str | None = None,
+) -> BatchReader:
+    """A function that maps a batch to checked ``(inputs, labels)``: the user's, or :func:`split_batch`.
+
+    The result pickles whenever ``batch_to_inputs`` does (``ddp_spawn`` pickles the callbacks).
+    """
+    if batch_to_inputs is not None and not callable(batch_to_inputs):
+        raise TypeError(f"`batch_to_inputs` must be callable, got a {type(batch_to_inputs).__name__}.")
+    return _Reader(batch_to_inputs, input_key, label_key)
+
+
+@dataclass(frozen=True)
+class _Reader:
+    fn: BatchReader | None
+    input_key: str | None
+    label_key: str | None
+
+    def __call__(self, batch: Any) -> tuple[Tensor, Tensor]:
+        if self.fn is None:
+            return split_batch(batch, input_key=self.input_key, label_key=self.label_key)
+        out = self.fn(batch)
+        if not (isinstance(out, tuple | list) and len(out) == 2):
+            raise TypeError(f"`batch_to_inputs` returned a {type(out).__name__}; expected a pair (inputs, labels).")
+        return check_inputs_labels(out[0], out[1], "`batch_to_inputs`'s output")
+
+
+@dataclass(frozen=True)
+class AnchorSample:
+    """Anchors drawn from a dataloader.
+
+    Attributes:
+        inputs: ``[A, *shape]`` the anchors (CPU), grouped by class in increasing class order.
+        labels: ``[A]`` their classes (CPU, ``torch.long``).
+        counts: number of examples of each class seen while sampling (class id → count).
+        num_batches: number of batches read.
+    """
+
+    inputs: Tensor
+    labels: Tensor
+    counts: dict[int, int]
+    num_batches: int
+
+    def check_classes(self, classes: Iterable[int], per_class: int) -> None:
+        """Raise a clear error if some class in ``classes`` has fewer than ``per_class`` examples."""
+        short = {c: self.counts.get(c, 0) for c in classes if self.counts.get(c, 0) < per_class}
+        if short:
+            listed = ", ".join(f"class {c}: {n}" for c, n in sorted(short.items()))
+            raise ValueError(
+                f"Too few validation examples to draw {per_class} anchors per class ({listed}; "
+                f"read {self.num_batches} batches). Lower `num_anchors`, or use a validation set "
+                "with more examples of these classes."
+            )
+
+
+class StratifiedReservoir:
+    """Streaming uniform sample of up to ``per_class`` items of every class.
+
+    Every item gets an independent uniform random key from ``generator``; for each class the
+    ``per_class`` items with the smallest keys are kept. This is a uniform sample without
+    replacement of each class, computed batch by batch in bounded memory.
+    """
+
+    def __init__(self, per_class: int, generator: torch.Generator):
+        if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
+            raise ValueError(f"`per_class` must be a positive integer, got {per_class!r}.")
+        self.per_class = per_class
+        self.generator = generator
+        self._inputs: dict[int, Tensor] = {}
+        self._keys: dict[int, Tensor] = {}
+        self.counts: dict[int, int] = {}
+        self._shape: torch.Size | None = None
+
+    def add(self, inputs: Tensor, labels: Tensor) -> None:
+        """Offer a batch ``inputs [B, *shape]`` with ``labels [B]``."""
+        if self._shape is None:
+            self._shape = inputs.shape[1:]
+        elif inputs.shape[1:] != self._shape:
+            raise ValueError(
+                f"Validation inputs change shape between batches ({tuple(self._shape)} then "
+                f"{tuple(inputs.shape[1:])}); anchors must all have one shape."
+            )
+        inputs = inputs.detach().to("cpu")
+        labels = labels.detach().to("cpu", torch.long)
+        keys = torch.rand(labels.shape[0], generator=self.generator, dtype=torch.float64)
+        for c in labels.unique().tolist():
+            sel = labels == c
+            self.counts[c] = self.counts.get(c, 0) + int(sel.sum())
+            x, k = inputs[sel], keys[sel]
+            if c in self._inputs:
+                x, k = torch.cat([self._inputs[c], x]), torch.cat([self._keys[c], k])
+            if k.numel() > self.per_class:
+                keep = k.topk(self.per_class, largest=False).indices
+                x, k = x[keep], k[keep]
+            # clone: never keep a view of (or an inference-mode tensor from) the user's batch
+            with torch.inference_mode(False):
+                self._inputs[c], self._keys[c] = x.clone(), k.clone()
+
+    def result(self, num_batches: int = 0) -> AnchorSample:
+        """The sample so far, grouped by class and ordered by key within a class."""
+        if not self._inputs:
+            raise ValueError("No examples were read from the validation dataloader (it is empty).")
+        xs, ys = [], []
+        for c in sorted(self._inputs):
+            order = self._keys[c].argsort()
+            xs.append(self._inputs[c][order])
+            ys.append(torch.full((order.numel(),), c, dtype=torch.long))
+        with torch.inference_mode(False):
+            inputs, labels = torch.cat(xs).clone(), torch.cat(ys)
+        return AnchorSample(
+            inputs=inputs, labels=labels, counts=dict(sorted(self.counts.items())), num_batches=num_batches
+        )
+
+
+def sample_anchors(
+    batches: Iterable[Any],
+    per_class: int,
+    *,
+    generator: torch.Generator | int | None = None,
+    read_batch: BatchReader | None = None,
+    max_batches: int | None = None,
+    transform: Callable[[Any], Any] | None = None,
+) -> AnchorSample:
+    """Draw up to ``per_class`` anchors of every class from an iterable of batches.
+
+    Args:
+        batches: a dataloader or any iterable of batches.
+        per_class: anchors kept per class (classes with fewer examples keep all of them; check
+            with :meth:`AnchorSample.check_classes`).
+        generator: a CPU ``torch.Generator`` or an int seed (default seed 0); the global RNG is not used.
+        read_batch: maps a batch to ``(inputs, labels)`` (default :func:`split_batch`).
+        max_batches: read at most this many batches (default: all).
+        transform: applied to each batch before ``read_batch`` (e.g. moving it to a device).
+
+    Example::
+
+        >>> import torch
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> from cm_monitor.anchors import sample_anchors
+        >>> data = TensorDataset(torch.randn(100, 4), torch.arange(100) % 3)
+        >>> sample = sample_anchors(DataLoader(data, batch_size=16), per_class=5, generator=0)
+        >>> sample.inputs.shape, sample.labels.tolist()
+        (torch.Size([15, 4]), [0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2])
+    """
+    from cm_monitor._model import make_generator
+
+    gen = make_generator(generator)
+    read = read_batch if read_batch is not None else split_batch
+    if max_batches is not None and (
+        isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
+    ):
+        raise ValueError(f"`max_batches` must be a positive integer or None, got {max_batches!r}.")
+    reservoir = StratifiedReservoir(per_class, gen)
+    n = 0
+    for batch in batches:
+        if max_batches is not None and n >= max_batches:
+            break
+        if transform is not None:
+            batch = transform(batch)
+        inputs, labels = read(batch)
+        reservoir.add(inputs, labels)
+        n += 1
+    return reservoir.result(num_batches=n)
+
+
+def _pick_key(keys: list, key: str | None, candidates: tuple[str, ...], arg: str, what: str) -> Any:
+    if key is not None:
+        if key not in keys:
+            raise ValueError(f"A validation batch is a dict with keys {keys}; `{arg}={key!r}` is not one of them.")
+        return key
+    for k in candidates:
+        if k in keys:
+            return k
+    raise ValueError(
+        f"A validation batch is a dict with keys {keys}; none of them is a known name for the "
+        f"{what} ({', '.join(candidates)}). Pass `{arg}=` the key of the {what}."
+    )
