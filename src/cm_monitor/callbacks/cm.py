@@ -1,0 +1,390 @@
+"""CMDimensionMonitor: the class-manifold dimension of the model, measured while it trains."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from cm_monitor.anchors import BatchReader
+from cm_monitor.callbacks.base import GeometryMonitor, Measurement, check_int, check_probability
+from cm_monitor.cutting import OptimizerSettings
+from cm_monitor.dimension import DimensionEstimate, boundary_dimension, cm_dimension
+from cm_monitor.planes import default_dims
+
+
+class CMDimensionMonitor(GeometryMonitor):
+    r"""Measure the class-manifold (CM) dimension of the model at the end of validation.
+
+    For each class ``c``, random affine planes of increasing dimension ``d`` are passed through
+    fixed validation inputs of other classes ("anchors"), and Adam maximizes ``p_c`` inside each
+    plane. ``d*`` is the plane dimension at which the planes reach ``p_c >= threshold`` on
+    average; the class manifold's effective dimension is ``D - d*`` (``D`` = number of input
+    elements). The same is done for the low-confidence *boundaries* between pairs of classes.
+    The method is Fort et al. (2022), arXiv 2210.05546; see ``docs/callback.md``.
+
+    The model is measured as it predicts: in evaluation mode (BatchNorm running statistics,
+    no dropout), in its parameters' dtype, on its device; its modes are restored, no gradient
+    reaches its parameters and the global random state is not touched, so training is the same
+    with and without the monitor.
+
+    Schedule: the first validation of a run is always measured, then the first validation at
+    least ``every_n_epochs`` epochs after the last measurement (never the sanity check, never
+    ``trainer.validate``). **Validations without a measurement log the last measured values
+    again** (and ``cm/measured = 0``), so ``EarlyStopping(monitor="cm/dim", mode="max")`` with
+    ``strict=True`` always finds the key. Such repeats count as "no improvement" for the
+    early-stopping patience: to wait ``k`` measurements, use ``patience >= k * every_n_epochs``.
+
+    Anchors: ``num_anchors`` per class, a uniform random sample of each class of the validation
+    data (the batches one validation epoch reads), drawn once at the start of fit on global rank 0
+    and broadcast to all ranks; they, the random planes (same ``seed``) and the chosen boundary
+    pairs stay fixed for the run and are saved in checkpoints (common random numbers: a change in
+    the curves is a change in the model).
+
+    Args:
+        every_n_epochs: measure every this many epochs (see above).
+        num_anchors: anchors drawn per class. Every class needs at least this many validation
+            examples (else an error at the start of fit).
+        classes: the classes whose manifold is measured (default: all classes of the model).
+        num_pairs: number of class pairs whose boundary is measured, chosen at random once (among
+            the pairs of ``classes``); ``None`` for all pairs, ``0`` for none.
+        pairs: explicit class pairs for the boundaries (overrides ``num_pairs``).
+        threshold: target probability that counts as reaching a class manifold (``p``).
+        boundary_threshold: ``τ``: a boundary between two classes is reached when both have
+            probability ``>= τ / 2`` at one point.
+        extra_thresholds: further levels ``p`` at which ``cm/dim`` is also read off (no extra
+            optimization), logged as ``cm/dim_p{100 p}``, e.g. ``cm/dim_p80``.
+        anchors_per_target: at most this many anchors (a random subset, fixed) per class or pair;
+            ``None`` uses all anchors of other classes. The main knob of the cost with ``dims``.
+        dims: the grid of plane dimensions: an int (that many log-spaced values from 1 to ``D``)
+            or explicit values in ``[1, D]``.
+        settings: optimizer settings of each cutting-plane problem
+            (:class:`~cm_monitor.OptimizerSettings`; default: the package's).
+        max_steps: overrides ``settings.max_steps`` (Adam steps per problem at most).
+        chunk_size: at most this many problems in one forward pass (bounds memory).
+        num_bootstrap: bootstrap resamples of the anchors for the uncertainties.
+        seed: seeds the anchors, the pairs and the planes; fixed for the run.
+        batch_to_inputs, input_key, label_key, dataloader_idx, max_scan_batches, get_model,
+        log_figures, prog_bar, verbose: see :class:`~cm_monitor.callbacks.base.GeometryMonitor`.
+
+    Logged metrics (through ``LightningModule.log``, at every validation of ``trainer.fit``
+    after the sanity check; the same values on every rank):
+
+    * ``cm/dim``: mean over the measured classes of ``D - d*`` (higher: larger class manifolds).
+    * ``cm/dim_std``: its bootstrap standard deviation over anchors.
+    * ``cm/dim_frac``: ``cm/dim / D``.
+    * ``cm/dim_class_{c}``: ``D - d*`` of class ``c``.
+    * ``cm/dim_p{100 p}``: ``cm/dim`` read at each level of ``extra_thresholds``.
+    * ``cm/boundary_dim``, ``cm/boundary_dim_std``, ``cm/boundary_dim_frac``: the same for the
+      boundaries (when there are pairs).
+    * ``cm/seconds``: wall time of the measurement (0 at validations without one).
+    * ``cm/cost_frac``: that time as a fraction of the epoch so far (training + validation +
+      measurement since the epoch, or the previous validation, started).
+    * ``cm/measured``: 1 when the values were measured at this validation, 0 when repeated.
+
+    A class whose curve never reaches ``threshold`` even at ``d = D`` is logged with dimension 0
+    (``d* = D``) and a warning. A class whose optimization produced NaN/inf keeps its last value
+    (and so do the means), with a warning: NaN is never logged.
+
+    With a :class:`~lightning.pytorch.loggers.TensorBoardLogger`, each measurement also adds the
+    figure ``cm/curves`` (IMAGES tab): per class and per pair, the reached probability against
+    the plane dimension ``d`` (log axis), the threshold and ``d*``.
+
+    Raises:
+        ValueError, TypeError: on invalid arguments (at construction) and, at the start of fit,
+            when the validation batches cannot be read, a class has fewer than ``num_anchors``
+            validation examples, or the classes/pairs do not fit the model.
+        MisconfigurationException: at the start of fit, when the run has no validation data.
+
+    Example::
+
+        >>> import lightning.pytorch as pl
+        >>> from lightning.pytorch.callbacks import EarlyStopping
+        >>> from cm_monitor import CMDimensionMonitor
+        >>> monitor = CMDimensionMonitor(every_n_epochs=2, num_anchors=4, num_pairs=5)
+        >>> stopper = EarlyStopping(monitor="cm/dim", mode="max", patience=6)
+        >>> trainer = pl.Trainer(max_epochs=20, callbacks=[monitor, stopper])
+        >>> # trainer.fit(model, train_loader, val_loader)   # model(x) returns logits [N, C]
+    """
+
+    prefix = "cm"
+    prog_bar_keys = ("dim",)
+
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        num_anchors: int = 4,
+        *,
+        classes: Sequence[int] | None = None,
+        num_pairs: int | None = 5,
+        pairs: Sequence[Sequence[int]] | None = None,
+        threshold: float = 0.5,
+        boundary_threshold: float = 0.8,
+        extra_thresholds: Sequence[float] = (),
+        anchors_per_target: int | None = 8,
+        dims: int | Sequence[int] = 10,
+        settings: OptimizerSettings | None = None,
+        max_steps: int | None = None,
+        chunk_size: int = 2048,
+        num_bootstrap: int = 100,
+        seed: int = 0,
+        batch_to_inputs: BatchReader | None = None,
+        input_key: str | None = None,
+        label_key: str | None = None,
+        dataloader_idx: int = 0,
+        max_scan_batches: int | None = None,
+        get_model: Callable[[pl.LightningModule], nn.Module | Sequence[nn.Module]] | None = None,
+        log_figures: bool = True,
+        prog_bar: bool = False,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(
+            every_n_epochs=every_n_epochs,
+            num_anchors=num_anchors,
+            seed=seed,
+            batch_to_inputs=batch_to_inputs,
+            input_key=input_key,
+            label_key=label_key,
+            dataloader_idx=dataloader_idx,
+            max_scan_batches=max_scan_batches,
+            get_model=get_model,
+            log_figures=log_figures,
+            prog_bar=prog_bar,
+            verbose=verbose,
+        )
+        self.classes = _check_classes(classes)
+        self.num_pairs = check_int(num_pairs, "num_pairs", minimum=0, allow_none=True)
+        self.pairs_arg = _check_pairs(pairs)
+        self.threshold = check_probability(threshold, "threshold")
+        self.boundary_threshold = check_probability(boundary_threshold, "boundary_threshold")
+        if isinstance(extra_thresholds, str) or not isinstance(extra_thresholds, Sequence):
+            raise TypeError(f"`extra_thresholds` must be a sequence of numbers in (0, 1], got {extra_thresholds!r}.")
+        self.extra_thresholds = tuple(check_probability(t, "extra_thresholds") for t in extra_thresholds)
+        self.anchors_per_target = check_int(anchors_per_target, "anchors_per_target", allow_none=True)
+        self.dims = _check_dims(dims)
+        if settings is not None and not isinstance(settings, OptimizerSettings):
+            raise TypeError(f"`settings` must be a cm_monitor.OptimizerSettings, got a {type(settings).__name__}.")
+        settings = settings if settings is not None else OptimizerSettings()
+        if max_steps is not None:
+            check_int(max_steps, "max_steps")
+            settings = replace(settings, max_steps=max_steps)
+        self.settings = settings
+        self.chunk_size = check_int(chunk_size, "chunk_size")
+        self.num_bootstrap = check_int(num_bootstrap, "num_bootstrap", minimum=0)
+        # chosen at the start of fit (saved in the state)
+        self.targets: list[int] | None = None
+        self.pairs: list[tuple[int, int]] | None = None
+        self.last_cm: DimensionEstimate | None = None
+        self.last_boundary: DimensionEstimate | None = None
+
+    # ------------------------------------------------------------------ GeometryMonitor interface
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "num_anchors": self.num_anchors,
+            "classes": self.classes,
+            "pairs": self.pairs_arg if self.pairs_arg is not None else self.num_pairs,
+            "threshold": self.threshold,
+            "boundary_threshold": self.boundary_threshold,
+            "seed": self.seed,
+        }
+
+    def _setup_targets(self, num_classes: int, generator: torch.Generator) -> None:
+        self._check_targets(num_classes)
+        self.targets = list(self.classes) if self.classes is not None else list(range(num_classes))
+        if self.pairs_arg is not None:
+            self.pairs = list(self.pairs_arg)
+        else:
+            pool = list(itertools.combinations(sorted(self.targets), 2))
+            n = len(pool) if self.num_pairs is None else min(self.num_pairs, len(pool))
+            pick = torch.randperm(len(pool), generator=generator)[:n].sort().values.tolist()
+            self.pairs = [pool[i] for i in pick]
+
+    def _check_targets(self, num_classes: int) -> None:
+        name = type(self).__name__
+        for c in self.classes or ():
+            if c >= num_classes:
+                raise ValueError(f"{name}: `classes` holds {c}, but the model has {num_classes} classes.")
+        for p in self.pairs_arg or ():
+            if max(p) >= num_classes:
+                raise ValueError(f"{name}: `pairs` holds {p}, but the model has {num_classes} classes.")
+        if self.anchors is not None:
+            try:
+                self.grid()
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from err
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"targets": self.targets, "pairs": self.pairs}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self.targets = state.get("targets")
+        pairs = state.get("pairs")
+        self.pairs = None if pairs is None else [tuple(p) for p in pairs]
+
+    def _summary(self, values: Mapping[str, float]) -> str:
+        D = self.anchors[0].numel() if self.anchors is not None else 0
+        parts = []
+        if "cm/dim" in values:
+            parts.append(f"cm/dim = {values['cm/dim']:.2f} ± {values.get('cm/dim_std', math.nan):.2f} (D = {D})")
+        if "cm/boundary_dim" in values:
+            parts.append(
+                f"cm/boundary_dim = {values['cm/boundary_dim']:.2f} ± {values.get('cm/boundary_dim_std', math.nan):.2f}"
+            )
+        return ", ".join(parts) if parts else "no value"
+
+    def grid(self) -> list[int]:
+        """The plane dimensions measured (needs the anchors, i.e. after the start of fit)."""
+        if self.anchors is None:
+            raise RuntimeError("The anchors are drawn at the start of fit; no grid before.")
+        D = self.anchors[0].numel()
+        if isinstance(self.dims, int):
+            return default_dims(D, self.dims)
+        bad = [d for d in self.dims if d > D]
+        if bad:
+            raise ValueError(f"`dims` holds {bad}, above D = {D} (the number of input elements).")
+        return list(self.dims)
+
+    def _measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module | list[nn.Module]
+    ) -> Measurement:
+        assert self.anchors is not None and self.anchor_labels is not None and self.targets is not None
+        common = {
+            "dims": self.grid(),
+            "generator": self.seed,  # an int: the same planes and anchor subsets at every evaluation
+            "anchors_per_target": self.anchors_per_target,
+            "chunk_size": self.chunk_size,
+            "num_bootstrap": self.num_bootstrap,
+            "settings": self.settings,
+        }
+        D = self.anchors[0].numel()
+        notes: list[str] = []
+        with warnings.catch_warnings():
+            # the core warns about NaN/inf on every rank; the notes below say it once, on rank 0
+            warnings.filterwarnings("ignore", message="NaN/inf appeared while optimizing", category=RuntimeWarning)
+            cm = cm_dimension(
+                model, self.anchors, self.anchor_labels, classes=self.targets, threshold=self.threshold, **common
+            )
+            boundary = None
+            if self.pairs:
+                boundary = boundary_dimension(
+                    model,
+                    self.anchors,
+                    self.anchor_labels,
+                    pairs=self.pairs,
+                    threshold=self.boundary_threshold,
+                    **common,
+                )
+        self.last_cm, self.last_boundary = cm, boundary
+
+        values: dict[str, float] = {}
+        per_class, mean, std = _read(cm, "class", notes)
+        for c, v in per_class.items():
+            values[f"cm/dim_class_{c}"] = v
+        if mean is not None:
+            values["cm/dim"], values["cm/dim_std"], values["cm/dim_frac"] = mean, std, mean / D
+        for t in self.extra_thresholds:
+            _, m, _ = _read(cm.at(t), f"class (p = {t:g})", notes)
+            if m is not None:
+                values[f"cm/dim_p{100 * t:g}"] = m
+        if boundary is not None:
+            _, mean, std = _read(boundary, "pair", notes)
+            if mean is not None:
+                values["cm/boundary_dim"] = mean
+                values["cm/boundary_dim_std"] = std
+                values["cm/boundary_dim_frac"] = mean / D
+
+        epoch = trainer.current_epoch
+
+        def figure() -> Any:
+            from cm_monitor.plotting import curves_figure
+
+            return curves_figure(cm, boundary, suptitle=f"epoch {epoch}")
+
+        return Measurement(values=values, figures={"cm/curves": figure}, notes=notes)
+
+
+def _read(est: DimensionEstimate, what: str, notes: list[str]) -> tuple[dict[Any, float], float | None, float]:
+    """Per-target dimensions without NaN, their mean and its uncertainty (None if a target failed)."""
+    failed = est.failed.tolist()
+    dims = est.dimension.tolist()
+    stds = est.dimension_std.tolist()
+    per_target: dict[Any, float] = {}
+    unreached, bad = [], []
+    var = 0.0
+    for t, d, s, f in zip(est.targets, dims, stds, failed, strict=True):
+        if f:
+            bad.append(t)
+            continue
+        if not math.isfinite(d):  # the curve never reaches the threshold, even at d = D
+            unreached.append(t)
+            d, s = 0.0, 0.0
+        per_target[t] = d
+        var += s * s if math.isfinite(s) else 0.0
+    if unreached:
+        notes.append(
+            f"{what} {unreached} never reached the threshold {est.threshold:g} even at d = D = "
+            f"{est.input_dim}; logged as dimension 0."
+        )
+    if bad:
+        notes.append(f"NaN/inf during the optimization for {what} {bad}; their last values are kept.")
+        return per_target, None, math.nan
+    n = len(per_target)
+    return per_target, sum(per_target.values()) / n, math.sqrt(var) / n
+
+
+def _check_classes(classes: Sequence[int] | None) -> list[int] | None:
+    if classes is None:
+        return None
+    if isinstance(classes, str) or not isinstance(classes, Sequence):
+        raise TypeError(f"`classes` must be a sequence of class ids or None, got {classes!r}.")
+    out = []
+    for c in classes:
+        if isinstance(c, bool) or not isinstance(c, int) or c < 0:
+            raise ValueError(f"`classes` must hold non-negative integer class ids, got {c!r}.")
+        out.append(c)
+    if not out:
+        raise ValueError("`classes` is empty; pass None for all classes.")
+    if len(set(out)) != len(out):
+        raise ValueError(f"`classes` repeats a class: {out}.")
+    return out
+
+
+def _check_pairs(pairs: Sequence[Sequence[int]] | None) -> list[tuple[int, int]] | None:
+    if pairs is None:
+        return None
+    if isinstance(pairs, str) or not isinstance(pairs, Sequence):
+        raise TypeError(f"`pairs` must be a sequence of class pairs such as [(0, 1), (2, 3)], got {pairs!r}.")
+    out = []
+    for p in pairs:
+        if isinstance(p, str) or not isinstance(p, Sequence) or len(p) != 2:
+            raise ValueError(f"`pairs` must hold pairs of class ids such as (0, 1), got {p!r}.")
+        a, b = p
+        if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in (a, b)) or a == b:
+            raise ValueError(f"`pairs` must hold pairs of two different non-negative class ids, got {p!r}.")
+        out.append((a, b))
+    if len(set(out)) != len(out):
+        raise ValueError(f"`pairs` repeats a pair: {out}.")
+    return out
+
+
+def _check_dims(dims: int | Sequence[int]) -> int | list[int]:
+    if isinstance(dims, int) and not isinstance(dims, bool):
+        if dims < 2:
+            raise ValueError(f"`dims` as a number of grid points must be >= 2, got {dims}.")
+        return dims
+    if isinstance(dims, str) or not isinstance(dims, Sequence) or not dims:
+        raise TypeError(f"`dims` must be an int (grid size) or a non-empty sequence of plane dimensions, got {dims!r}.")
+    out = []
+    for d in dims:
+        if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+            raise ValueError(f"`dims` must hold positive integers, got {d!r}.")
+        out.append(d)
+    return sorted(set(out))

@@ -1,0 +1,166 @@
+"""Matplotlib figures of the measurements, for loggers (TensorBoard) and the docs.
+
+Figures are built with :class:`matplotlib.figure.Figure` and the Agg canvas directly, never through
+``pyplot``'s global state, so making one does not change the user's backend or open a window.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+from cm_monitor.dimension import DimensionEstimate
+
+
+def _new_figure(ncols: int, width: float = 5.0, height: float = 3.8):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * ncols, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, ncols, squeeze=False)[0]
+    return fig, list(axes)
+
+
+def _target_name(t: object) -> str:
+    return str(t) if isinstance(t, int) else "–".join(str(c) for c in t)  # type: ignore[union-attr]
+
+
+def plot_curves(ax, est: DimensionEstimate, *, title: str | None = None, legend: bool = True) -> None:
+    """Draw ``est.curve`` (mean best score reached) against the plane dimension on ``ax``.
+
+    One line per target, a log-scaled ``d`` axis, the success threshold as a dashed line and
+    ``d*`` (where the curve crosses it) as a dot on that line.
+    """
+    import matplotlib as mpl
+
+    dims = est.dims.tolist()
+    cmap = mpl.colormaps["tab10" if len(est.targets) <= 10 else "tab20"]
+    for i, t in enumerate(est.targets):
+        color = cmap(i % cmap.N)
+        ax.plot(dims, est.curve[i].tolist(), marker=".", lw=1.4, color=color, label=_target_name(t))
+        d = float(est.cutting_dim[i])
+        if math.isfinite(d):
+            ax.plot([d], [est.threshold], "o", ms=5, color=color, mec="black", mew=0.5)
+    ax.axhline(est.threshold, color="black", ls="--", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlim(min(dims) * 0.9, est.input_dim * 1.1)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("plane dimension d")
+    if est.kind == "cm":
+        ax.set_ylabel("reached probability of the class (mean over anchors)")
+    else:
+        ax.set_ylabel("reached k · min probability of the pair (mean)")
+    ax.grid(True, which="both", alpha=0.3)
+    if title is None:
+        what = "class manifolds" if est.kind == "cm" else "boundaries"
+        title = f"{what}: mean dimension {est.mean_dimension:.1f} of D = {est.input_dim}"
+    ax.set_title(title, fontsize=10)
+    if legend:
+        ax.legend(
+            title="class" if est.kind == "cm" else "pair",
+            fontsize=7,
+            title_fontsize=8,
+            ncol=2 if len(est.targets) > 5 else 1,
+            loc="lower right",
+        )
+
+
+def curves_figure(
+    cm: DimensionEstimate | None,
+    boundary: DimensionEstimate | None = None,
+    *,
+    suptitle: str | None = None,
+):
+    """A figure of reached probability against plane dimension: class manifolds, then boundaries.
+
+    Args:
+        cm: a :func:`~cm_monitor.cm_dimension` result (or None).
+        boundary: a :func:`~cm_monitor.boundary_dimension` result (or None).
+        suptitle: a title over the panels (e.g. the epoch).
+
+    Returns:
+        A :class:`matplotlib.figure.Figure` (not registered with ``pyplot``).
+    """
+    ests = [e for e in (cm, boundary) if e is not None]
+    if not ests:
+        raise ValueError("Nothing to plot: pass `cm` and/or `boundary`.")
+    fig, axes = _new_figure(len(ests))
+    for ax, est in zip(axes, ests, strict=True):
+        plot_curves(ax, est)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=11)
+    return fig
+
+
+def history_figure(
+    steps: Sequence[float],
+    series: dict[str, Sequence[float]],
+    *,
+    stds: dict[str, Sequence[float]] | None = None,
+    input_dim: int | None = None,
+    xlabel: str = "epoch",
+    ylabel: str = "effective dimension D − d*",
+    title: str | None = None,
+    ax=None,
+):
+    """Plot logged series (e.g. ``cm/dim`` and ``cm/boundary_dim``) against epochs, with ±1 std bands."""
+    fig = None
+    if ax is None:
+        fig, (ax,) = _new_figure(1, width=5.5)
+    for name, values in series.items():
+        (line,) = ax.plot(list(steps), list(values), marker="o", ms=3, label=name)
+        if stds and name in stds:
+            lo = [v - s for v, s in zip(values, stds[name], strict=True)]
+            hi = [v + s for v, s in zip(values, stds[name], strict=True)]
+            ax.fill_between(list(steps), lo, hi, color=line.get_color(), alpha=0.2, lw=0)
+    if input_dim is not None:
+        ax.axhline(input_dim, color="black", ls=":", lw=0.8, label=f"D = {input_dim}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return fig if fig is not None else ax.figure
+
+
+def similarity_figure(matrix, labels, *, title: str | None = None):
+    """An image of an ``N × N`` similarity matrix with the inputs sorted by class.
+
+    Lines separate the classes, so a locally elastic model shows bright diagonal blocks.
+
+    Args:
+        matrix: ``[N, N]`` tensor (e.g. :attr:`~cm_monitor.ElasticityEstimate.symmetric_similarity`).
+        labels: ``[N]`` class of each input.
+        title: a title over the image.
+
+    Returns:
+        A :class:`matplotlib.figure.Figure` (not registered with ``pyplot``).
+    """
+    import torch
+
+    labels = torch.as_tensor(labels).cpu()
+    matrix = torch.as_tensor(matrix).detach().cpu().double()
+    if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] != labels.numel():
+        raise ValueError(f"`matrix` must be [N, N] with N = len(labels) = {labels.numel()}, got {tuple(matrix.shape)}.")
+    order = torch.argsort(labels, stable=True)
+    sorted_labels = labels[order]
+    fig, (ax,) = _new_figure(1, width=5.2, height=4.5)
+    im = ax.imshow(matrix[order][:, order].numpy(), cmap="viridis", interpolation="nearest")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="similarity")
+    edges = (torch.nonzero(sorted_labels[1:] != sorted_labels[:-1]).squeeze(1) + 0.5).tolist()
+    for e in edges:
+        ax.axhline(e, color="white", lw=0.6)
+        ax.axvline(e, color="white", lw=0.6)
+    starts = [0, *[int(e + 0.5) for e in edges], labels.numel()]
+    centres = [(a + b - 1) / 2 for a, b in itertools.pairwise(starts)]
+    names = [str(int(sorted_labels[a])) for a in starts[:-1]]
+    ax.set_xticks(centres, names, fontsize=7)
+    ax.set_yticks(centres, names, fontsize=7)
+    ax.set_xlabel("input (sorted by class)")
+    ax.set_ylabel("SGD step at input (sorted by class)")
+    if title:
+        ax.set_title(title, fontsize=10)
+    return fig

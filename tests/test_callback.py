@@ -1,0 +1,680 @@
+"""CMDimensionMonitor in real (small) Lightning fits on the digits data.
+
+Covers: invisibility to training (bit-identical weights and val_loss), what lands in the
+TensorBoard event files, every_n_epochs with strict EarlyStopping, resume from a checkpoint,
+dict batches and custom batch readers, and each error raised at the start of fit.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from cm_monitor import CMDimensionMonitor, cm_dimension
+from cm_monitor.plotting import curves_figure
+
+sklearn_datasets = pytest.importorskip("sklearn.datasets")
+tbparse = pytest.importorskip("tbparse")
+
+D = 64
+#: A monitor configuration that measures in a fraction of a second on a CPU.
+FAST = {
+    "num_anchors": 2,
+    "anchors_per_target": 2,
+    "dims": [1, 4, 16, 64],
+    "max_steps": 30,
+    "num_pairs": 2,
+    "num_bootstrap": 20,
+}
+
+
+def digits(num_val: int = 300):
+    x, y = sklearn_datasets.load_digits(return_X_y=True)
+    x = (torch.tensor(x, dtype=torch.float32).view(-1, 1, 8, 8) / 16 - 0.3) / 0.4
+    y = torch.tensor(y, dtype=torch.long)
+    return (x[:-num_val], y[:-num_val]), (x[-num_val:], y[-num_val:])
+
+
+class DictDataset(Dataset):
+    def __init__(self, x, y, keys=("image", "label")):
+        self.x, self.y, self.keys = x, y, keys
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {self.keys[0]: self.x[i], self.keys[1]: self.y[i]}
+
+
+class DigitsCNN(pl.LightningModule):
+    """A small CNN with BatchNorm and dropout; `batch_keys` makes it read dict batches."""
+
+    def __init__(self, batch_keys: tuple[str, str] | None = None):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Dropout(0.3),
+            nn.Linear(16 * 16, 10),
+        )
+        self.batch_keys = batch_keys
+        self.train_steps = 0
+
+    def forward(self, x):
+        return self.net(x)
+
+    def _xy(self, batch):
+        if self.batch_keys is None:
+            return batch[0], batch[1]
+        return batch[self.batch_keys[0]], batch[self.batch_keys[1]]
+
+    def training_step(self, batch, batch_idx):
+        self.train_steps += 1
+        x, y = self._xy(batch)
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = self._xy(batch)
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=3e-3)
+
+
+def loaders(batch_size=64, dict_keys=None, num_val=300):
+    (xt, yt), (xv, yv) = digits(num_val)
+    if dict_keys is None:
+        train, val = TensorDataset(xt, yt), TensorDataset(xv, yv)
+    else:
+        train, val = DictDataset(xt, yt, dict_keys), DictDataset(xv, yv, dict_keys)
+    return DataLoader(train, batch_size=batch_size, shuffle=True), DataLoader(val, batch_size=100)
+
+
+def trainer(tmp_path, callbacks=(), logger=None, **kwargs):
+    kwargs.setdefault("max_epochs", 2)
+    kwargs.setdefault("log_every_n_steps", 5)
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=logger if logger is not None else False,
+        callbacks=list(callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        default_root_dir=tmp_path,
+        deterministic=True,
+        **kwargs,
+    )
+
+
+def scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
+    df = tbparse.SummaryReader(str(log_dir)).scalars
+    out: dict[str, list[tuple[int, float]]] = {}
+    for tag, group in df.groupby("tag"):
+        out[tag] = sorted(zip(group["step"].tolist(), group["value"].tolist(), strict=True))
+    return out
+
+
+class MonitorLog(logging.Handler):
+    """Collects the lines the monitors report through Lightning's rank-zero logger."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+    def __enter__(self):
+        self.logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self)
+
+
+# ------------------------------------------------------------------ one pair of runs, shared
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two fits with the same seed, without and with the monitor (TensorBoard logger on both)."""
+    out = {}
+    for name in ("plain", "monitored"):
+        root = tmp_path_factory.mktemp(name)
+        pl.seed_everything(0, workers=True)
+        model = DigitsCNN()
+        train, val = loaders()
+        callbacks = [CMDimensionMonitor(**FAST, extra_thresholds=[0.8])] if name == "monitored" else []
+        logger = TensorBoardLogger(root, name="tb", version=0)
+        with MonitorLog() as log:
+            trainer(root, callbacks, logger=logger).fit(model, train, val)
+        out[name] = {"model": model, "log_dir": logger.log_dir, "lines": log.lines, "callbacks": callbacks}
+    return out
+
+
+def test_training_is_bit_identical_with_and_without_monitor(runs):
+    plain, monitored = runs["plain"]["model"].state_dict(), runs["monitored"]["model"].state_dict()
+    assert plain.keys() == monitored.keys()
+    for key in plain:
+        assert torch.equal(plain[key], monitored[key]), key  # BatchNorm running stats included
+    a, b = scalars(runs["plain"]["log_dir"]), scalars(runs["monitored"]["log_dir"])
+    assert len(a["val_loss"]) == 2
+    assert a["val_loss"] == b["val_loss"]
+    assert a["train_loss"] == b["train_loss"]
+
+
+def test_tensorboard_scalars(runs):
+    s = scalars(runs["monitored"]["log_dir"])
+    expected = {
+        "cm/dim",
+        "cm/dim_std",
+        "cm/dim_frac",
+        "cm/boundary_dim",
+        "cm/boundary_dim_std",
+        "cm/boundary_dim_frac",
+        "cm/seconds",
+        "cm/cost_frac",
+        "cm/measured",
+        "cm/dim_p80",
+        *(f"cm/dim_class_{c}" for c in range(10)),
+    }
+    assert expected <= set(s)
+    val_steps = [step for step, _ in s["val_loss"]]
+    for key in expected:
+        assert [step for step, _ in s[key]] == val_steps, key  # logged at every validation, not the sanity check
+        assert all(math.isfinite(v) for _, v in s[key]), key
+    for (_, dim), (_, frac), (_, std) in zip(s["cm/dim"], s["cm/dim_frac"], s["cm/dim_std"], strict=True):
+        assert 0 < dim <= D
+        assert frac == pytest.approx(dim / D, rel=1e-6)
+        assert 0 <= std < D
+    for c in range(10):
+        assert all(0 <= v <= D for _, v in s[f"cm/dim_class_{c}"])
+    means = [sum(s[f"cm/dim_class_{c}"][i][1] for c in range(10)) / 10 for i in range(2)]
+    assert [v for _, v in s["cm/dim"]] == pytest.approx(means, rel=1e-5)
+    assert all(0 < v <= D for _, v in s["cm/boundary_dim"])
+    # a higher level is harder to reach: a smaller manifold
+    assert all(hi <= lo + 1e-4 for (_, hi), (_, lo) in zip(s["cm/dim_p80"], s["cm/dim"], strict=True))
+    assert [v for _, v in s["cm/measured"]] == [1.0, 1.0]
+    assert all(v > 0 for _, v in s["cm/seconds"])
+    assert all(0 < v <= 1 for _, v in s["cm/cost_frac"])
+
+
+def test_tensorboard_figure(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(runs["monitored"]["log_dir"]), size_guidance={"images": 0})
+    acc.Reload()
+    assert acc.Tags()["images"] == ["cm/curves"]
+    images = acc.Images("cm/curves")
+    assert len(images) == 2  # one per measurement
+    assert [im.step for im in images] == [step for step, _ in scalars(runs["monitored"]["log_dir"])["cm/dim"]]
+    assert images[0].width > 300 and images[0].encoded_image_string[:4] == b"\x89PNG"
+
+
+def test_cost_is_reported_once_per_measurement(runs):
+    lines = [line for line in runs["monitored"]["lines"] if "measured in" in line]
+    assert len(lines) == 2
+    assert "epoch 0" in lines[0] and "epoch 1" in lines[1]
+    assert "cm/dim = " in lines[0] and "% of the epoch" in lines[0]
+    assert any("drew 20 anchors" in line for line in runs["monitored"]["lines"])
+
+
+def test_state_dict_holds_anchors_pairs_and_last_values(runs):
+    (monitor,) = runs["monitored"]["callbacks"]
+    state = monitor.state_dict()
+    assert state["anchors"].shape == (20, 1, 8, 8)
+    assert state["anchor_labels"].tolist() == sorted(list(range(10)) * 2)
+    assert len(state["pairs"]) == 2 and state["targets"] == list(range(10))
+    assert state["last_measured_epoch"] == 1 and state["num_measurements"] == 2
+    assert math.isfinite(state["last_values"]["cm/dim"])
+    other = CMDimensionMonitor(**FAST, extra_thresholds=[0.8])
+    assert other.state_key == monitor.state_key
+    assert CMDimensionMonitor(**{**FAST, "seed": 1}).state_key != monitor.state_key
+    other.load_state_dict(state)
+    assert torch.equal(other.anchors, monitor.anchors) and other.pairs == monitor.pairs
+
+
+def test_curves_figure(runs):
+    (monitor,) = runs["monitored"]["callbacks"]
+    fig = curves_figure(monitor.last_cm, monitor.last_boundary)
+    assert len(fig.axes) == 2
+    assert all(ax.get_xscale() == "log" for ax in fig.axes)
+
+
+# ------------------------------------------------------------------ schedule and early stopping
+
+
+def test_every_n_epochs_relogs_and_strict_early_stopping_works(tmp_path):
+    pl.seed_everything(0)
+    monitor = CMDimensionMonitor(every_n_epochs=2, **FAST)
+    stopper = EarlyStopping(monitor="cm/dim", mode="max", patience=10)  # strict=True by default
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+    train, val = loaders()
+    trainer(tmp_path, [monitor, stopper], logger=logger, max_epochs=3, limit_train_batches=3).fit(
+        DigitsCNN(), train, val
+    )
+    s = scalars(logger.log_dir)
+    assert [v for _, v in s["cm/measured"]] == [1.0, 0.0, 1.0]
+    dims = [v for _, v in s["cm/dim"]]
+    assert dims[1] == dims[0]  # epoch 1 repeats epoch 0's value
+    assert s["cm/seconds"][1][1] == 0.0
+    assert monitor.num_measurements == 2
+    assert stopper.best_score.item() == max(dims)
+
+
+def test_anchors_drawn_when_first_epoch_does_not_validate(tmp_path):
+    # no sanity check and check_val_every_n_epoch=2: Lightning has not set up the validation
+    # data at on_train_start; the monitor sets it up itself
+    monitor = CMDimensionMonitor(**FAST)
+    train, val = loaders()
+    t = trainer(
+        tmp_path, [monitor], max_epochs=2, limit_train_batches=2, num_sanity_val_steps=0, check_val_every_n_epoch=2
+    )
+    t.fit(DigitsCNN(), train, val)
+    assert monitor.anchors is not None
+    assert monitor.last_measured_epoch == 1 and monitor.num_measurements == 1
+    assert "cm/dim" in t.callback_metrics
+
+
+def test_measures_in_eval_mode_and_restores_modes(tmp_path):
+    seen = []
+
+    class Spy(Callback):
+        def on_validation_epoch_end(self, trainer, pl_module):
+            seen.append([m.training for m in pl_module.modules()])
+
+    monitor = CMDimensionMonitor(**FAST)
+    train, val = loaders()
+    model = DigitsCNN()
+    model.net[1].train()  # a mode the monitor must leave as it found it (validation has set eval)
+    trainer(tmp_path, [monitor, Spy()], max_epochs=1, limit_train_batches=2).fit(model, train, val)
+    assert seen and not any(any(flags) for flags in seen)  # Lightning's eval mode is intact
+    assert monitor.num_measurements == 1
+
+
+# ------------------------------------------------------------------ resume
+
+
+def test_resume_from_checkpoint_continues_the_series(tmp_path):
+    pl.seed_everything(0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    first = CMDimensionMonitor(**FAST)
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+    train, val = loaders()
+    trainer(tmp_path, [first, ckpt], logger=logger, max_epochs=2, limit_train_batches=3).fit(DigitsCNN(), train, val)
+    last = tmp_path / "ckpt" / "last.ckpt"
+    assert last.exists()
+
+    # the checkpoint alone reproduces the last value: same anchors, same planes, same settings
+    second = CMDimensionMonitor(**FAST)
+    restored_model = DigitsCNN.load_from_checkpoint(last)
+    second.load_state_dict(torch.load(last, weights_only=False)["callbacks"][second.state_key])
+    assert torch.equal(second.anchors, first.anchors) and second.pairs == first.pairs
+    est = cm_dimension(
+        restored_model,
+        second.anchors,
+        second.anchor_labels,
+        classes=second.targets,
+        dims=second.grid(),
+        generator=second.seed,
+        anchors_per_target=second.anchors_per_target,
+        num_bootstrap=second.num_bootstrap,
+        settings=second.settings,
+    )
+    for c, d in zip(est.targets, est.dimension.tolist(), strict=True):
+        logged = first.last_values[f"cm/dim_class_{c}"]
+        assert (d if math.isfinite(d) else 0.0) == pytest.approx(logged, rel=1e-6, abs=1e-6)
+
+    # resuming with a fresh monitor (same configuration) keeps the anchors and continues
+    resumed = CMDimensionMonitor(**FAST)
+    logger2 = TensorBoardLogger(tmp_path, name="tb", version=0)
+    train, val = loaders()
+    trainer(
+        tmp_path,
+        [resumed, ModelCheckpoint(dirpath=tmp_path / "ckpt2")],
+        logger=logger2,
+        max_epochs=4,
+        limit_train_batches=3,
+    ).fit(DigitsCNN(), train, val, ckpt_path=last)
+    assert torch.equal(resumed.anchors, first.anchors)
+    assert resumed.pairs == first.pairs
+    assert resumed.num_measurements == 4 and resumed.last_measured_epoch == 3
+    s = scalars(logger.log_dir)
+    steps = [step for step, _ in s["cm/dim"]]
+    assert len(steps) == 4 and steps == sorted(steps)  # epochs 0-1, then 2-3 after the resume
+
+
+# ------------------------------------------------------------------ batches
+
+
+@pytest.mark.parametrize(
+    ("keys", "kwargs"),
+    [
+        (("image", "label"), {}),
+        (("pix", "cls"), {"input_key": "pix", "label_key": "cls"}),
+        (("pix", "cls"), {"batch_to_inputs": lambda b: (b["pix"], b["cls"])}),
+    ],
+)
+def test_dict_batches(tmp_path, keys, kwargs):
+    monitor = CMDimensionMonitor(**FAST, **kwargs)
+    train, val = loaders(dict_keys=keys)
+    t = trainer(tmp_path, [monitor], max_epochs=1, limit_train_batches=2)
+    t.fit(DigitsCNN(batch_keys=keys), train, val)
+    assert monitor.anchors.shape == (20, 1, 8, 8)
+    assert 0 <= t.callback_metrics["cm/dim"].item() <= D  # barely trained: may be 0 (not reached)
+
+
+def test_get_model_and_on_after_batch_transfer(tmp_path):
+    class Wrapped(DigitsCNN):
+        def forward(self, x):  # not logits: the monitor needs `get_model`
+            return {"logits": self.net(x)}
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self(batch[0])["logits"], batch[1])
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", nn.functional.cross_entropy(self(batch[0])["logits"], batch[1]))
+
+        def on_after_batch_transfer(self, batch, dataloader_idx):
+            x, y = batch
+            return x * 2, y  # the anchors must be what validation_step receives
+
+    monitor = CMDimensionMonitor(**FAST, get_model=lambda m: m.net)
+    train, val = loaders()
+    trainer(tmp_path, [monitor], max_epochs=1, limit_train_batches=2).fit(Wrapped(), train, val)
+    xv = val.dataset.tensors[0]
+    anchor = monitor.anchors[0]
+    assert any(torch.equal(anchor, 2 * x) for x in xv)
+
+    with pytest.raises(TypeError, match=r"returned a dict.*get_model"):
+        trainer(tmp_path, [CMDimensionMonitor(**FAST)], max_epochs=1).fit(Wrapped(), *loaders())
+
+
+# ------------------------------------------------------------------ errors at the start of fit
+
+
+def _fit_expecting(tmp_path, error, match, monitor=None, model=None, train=None, val=None, **trainer_kwargs):
+    model = model or DigitsCNN()
+    default_train, default_val = loaders()
+    train = train if train is not None else default_train
+    with pytest.raises(error, match=match):
+        trainer(tmp_path, [monitor or CMDimensionMonitor(**FAST)], **trainer_kwargs).fit(
+            model, train, val if val is not None else default_val
+        )
+    assert model.train_steps == 0  # raised before the first training step
+
+
+class NoValidationStep(DigitsCNN):
+    validation_step = None
+
+
+def test_error_without_validation(tmp_path):
+    model = DigitsCNN()
+    train, _ = loaders()
+    # validation_step without validation data (Lightning would just skip validation)
+    with pytest.raises(MisconfigurationException, match=r"measures on validation data.*`val_dataloader` must be"):
+        trainer(tmp_path, [CMDimensionMonitor(**FAST)]).fit(model, train)
+    assert model.train_steps == 0
+    # no validation_step: Lightning skips validation; the monitor says it cannot measure
+    model = NoValidationStep()
+    with pytest.raises(MisconfigurationException, match="measures on validation data"):
+        trainer(tmp_path, [CMDimensionMonitor(**FAST)]).fit(model, train)
+    assert model.train_steps == 0
+
+
+def test_error_when_validation_is_disabled(tmp_path):
+    _fit_expecting(tmp_path, MisconfigurationException, "limit_val_batches=0", limit_val_batches=0)
+
+
+def test_error_too_few_examples_of_a_class(tmp_path):
+    (_, _), (xv, yv) = digits()
+    keep = torch.cat([(yv != 3).nonzero().squeeze(1), (yv == 3).nonzero().squeeze(1)[:1]])
+    val = DataLoader(TensorDataset(xv[keep], yv[keep]), batch_size=100)
+    _fit_expecting(tmp_path, ValueError, r"Too few validation examples.*class 3: 1\b.*num_anchors", val=val)
+
+
+def test_error_class_missing_from_validation_data(tmp_path):
+    (_, _), (xv, yv) = digits()
+    keep = (yv != 9).nonzero().squeeze(1)
+    val = DataLoader(TensorDataset(xv[keep], yv[keep]), batch_size=100)
+    _fit_expecting(tmp_path, ValueError, r"class 9: 0", val=val)
+
+
+class TensorOnly(Dataset):
+    def __init__(self, x):
+        self.x = x
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i]
+
+
+class ValOnTensors(DigitsCNN):
+    def validation_step(self, batch, batch_idx):
+        self.log("val_norm", batch.norm())
+
+
+def test_error_unrecognized_batch(tmp_path):
+    (_, _), (xv, _) = digits()
+    val = DataLoader(TensorOnly(xv), batch_size=100)
+    _fit_expecting(tmp_path, TypeError, "not recognized.*batch_to_inputs", model=ValOnTensors(), val=val)
+
+
+def test_error_dict_batch_with_unknown_keys(tmp_path):
+    train, val = loaders(dict_keys=("pix", "cls"))
+    _fit_expecting(
+        tmp_path,
+        ValueError,
+        r"keys \['pix', 'cls'\].*input_key",
+        model=DigitsCNN(batch_keys=("pix", "cls")),
+        train=train,
+        val=val,
+    )
+
+
+def test_error_integer_inputs(tmp_path):
+    (_, _), (xv, yv) = digits()
+    val = DataLoader(TensorDataset((xv * 10).long(), yv), batch_size=100)
+
+    class IntVal(DigitsCNN):
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", nn.functional.cross_entropy(self(batch[0].float()), batch[1]))
+
+    _fit_expecting(tmp_path, TypeError, "floating-point inputs", model=IntVal(), val=val)
+
+
+def test_error_classes_outside_the_model(tmp_path):
+    _fit_expecting(tmp_path, ValueError, "`classes` holds 12", monitor=CMDimensionMonitor(**FAST, classes=[0, 12]))
+    _fit_expecting(
+        tmp_path, ValueError, r"`pairs` holds \(3, 10\)", monitor=CMDimensionMonitor(**FAST, pairs=[(3, 10)])
+    )
+
+
+# ------------------------------------------------------------------ arguments
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"every_n_epochs": 0}, ValueError, "every_n_epochs"),
+        ({"every_n_epochs": 1.5}, ValueError, "every_n_epochs"),
+        ({"num_anchors": 0}, ValueError, "num_anchors"),
+        ({"num_pairs": -1}, ValueError, "num_pairs"),
+        ({"pairs": [(1, 1)]}, ValueError, "pairs"),
+        ({"pairs": [(1, 2, 3)]}, ValueError, "pairs"),
+        ({"classes": []}, ValueError, "classes"),
+        ({"classes": [1, 1]}, ValueError, "classes"),
+        ({"threshold": 0}, ValueError, "threshold"),
+        ({"threshold": 1.5}, ValueError, "threshold"),
+        ({"boundary_threshold": -0.1}, ValueError, "boundary_threshold"),
+        ({"extra_thresholds": [2.0]}, ValueError, "extra_thresholds"),
+        ({"extra_thresholds": 0.8}, TypeError, "extra_thresholds"),
+        ({"anchors_per_target": 0}, ValueError, "anchors_per_target"),
+        ({"dims": 1}, ValueError, "dims"),
+        ({"dims": [0, 4]}, ValueError, "dims"),
+        ({"dims": "auto"}, TypeError, "dims"),
+        ({"max_steps": 0}, ValueError, "max_steps"),
+        ({"settings": {"lr": 0.1}}, TypeError, "settings"),
+        ({"seed": -1}, ValueError, "seed"),
+        ({"input_key": 3}, TypeError, "input_key"),
+        ({"batch_to_inputs": lambda b: b, "input_key": "x"}, ValueError, "either `batch_to_inputs`"),
+        ({"batch_to_inputs": 3}, TypeError, "batch_to_inputs"),
+        ({"get_model": "net"}, TypeError, "get_model"),
+        ({"dataloader_idx": -1}, ValueError, "dataloader_idx"),
+        ({"max_scan_batches": 0}, ValueError, "max_scan_batches"),
+        ({"verbose": "yes"}, TypeError, "verbose"),
+    ],
+)
+def test_invalid_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        CMDimensionMonitor(**kwargs)
+
+
+def test_error_dims_above_input_dimension(tmp_path):
+    _fit_expecting(tmp_path, ValueError, "above D = 64", monitor=CMDimensionMonitor(**{**FAST, "dims": [1, 100]}))
+
+
+# ------------------------------------------------------------------ distributed (2 CPU processes)
+
+
+class RecordPerRank(Callback):
+    """Writes, per rank, the monitor's anchors at the start and the logged cm/* values per epoch."""
+
+    def __init__(self, out_dir):
+        self.out_dir = str(out_dir)
+
+    def on_train_start(self, trainer, pl_module):
+        monitor = next(c for c in trainer.callbacks if isinstance(c, CMDimensionMonitor))
+        torch.save(
+            {"anchors": monitor.anchors, "labels": monitor.anchor_labels, "pairs": monitor.pairs},
+            f"{self.out_dir}/start_{trainer.global_rank}.pt",
+        )
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        values = {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("cm/dim")}
+        torch.save(values, f"{self.out_dir}/epoch{trainer.current_epoch}_{trainer.global_rank}.pt")
+
+
+@pytest.mark.slow
+def test_ddp_ranks_agree_on_anchors_and_values(tmp_path):
+    # each rank sees its own half of the validation data (DistributedSampler), yet all must
+    # measure the same anchors and log the same values
+    pl.seed_everything(0)
+    train, val = loaders()
+    t = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=2,
+        limit_train_batches=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[CMDimensionMonitor(**FAST), RecordPerRank(tmp_path), EarlyStopping("cm/dim", mode="max")],
+    )
+    t.fit(DigitsCNN(), train, val)
+    start = [torch.load(tmp_path / f"start_{r}.pt") for r in range(2)]
+    assert torch.equal(start[0]["anchors"], start[1]["anchors"])
+    assert torch.equal(start[0]["labels"], start[1]["labels"]) and start[0]["pairs"] == start[1]["pairs"]
+    for epoch in range(2):
+        a, b = (torch.load(tmp_path / f"epoch{epoch}_{r}.pt") for r in range(2))
+        assert "cm/dim" in a and a == b
+
+
+def test_validate_and_sanity_check_do_not_measure(tmp_path):
+    monitor = CMDimensionMonitor(**FAST)
+    train, val = loaders()
+    t = trainer(tmp_path, [monitor], max_epochs=1, limit_train_batches=2)
+    t.validate(DigitsCNN(), val)  # outside fit: nothing to measure, nothing logged
+    assert monitor.anchors is None and "cm/dim" not in t.callback_metrics
+    t.fit(DigitsCNN(), train, val)  # the sanity check runs first; one measurement, at epoch 0
+    assert monitor.num_measurements == 1
+
+
+# ------------------------------------------------------------------ the example
+
+
+@pytest.fixture
+def example():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "train_digits.py"
+    spec = importlib.util.spec_from_file_location("train_digits", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_arguments(example):
+    args = example.parse_args(["--monitors", "cm"])
+    assert args.monitors == ["cm"] and args.max_epochs == 30 and args.patience == 6
+    with pytest.raises(SystemExit):
+        example.parse_args(["--monitors", "cm,bogus"])
+    with pytest.raises(example.argparse.ArgumentTypeError, match=r"unknown monitor.*bogus.*choose"):
+        example.parse_monitors("cm,bogus")
+
+
+def test_example_cifar10_fails_clearly_without_torchvision(example, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_torchvision(name, *args, **kwargs):
+        if name == "torchvision" or name.startswith("torchvision."):
+            raise ImportError("No module named 'torchvision'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torchvision)
+    with pytest.raises(SystemExit, match="needs torchvision"):
+        example.cifar10_data(128, tmp_path, 0)
+
+
+def test_example_cifar10_fails_clearly_without_network(example, tmp_path, monkeypatch):
+    import sys
+    import types
+    import urllib.error
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    fake = types.ModuleType("torchvision")
+    fake.datasets = types.SimpleNamespace(CIFAR10=offline)
+    fake.transforms = types.SimpleNamespace(
+        **{n: lambda *a, **k: None for n in ("Compose", "Normalize", "RandomCrop", "RandomHorizontalFlip", "ToTensor")}
+    )
+    monkeypatch.setitem(sys.modules, "torchvision", fake)
+    with pytest.raises(SystemExit, match=r"(?s)Could not download CIFAR-10.*network connection.*--dataset digits"):
+        example.cifar10_data(128, tmp_path, 0)
+
+
+def test_example_runs(example, tmp_path, capsys):
+    example.main(["--max-epochs", "1", "--logdir", str(tmp_path / "runs")])
+    out = capsys.readouterr().out
+    assert "cm/dim" in out and "val_acc" in out and f"tensorboard --logdir {tmp_path / 'runs'}" in out
+    s = scalars(next((tmp_path / "runs" / "digits").iterdir()))
+    assert 0 < s["cm/dim"][0][1] <= D
