@@ -1,22 +1,34 @@
 """cm-monitor: watch the geometry of a classifier while it trains.
 
-The measurement core (:func:`cm_dimension`, :func:`boundary_dimension`) is pure PyTorch and runs on
-any ``nn.Module``; the Lightning callbacks schedule it during training and log the results.
+The measurement core (:func:`cm_dimension`, :func:`boundary_dimension`, :func:`relative_stability`,
+:func:`local_elasticity`) is pure PyTorch and runs on any ``nn.Module``; the Lightning callbacks
+(:class:`CMDimensionMonitor`, :class:`DiffeoStabilityMonitor`, :class:`ElasticityMonitor`) schedule
+it during training and log the results.
 """
 
+from cm_monitor.callbacks import CMDimensionMonitor, DiffeoStabilityMonitor, ElasticityMonitor
 from cm_monitor.cutting import REFERENCE_SETTINGS, OptimizerSettings
+from cm_monitor.diffeo import StabilityEstimate, relative_stability
 from cm_monitor.dimension import DimensionEstimate, boundary_dimension, cm_dimension
+from cm_monitor.elasticity import ElasticityEstimate, local_elasticity
 from cm_monitor.planes import default_dims, reference_dims
 
 __version__ = "0.1.0"
 
 __all__ = [
     "REFERENCE_SETTINGS",
+    "CMDimensionMonitor",
+    "DiffeoStabilityMonitor",
     "DimensionEstimate",
+    "ElasticityEstimate",
+    "ElasticityMonitor",
     "OptimizerSettings",
+    "StabilityEstimate",
     "__version__",
     "boundary_dimension",
     "cm_dimension",
     "default_dims",
+    "local_elasticity",
     "reference_dims",
+    "relative_stability",
 ]

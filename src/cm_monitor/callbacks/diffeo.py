@@ -1,0 +1,197 @@
+"""DiffeoStabilityMonitor: relative stability to diffeomorphisms R_f, measured while the model trains."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from torch import Tensor, nn
+
+from cm_monitor.anchors import BatchReader
+from cm_monitor.callbacks.base import GeometryMonitor, Measurement, check_int
+from cm_monitor.diffeo import StabilityEstimate, relative_stability
+
+
+class DiffeoStabilityMonitor(GeometryMonitor):
+    r"""Measure the relative stability ``R_f`` of the model to small image deformations.
+
+    ``R_f = D_f / G_f`` compares how much the model's output moves under small random smooth
+    deformations of the probe images (``D_f``) with how much it moves under random noise of the
+    same norm (``G_f``); both are relative to the typical output distance between two images. It is
+    about 1 at initialization; Petrini et al. (2021, arXiv 2105.02468) find that it falls by decades
+    as good image models train. Whether it does for your model is what this monitor measures. See
+    ``docs/diffeo.md``.
+
+    The probe images are ``num_anchors`` validation images per class, drawn once at the start of
+    fit (like :class:`~cm_monitor.CMDimensionMonitor`'s anchors), and the deformations and noise are
+    drawn from ``seed``: both stay fixed for the run, so a change in the curve is a change in the
+    model. Scheduling, logging at validations without a measurement (the last values again),
+    checkpointing and cost reporting are those of :class:`~cm_monitor.CMDimensionMonitor`.
+
+    Args:
+        every_n_epochs: measure every this many epochs (the first validation is always measured).
+        num_anchors: probe images per class.
+        delta: typical displacement of the deformations at the image centre, in pixels (default 1;
+            for 8 × 8 images use about 0.6: larger deformations fold, see ``docs/diffeo.md``).
+        temperature: alternatively the temperature (pixel convention); pass ``delta=None`` with it.
+        cutoff: highest mode frequency of the deformations (default 3).
+        num_deformations: deformations (and noise draws) per probe image.
+        reduction: ``"mean"`` or ``"median"`` (the reference code's robust averages).
+        output: ``"logits"`` (default), ``"probabilities"`` or a callable on the model's output.
+        clip: clip the temperature into the natural range of the image size (with a warning).
+        num_bootstrap: bootstrap resamples of the images for the uncertainty.
+        chunk_size: images per forward pass.
+        seed: seeds the probe images, the deformations and the noise.
+        batch_to_inputs, input_key, label_key, dataloader_idx, max_scan_batches, get_model,
+        log_figures, prog_bar, verbose: see :class:`~cm_monitor.callbacks.base.GeometryMonitor`.
+
+    Logged metrics (through ``LightningModule.log``, at every validation of ``trainer.fit`` after
+    the sanity check):
+
+    * ``diffeo/rf``: relative stability ``R_f`` (lower: more stable to deformations than to noise).
+    * ``diffeo/log10_rf``: ``log10 R_f`` (the natural scale of its curve).
+    * ``diffeo/rf_std``, ``diffeo/log10_rf_std``: bootstrap standard deviations over images.
+    * ``diffeo/df``, ``diffeo/gf``: stability to deformations and to noise.
+    * ``diffeo/seconds``, ``diffeo/cost_frac``, ``diffeo/measured``: cost of the measurement, as
+      for ``cm/``.
+
+    Non-finite values (the model returned NaN/inf, or ``R_f = 0`` for ``log10``) are not logged:
+    the last value is kept and a warning says so.
+
+    Raises:
+        ValueError: at the start of fit, when the validation inputs are not images
+            ``[N, C, H, W]`` (and for the errors of the anchors, as for ``CMDimensionMonitor``).
+
+    Example::
+
+        >>> import lightning.pytorch as pl
+        >>> from lightning.pytorch.callbacks import EarlyStopping
+        >>> from cm_monitor import DiffeoStabilityMonitor
+        >>> monitor = DiffeoStabilityMonitor(every_n_epochs=1, num_anchors=20, delta=1.0)
+        >>> trainer = pl.Trainer(max_epochs=10, callbacks=[monitor])
+        >>> # trainer.fit(model, train_loader, val_loader)   # model(images) returns logits
+    """
+
+    prefix = "diffeo"
+    prog_bar_keys = ("log10_rf",)
+
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        num_anchors: int = 10,
+        *,
+        delta: float | None = 1.0,
+        temperature: float | None = None,
+        cutoff: float = 3,
+        num_deformations: int = 1,
+        reduction: str = "mean",
+        output: str | Callable[[Tensor], Tensor] = "logits",
+        clip: bool = True,
+        num_bootstrap: int = 200,
+        chunk_size: int = 1024,
+        seed: int = 0,
+        batch_to_inputs: BatchReader | None = None,
+        input_key: str | None = None,
+        label_key: str | None = None,
+        dataloader_idx: int = 0,
+        max_scan_batches: int | None = None,
+        get_model: Callable[[pl.LightningModule], nn.Module | Sequence[nn.Module]] | None = None,
+        log_figures: bool = True,
+        prog_bar: bool = False,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(
+            every_n_epochs=every_n_epochs,
+            num_anchors=num_anchors,
+            seed=seed,
+            batch_to_inputs=batch_to_inputs,
+            input_key=input_key,
+            label_key=label_key,
+            dataloader_idx=dataloader_idx,
+            max_scan_batches=max_scan_batches,
+            get_model=get_model,
+            log_figures=log_figures,
+            prog_bar=prog_bar,
+            verbose=verbose,
+        )
+        if (delta is None) == (temperature is None):
+            raise ValueError("Pass exactly one of `delta` (pixels) and `temperature` (pixel convention).")
+        for name, value in (("delta", delta), ("temperature", temperature)):
+            if value is not None and not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
+        if isinstance(cutoff, bool) or not isinstance(cutoff, int | float) or not cutoff >= 1:
+            raise ValueError(f"`cutoff` must be a number >= 1, got {cutoff!r}.")
+        if reduction not in ("mean", "median"):
+            raise ValueError(f"`reduction` must be 'mean' or 'median', got {reduction!r}.")
+        if not (callable(output) or output in ("logits", "probabilities")):
+            raise ValueError(f"`output` must be 'logits', 'probabilities' or a callable, got {output!r}.")
+        if not isinstance(clip, bool):
+            raise TypeError(f"`clip` must be a bool, got {clip!r}.")
+        self.delta, self.temperature, self.cutoff = delta, temperature, cutoff
+        self.num_deformations = check_int(num_deformations, "num_deformations")
+        self.reduction, self.output, self.clip = reduction, output, clip
+        self.num_bootstrap = check_int(num_bootstrap, "num_bootstrap", minimum=0)
+        self.chunk_size = check_int(chunk_size, "chunk_size")
+        self.last_estimate: StabilityEstimate | None = None
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "num_anchors": self.num_anchors,
+            "delta": self.delta,
+            "temperature": self.temperature,
+            "cutoff": self.cutoff,
+            "reduction": self.reduction,
+            "seed": self.seed,
+        }
+
+    def _check_targets(self, num_classes: int) -> None:
+        assert self.anchors is not None
+        shape = tuple(self.anchors.shape[1:])
+        if len(shape) != 3 or min(shape[1:]) < 3:
+            raise ValueError(
+                f"{type(self).__name__} deforms images, so it needs validation inputs of shape "
+                f"[N, C, H, W] (channels, height, width, at least 3 × 3 pixels); they have shape "
+                f"[N, {', '.join(map(str, shape))}]. Reshape them in the dataset or pass `batch_to_inputs=`."
+            )
+
+    def _summary(self, values: Mapping[str, float]) -> str:
+        if "diffeo/rf" not in values:
+            return "no value"
+        return f"diffeo/rf = {values['diffeo/rf']:.4g} (log10 {values.get('diffeo/log10_rf', math.nan):.3g} ± {values.get('diffeo/log10_rf_std', math.nan):.2g})"
+
+    def _measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module | list[nn.Module]
+    ) -> Measurement:
+        assert self.anchors is not None
+        notes: list[str] = []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            est = relative_stability(
+                model,
+                self.anchors,
+                delta=self.delta,
+                temperature=self.temperature,
+                cutoff=self.cutoff,
+                num_deformations=self.num_deformations,
+                reduction=self.reduction,  # type: ignore[arg-type]
+                output=self.output,
+                clip=self.clip,
+                generator=self.seed,  # the same deformations and noise at every evaluation
+                num_bootstrap=self.num_bootstrap,
+                chunk_size=self.chunk_size,
+            )
+        notes.extend(sorted({str(w.message) for w in caught}))
+        self.last_estimate = est
+        values = {
+            "diffeo/rf": est.rf,
+            "diffeo/log10_rf": est.log10_rf,
+            "diffeo/df": est.df,
+            "diffeo/gf": est.gf,
+        }
+        for key, value in (("diffeo/rf_std", est.rf_std), ("diffeo/log10_rf_std", est.log10_rf_std)):
+            if math.isfinite(value):
+                values[key] = value
+        return Measurement(values=values, notes=notes)

@@ -1,0 +1,170 @@
+"""ElasticityMonitor: local elasticity of the model, measured while it trains."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cm_monitor.anchors import BatchReader
+from cm_monitor.callbacks.base import GeometryMonitor, Measurement, check_int
+from cm_monitor.elasticity import ElasticityEstimate, local_elasticity
+
+
+class ElasticityMonitor(GeometryMonitor):
+    r"""Measure the local elasticity of the model: how one SGD step at ``x`` moves its prediction at ``x'``.
+
+    For every probe input one SGD step is taken on a functional copy of the weights (the trained
+    weights are never touched) and the change of the logits is read at every probe input. The
+    relative similarity ``S[i, j]`` (change at ``x_j`` over change at ``x_i``) is summarized by its
+    mean over pairs of the same class and of different classes, their ratio, and how well spectral
+    clustering of the similarity recovers the classes. He & Su (2020, arXiv 1910.06943) find trained
+    nonlinear networks *locally elastic*: steps move same-class predictions much more. See
+    ``docs/elasticity.md``.
+
+    The probe inputs are ``num_anchors`` validation inputs per class, drawn once at the start of fit
+    and fixed for the run. Scheduling, logging at validations without a measurement (the last values
+    again), checkpointing and cost reporting are those of :class:`~cm_monitor.CMDimensionMonitor`.
+
+    Args:
+        every_n_epochs: measure every this many epochs (the first validation is always measured).
+        num_anchors: probe inputs per class (the cost grows with the square of the total).
+        lr: one SGD step size for every input; default: per input, a step that changes the parameters
+            by ``relative_step`` of their norm.
+        relative_step: see ``lr``.
+        loss_fn: the training loss ``loss_fn(logits, labels) -> scalar`` (cross-entropy by default).
+        check_linearity: also step with half the size and log ``elasticity/linearity_error``.
+        chunk_size: SGD steps evaluated together (memory: that many copies of the parameters).
+        seed: seeds the probe inputs and the clustering.
+        batch_to_inputs, input_key, label_key, dataloader_idx, max_scan_batches, get_model,
+        log_figures, prog_bar, verbose: see :class:`~cm_monitor.callbacks.base.GeometryMonitor`.
+            ``get_model`` must return one ``nn.Module`` (no ensembles).
+
+    Logged metrics (through ``LightningModule.log``, at every validation of ``trainer.fit`` after
+    the sanity check):
+
+    * ``elasticity/intra``: mean symmetrized similarity over pairs of the same class.
+    * ``elasticity/inter``: the same over pairs of different classes.
+    * ``elasticity/ratio``: ``intra / inter`` (above 1: locally elastic).
+    * ``elasticity/cluster_ari``: adjusted Rand index of spectral clustering of the similarity
+      against the labels (1: the classes are recovered, 0: chance).
+    * ``elasticity/linearity_error``: relative change of the kernelized similarity when the step is
+      halved (with ``check_linearity``).
+    * ``elasticity/seconds``, ``elasticity/cost_frac``, ``elasticity/measured``: cost, as for ``cm/``.
+
+    With a :class:`~lightning.pytorch.loggers.TensorBoardLogger`, each measurement also adds the
+    image ``elasticity/similarity``: the similarity matrix with the inputs sorted by class.
+
+    Example::
+
+        >>> import lightning.pytorch as pl
+        >>> from cm_monitor import ElasticityMonitor
+        >>> monitor = ElasticityMonitor(every_n_epochs=2, num_anchors=6)
+        >>> trainer = pl.Trainer(max_epochs=10, callbacks=[monitor])
+        >>> # trainer.fit(model, train_loader, val_loader)   # model(x) returns logits [N, C]
+    """
+
+    prefix = "elasticity"
+    prog_bar_keys = ("ratio",)
+
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        num_anchors: int = 6,
+        *,
+        lr: float | None = None,
+        relative_step: float = 1e-3,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+        check_linearity: bool = True,
+        chunk_size: int = 64,
+        seed: int = 0,
+        batch_to_inputs: BatchReader | None = None,
+        input_key: str | None = None,
+        label_key: str | None = None,
+        dataloader_idx: int = 0,
+        max_scan_batches: int | None = None,
+        get_model: Callable[[pl.LightningModule], nn.Module] | None = None,
+        log_figures: bool = True,
+        prog_bar: bool = False,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(
+            every_n_epochs=every_n_epochs,
+            num_anchors=num_anchors,
+            seed=seed,
+            batch_to_inputs=batch_to_inputs,
+            input_key=input_key,
+            label_key=label_key,
+            dataloader_idx=dataloader_idx,
+            max_scan_batches=max_scan_batches,
+            get_model=get_model,
+            log_figures=log_figures,
+            prog_bar=prog_bar,
+            verbose=verbose,
+        )
+        if lr is not None and not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+            raise ValueError(f"`lr` must be a positive number or None, got {lr!r}.")
+        if not (isinstance(relative_step, int | float) and 0 < relative_step < 1):
+            raise ValueError(f"`relative_step` must be in (0, 1), got {relative_step!r}.")
+        if not callable(loss_fn):
+            raise TypeError(f"`loss_fn` must be callable (logits, labels) -> scalar, got {loss_fn!r}.")
+        if not isinstance(check_linearity, bool):
+            raise TypeError(f"`check_linearity` must be a bool, got {check_linearity!r}.")
+        self.lr, self.relative_step, self.loss_fn, self.check_linearity = lr, relative_step, loss_fn, check_linearity
+        self.chunk_size = check_int(chunk_size, "chunk_size")
+        self.last_estimate: ElasticityEstimate | None = None
+
+    def _config(self) -> dict[str, Any]:
+        return {"num_anchors": self.num_anchors, "lr": self.lr, "relative_step": self.relative_step, "seed": self.seed}
+
+    def _summary(self, values: Mapping[str, float]) -> str:
+        if "elasticity/ratio" not in values:
+            return "no value"
+        return (
+            f"elasticity/ratio = {values['elasticity/ratio']:.3g} (intra {values.get('elasticity/intra', math.nan):.3g}, "
+            f"inter {values.get('elasticity/inter', math.nan):.3g}), cluster ARI = {values.get('elasticity/cluster_ari', math.nan):.2f}"
+        )
+
+    def _measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module | list[nn.Module]
+    ) -> Measurement:
+        assert self.anchors is not None and self.anchor_labels is not None
+        if isinstance(model, list):
+            raise TypeError(f"{type(self).__name__} measures one model; `get_model` returned a list of {len(model)}.")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            est = local_elasticity(
+                model,
+                self.anchors,
+                self.anchor_labels,
+                lr=self.lr,
+                relative_step=self.relative_step,
+                loss_fn=self.loss_fn,
+                check_linearity=self.check_linearity,
+                generator=self.seed,
+                chunk_size=self.chunk_size,
+            )
+        self.last_estimate = est
+        values = {
+            "elasticity/intra": est.intra,
+            "elasticity/inter": est.inter,
+            "elasticity/ratio": est.ratio,
+            "elasticity/cluster_ari": est.cluster_ari,
+        }
+        if self.check_linearity:
+            values["elasticity/linearity_error"] = est.linearity_error
+        epoch = trainer.current_epoch
+
+        def figure() -> Any:
+            from cm_monitor.plotting import similarity_figure
+
+            return similarity_figure(est.symmetric_similarity, est.labels, title=f"local elasticity, epoch {epoch}")
+
+        return Measurement(
+            values=values, figures={"elasticity/similarity": figure}, notes=sorted({str(w.message) for w in caught})
+        )

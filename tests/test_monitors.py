@@ -1,0 +1,159 @@
+"""DiffeoStabilityMonitor and ElasticityMonitor in real (small) Lightning fits on the digits data.
+
+The shared machinery (anchors, schedule, state, errors) is tested with CMDimensionMonitor in
+test_callback.py; here: what these two log, that they are invisible to training together with
+CMDimensionMonitor, that their probes stay fixed for the run, and their own errors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.loggers import TensorBoardLogger
+from test_callback import FAST, DigitsCNN, loaders, scalars, trainer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from cm_monitor import CMDimensionMonitor, DiffeoStabilityMonitor, ElasticityMonitor
+
+tbparse = pytest.importorskip("tbparse")
+
+DIFFEO_FAST = {"num_anchors": 3, "delta": 0.6, "num_bootstrap": 20}
+ELASTIC_FAST = {"num_anchors": 3}
+
+
+def fit(tmp_path, callbacks, seed=0, logger=None, **kwargs):
+    import lightning
+
+    lightning.seed_everything(seed, verbose=False)
+    model = DigitsCNN()
+    train, val = loaders()
+    t = trainer(tmp_path, callbacks, logger=logger, **kwargs)
+    t.fit(model, train, val)
+    return model, t
+
+
+def test_all_monitors_together_leave_training_bit_identical(tmp_path):
+    plain, t0 = fit(tmp_path / "plain", [])
+    monitors = [CMDimensionMonitor(**FAST), DiffeoStabilityMonitor(**DIFFEO_FAST), ElasticityMonitor(**ELASTIC_FAST)]
+    watched, t1 = fit(tmp_path / "watched", monitors)
+    for (k, a), (_, b) in zip(plain.state_dict().items(), watched.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k  # BatchNorm running statistics included
+    assert torch.equal(t0.callback_metrics["val_loss"], t1.callback_metrics["val_loss"])
+    for key in ("cm/dim", "diffeo/rf", "elasticity/ratio"):
+        assert key in t1.callback_metrics
+
+
+def test_logged_values_in_tensorboard(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    fit(tmp_path, [DiffeoStabilityMonitor(**DIFFEO_FAST), ElasticityMonitor(**ELASTIC_FAST)], logger=logger)
+    s = scalars(logger.log_dir)
+    for key in ("diffeo/rf", "diffeo/df", "diffeo/gf", "diffeo/log10_rf", "diffeo/rf_std", "diffeo/seconds"):
+        assert len(s[key]) == 2, key  # two epochs, one value each
+    for _, rf in s["diffeo/rf"]:
+        assert 0 < rf < 100
+    for (_, rf), (_, log_rf) in zip(s["diffeo/rf"], s["diffeo/log10_rf"], strict=True):
+        assert log_rf == pytest.approx(math.log10(rf), rel=1e-5, abs=1e-6)
+    for (_, rf), (_, df), (_, gf) in zip(s["diffeo/rf"], s["diffeo/df"], s["diffeo/gf"], strict=True):
+        assert rf == pytest.approx(df / gf, rel=1e-5)
+    for key in ("elasticity/intra", "elasticity/inter", "elasticity/ratio", "elasticity/cluster_ari"):
+        assert len(s[key]) == 2, key
+    for (_, ratio), (_, intra), (_, inter) in zip(
+        s["elasticity/ratio"], s["elasticity/intra"], s["elasticity/inter"], strict=True
+    ):
+        assert ratio == pytest.approx(intra / inter, rel=1e-5) and intra > 0 and inter > 0
+    assert all(-1 <= v <= 1 for _, v in s["elasticity/cluster_ari"])
+    assert all(0 <= v < 0.05 for _, v in s["elasticity/linearity_error"])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logger.log_dir), size_guidance={"images": 0})
+    acc.Reload()
+    assert acc.Tags()["images"] == ["elasticity/similarity"]
+    assert len(acc.Images("elasticity/similarity")) == 2  # one per measurement
+
+
+class Frozen(DigitsCNN):
+    """Trains with a zero learning rate and no BatchNorm: the model never changes."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_probes_deformations_and_noise_stay_fixed_for_the_run(tmp_path):
+    """Common random numbers: an unchanged model gives exactly the same values at every epoch."""
+    diffeo, elastic = DiffeoStabilityMonitor(**DIFFEO_FAST), ElasticityMonitor(**ELASTIC_FAST)
+    train, val = loaders()
+    t = trainer(tmp_path, [diffeo, elastic], max_epochs=3)
+    seen = []
+
+    class Record(EarlyStopping):  # a callback after the monitors that reads what they logged
+        def on_validation_end(self, trainer, pl_module):
+            if trainer.sanity_checking:
+                return
+            seen.append(
+                {
+                    k: float(v)
+                    for k, v in trainer.callback_metrics.items()
+                    if "/" in k and "seconds" not in k and "cost" not in k and "measured" not in k
+                }
+            )
+
+    t.callbacks.append(Record(monitor="diffeo/rf"))
+    t.fit(Frozen(), train, val)
+    assert len(seen) == 3 and seen[0] == seen[1] == seen[2]
+    assert diffeo.num_measurements == elastic.num_measurements == 3
+
+
+def test_early_stopping_on_log10_rf_with_every_n_epochs(tmp_path):
+    stopper = EarlyStopping(monitor="diffeo/log10_rf", mode="min", patience=100, strict=True)
+    _, t = fit(tmp_path, [DiffeoStabilityMonitor(every_n_epochs=2, **DIFFEO_FAST), stopper], max_epochs=3)
+    assert t.current_epoch == 3 and "diffeo/log10_rf" in t.callback_metrics
+
+
+def test_diffeo_monitor_needs_images(tmp_path):
+    class Flat(DigitsCNN):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(64, 10))
+
+    train, val = loaders()
+    flat = [
+        DataLoader(TensorDataset(x.flatten(1), y), batch_size=100)
+        for x, y in (train.dataset.tensors, val.dataset.tensors)
+    ]
+    t = trainer(tmp_path, [DiffeoStabilityMonitor(**DIFFEO_FAST)])
+    with pytest.raises(ValueError, match=r"needs validation inputs of shape \[N, C, H, W\].*\[N, 64\]"):
+        t.fit(Flat(), *flat)
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, match",
+    [
+        (DiffeoStabilityMonitor, {"delta": None}, r"exactly one of `delta`"),
+        (DiffeoStabilityMonitor, {"delta": -1.0}, r"`delta` must be a finite number >= 0"),
+        (DiffeoStabilityMonitor, {"reduction": "max"}, r"`reduction` must be 'mean' or 'median'"),
+        (DiffeoStabilityMonitor, {"cutoff": 0}, r"`cutoff` must be a number >= 1"),
+        (DiffeoStabilityMonitor, {"num_deformations": 0}, r"`num_deformations` must be an integer >= 1"),
+        (DiffeoStabilityMonitor, {"output": "softmax!"}, r"`output` must be"),
+        (ElasticityMonitor, {"lr": 0.0}, r"`lr` must be a positive number"),
+        (ElasticityMonitor, {"relative_step": 2.0}, r"`relative_step` must be in \(0, 1\)"),
+        (ElasticityMonitor, {"loss_fn": "ce"}, r"`loss_fn` must be callable"),
+        (ElasticityMonitor, {"every_n_epochs": 0}, r"`every_n_epochs` must be an integer >= 1"),
+    ],
+)
+def test_invalid_arguments(cls, kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        cls(**kwargs)
+
+
+def test_state_keys_differ_by_configuration():
+    a, b = DiffeoStabilityMonitor(delta=0.6), DiffeoStabilityMonitor(delta=1.0)
+    assert a.state_key != b.state_key
+    assert ElasticityMonitor(seed=1).state_key != ElasticityMonitor(seed=2).state_key
