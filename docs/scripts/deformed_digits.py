@@ -27,7 +27,9 @@ def main() -> None:
     deltas_big = [0.5, 1.0, 2.0, 3.0]
     t_min, t_max = temperature_range(8)
     deltas_small = [0.6, 1.0]
-    fig, axes = plt.subplots(len(digits) * 2, 1 + len(deltas_big), figsize=(2 * (1 + len(deltas_big)), 2 * 2 * len(digits)))
+    fig, axes = plt.subplots(
+        len(digits) * 2, 1 + len(deltas_big), figsize=(2 * (1 + len(deltas_big)), 2 * 2 * len(digits))
+    )
     for row, (images, deltas, size) in enumerate([(big, deltas_big, 32), (digits, deltas_small, 8)]):
         for col in range(1 + len(deltas_big)):
             for k in range(len(digits)):
