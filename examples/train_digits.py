@@ -8,6 +8,11 @@ The run logs ``val_loss`` and ``val_acc`` and, through :class:`cm_monitor.CMDime
 ``cm/dim`` (the mean class-manifold dimension ``D - d*``), its uncertainty ``cm/dim_std``,
 ``cm/dim_frac``, ``cm/dim_class_{c}``, ``cm/boundary_dim``, the cost ``cm/seconds`` and a
 figure ``cm/curves`` per measurement. ``EarlyStopping`` watches ``cm/dim``.
+
+``--monitors cm,diffeo,elasticity`` also attaches :class:`cm_monitor.DiffeoStabilityMonitor`
+(``diffeo/rf``, ``diffeo/log10_rf``, ``diffeo/df``, ``diffeo/gf``) and
+:class:`cm_monitor.ElasticityMonitor` (``elasticity/intra``, ``/inter``, ``/ratio``,
+``/cluster_ari`` and the figure ``elasticity/similarity``).
 """
 
 from __future__ import annotations
@@ -25,10 +30,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
-from cm_monitor import CMDimensionMonitor
+from cm_monitor import CMDimensionMonitor, DiffeoStabilityMonitor, ElasticityMonitor
 
-#: Monitors the example can attach (``--monitors``); more are added as the package grows.
-MONITORS = ("cm",)
+#: Monitors the example can attach (``--monitors``).
+MONITORS = ("cm", "diffeo", "elasticity")
 
 
 class Classifier(pl.LightningModule):
@@ -165,6 +170,12 @@ def make_monitors(names: list[str], dataset: str, every_n_epochs: int) -> list[C
                         every_n_epochs=every_n_epochs, num_anchors=8, anchors_per_target=16, dims=12, num_pairs=10
                     )
                 )
+        elif name == "diffeo":
+            # 8 x 8 digits fold at 1 pixel (docs/diffeo.md): 0.6 pixel, about the smallest natural size
+            delta = 0.6 if dataset == "digits" else 1.0
+            monitors.append(DiffeoStabilityMonitor(every_n_epochs=every_n_epochs, num_anchors=20, delta=delta))
+        elif name == "elasticity":
+            monitors.append(ElasticityMonitor(every_n_epochs=every_n_epochs, num_anchors=6))
     return monitors
 
 
@@ -247,6 +258,8 @@ def main(argv: list[str] | None = None) -> None:
     seconds = [m.total_seconds for m in trainer.callbacks if hasattr(m, "total_seconds")]
     print(f"\nFinished after {trainer.current_epoch} epochs in {wall:.0f} s.")
     keys = ["val_loss", "val_acc", "cm/dim", "cm/dim_std", "cm/dim_frac", "cm/boundary_dim", "cm/boundary_dim_frac"]
+    keys += ["diffeo/rf", "diffeo/log10_rf", "diffeo/df", "diffeo/gf"]
+    keys += ["elasticity/intra", "elasticity/inter", "elasticity/ratio", "elasticity/cluster_ari"]
     for key in keys:
         if key in metrics:
             print(f"  {key:22s} {metrics[key]:.4f}")

@@ -387,18 +387,27 @@ def relative_stability(
     g_sq = (feta - fxr).pow(2)
     pair = torch.cdist(fx, fx).pow(2)  # [N, N]
 
+    pair.fill_diagonal_(0)  # x = z contributes nothing; the counts below exclude those pairs
+    d_img = d_sq.sum(-1).view(n, reps).mean(-1)  # [N] mean over deformations of ‖f(τx) − f(x)‖²
+    g_img = g_sq.sum(-1).view(n, reps).mean(-1)
+
     def ratios(img: Tensor) -> tuple[Tensor, Tensor]:
         """D_f and G_f for a (resampled) list of image indices ``[..., M]``."""
+        if reduction == "mean":
+            # with multiplicities c of the images in the list: means over rows and over pairs x != z
+            c = torch.zeros(*img.shape[:-1], n, dtype=pair.dtype, device=img.device)
+            c.scatter_add_(-1, img, torch.ones_like(img, dtype=pair.dtype))
+            m = img.shape[-1]
+            num_d, num_g = (c * d_img).sum(-1) / m, (c * g_img).sum(-1) / m
+            pairs_sum = ((c @ pair) * c).sum(-1)
+            den = pairs_sum / (m * m - c.pow(2).sum(-1)).clamp_min(1)
+            return num_d / den, num_g / den
         rows = (img[..., :, None] * reps + torch.arange(reps, device=img.device)).flatten(-2)
         dn, gn = d_sq[rows], g_sq[rows]
         pairs = pair[img[..., :, None], img[..., None, :]]
         mask = img[..., :, None] != img[..., None, :]  # pairs x != z (a resample may repeat an image)
-        if reduction == "mean":
-            num_d, num_g = dn.sum(-1).mean(-1), gn.sum(-1).mean(-1)
-            den = (pairs * mask).sum((-1, -2)) / mask.sum((-1, -2)).clamp_min(1)
-        else:
-            num_d, num_g = dn.median(-2).values.sum(-1), gn.median(-2).values.sum(-1)
-            den = torch.where(mask, pairs, math.nan).flatten(-2).nanmedian(-1).values
+        num_d, num_g = dn.median(-2).values.sum(-1), gn.median(-2).values.sum(-1)
+        den = torch.where(mask, pairs, math.nan).flatten(-2).nanmedian(-1).values
         return num_d / den, num_g / den
 
     idx = torch.arange(n, device=pair.device)
