@@ -173,3 +173,14 @@ def test_trained_mlp_on_digits_has_higher_cm_dimension_than_at_init():
     after = cm_dimension(model, anchors, labels, **kw)
     assert after.mean_dimension > before.mean_dimension + 3 * max(after.mean_dimension_std, before.mean_dimension_std)
     assert 0 < after.mean_dimension <= 64
+
+
+def test_plane_seeds_are_fixed_numbers():
+    """Saved seeds must give the same planes on every Python version: the hash is our own."""
+    from cm_monitor.planes import nested_bases, plane_seed
+
+    assert plane_seed(1, (2,), 3) == plane_seed(1, (2,), 3)
+    assert len({plane_seed(1, (2,), 3), plane_seed(1, (3,), 2), plane_seed(1, (2, 3), 0), plane_seed(2, (2,), 3)}) == 4
+    assert plane_seed(0, (1,), 0) == 8837795482129047433
+    q = nested_bases([plane_seed(0, (1,), 0)], 16, 4)
+    torch.testing.assert_close(q[0].T @ q[0], torch.eye(4), atol=1e-5, rtol=0)

@@ -2,7 +2,7 @@
 
 One *problem* is an anchor ``x0``, a plane dimension ``d`` and a target set ``Y`` of classes
 (one class for a class manifold, ``k`` classes for a boundary). Inside the plane
-``x(θ) = x0 + s · Q[:, :d] θ`` (``Q`` orthonormal, ``s`` the data scale) Adam minimizes the
+``x(θ) = x0 + s · sqrt(D / d) · Q[:, :d] θ`` (``Q`` orthonormal, ``s`` the data scale) Adam minimizes the
 cross-entropy to the uniform distribution on ``Y``, starting from ``θ = 0``. Every problem of a
 chunk runs in the same forward/backward pass; problems that converged are masked out of later
 passes. Each problem records the best *score* along its trajectory:
@@ -42,6 +42,10 @@ class OptimizerSettings:
         plateau_tol: ... or when the standard deviation of its last ``plateau_window`` losses is at
             most ``plateau_tol`` (checked after ``plateau_window + 1`` steps).
         plateau_window: number of recent losses for the plateau test.
+        dimension_scaled: scale the coordinates of a ``d``-plane by ``sqrt(D / d)``, so that one
+            step moves the input by about ``lr · s · sqrt(D)`` (the typical distance between inputs)
+            whatever ``d`` is (ours). Without it a step moves by ``lr · s · sqrt(d)``, and a line
+            (``d = 1``) crawls: its answer depends on the step budget. The reference has ``False``.
     """
 
     lr: float = 0.1
@@ -50,6 +54,7 @@ class OptimizerSettings:
     tol: float = 0.01
     plateau_tol: float = 1e-3
     plateau_window: int = 5
+    dimension_scaled: bool = True
 
     def __post_init__(self) -> None:
         if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
@@ -65,12 +70,14 @@ class OptimizerSettings:
             raise ValueError(f"`tol` must be a non-negative number, got {self.tol!r}.")
         if not (isinstance(self.plateau_tol, int | float) and self.plateau_tol >= 0):
             raise ValueError(f"`plateau_tol` must be a non-negative number, got {self.plateau_tol!r}.")
+        if not isinstance(self.dimension_scaled, bool):
+            raise TypeError(f"`dimension_scaled` must be a bool, got {self.dimension_scaled!r}.")
         if isinstance(self.plateau_window, bool) or not isinstance(self.plateau_window, int) or self.plateau_window < 2:
             raise ValueError(f"`plateau_window` must be an integer >= 2, got {self.plateau_window!r}.")
 
 
 #: The reference notebook's optimizer: raw learning rate 0.05, 300 steps, no rescaling.
-REFERENCE_SETTINGS = OptimizerSettings(lr=0.05, max_steps=300, scale=1.0)
+REFERENCE_SETTINGS = OptimizerSettings(lr=0.05, max_steps=300, scale=1.0, dimension_scaled=False)
 
 
 @dataclass
@@ -178,7 +185,12 @@ def _optimize_chunk(
     basis = nested_bases(seeds, D, max_dim, device=device, dtype=x0.dtype)  # [Gc, D, max_dim]
     basis_t = basis.transpose(1, 2).contiguous()  # [Gc, max_dim, D]
     # the d-plane uses the first d basis columns only: coordinates beyond d are masked to zero
-    mask = (torch.arange(max_dim, device=device)[None, :] < torch.tensor(dims, device=device)[:, None]).to(x0.dtype)
+    dim_t = torch.tensor(dims, device=device)
+    mask = (torch.arange(max_dim, device=device)[None, :] < dim_t[:, None]).to(x0.dtype)
+    # each coordinate is scaled by sqrt(D / d): one Adam step moves the input by about lr · s · sqrt(D)
+    # whatever d is, so a line (d = 1) can travel as far as the full space (ours)
+    if settings.dimension_scaled:
+        mask = mask * (D / dim_t.to(x0.dtype)).sqrt()[:, None]
     theta = torch.zeros(Gc, K, max_dim, device=device, dtype=x0.dtype, requires_grad=True)
     optimizer = torch.optim.Adam([theta], lr=settings.lr)
 

@@ -63,9 +63,24 @@ def check_dims(dims: Sequence[int] | Tensor | None, input_dim: int) -> list[int]
     return sorted(set(out))
 
 
+def _mix(x: int) -> int:
+    """SplitMix64 finalizer: a fixed, well-spread 64-bit integer hash."""
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
 def plane_seed(base_seed: int, key: Sequence[int], anchor: int) -> int:
-    """The seed of the basis for one (target ``key``, ``anchor``) pair; deterministic."""
-    return hash((int(base_seed), tuple(int(k) for k in key), int(anchor))) & _SEED_MASK
+    """The seed of the basis for one (target ``key``, ``anchor``) pair.
+
+    An explicit integer hash (not Python's ``hash``), so a seed saved in a checkpoint gives the same
+    planes on every Python version.
+    """
+    h = _mix(int(base_seed))
+    for v in (len(key), *key, anchor):
+        h = _mix(h ^ (int(v) & 0xFFFFFFFFFFFFFFFF))
+    return h & _SEED_MASK
 
 
 def nested_bases(
