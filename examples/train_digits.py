@@ -223,7 +223,7 @@ def build(args: argparse.Namespace) -> tuple[pl.Trainer, Classifier, DataLoader,
     pl.seed_everything(args.seed, workers=True)
     if args.dataset == "digits":
         train, val = digits_data(args.batch_size, args.seed)
-        # a small learning rate: the rise of cm/dim over the first ~10 epochs is visible
+        # a small learning rate, so that the first epochs of the curves are visible
         model = Classifier(digits_cnn(), num_classes=10, lr=3e-4)
     else:
         train, val = cifar10_data(args.batch_size, args.data_dir, args.num_workers)
