@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from cm_monitor import boundary_dimension, cm_dimension
+from cm_monitor import OptimizerSettings, boundary_dimension, cm_dimension
 from cm_monitor.synthetic import HalfSpace
 
 D = 16
@@ -148,3 +148,28 @@ def test_nan_during_optimization_is_reported_not_turned_into_a_number():
     assert bool(est.failed.any())
     assert all(math.isnan(d) for d, f in zip(est.dimension.tolist(), est.failed.tolist(), strict=True) if f)
     assert bool(est.nonfinite.any())
+
+
+def test_thresholds_above_what_the_early_stop_reaches_are_refused():
+    """Problems stop at loss <= tol, i.e. p ~ exp(-tol): higher levels would be silently wrong."""
+    model = HalfSpace(D)
+    anchors = torch.randn(6, D, generator=torch.Generator().manual_seed(0))
+    labels = model(anchors).argmax(1)
+    with pytest.raises(ValueError, match=r"`threshold` = 0.999 is above 0.99"):
+        cm_dimension(model, anchors, labels, threshold=0.999, **KW)
+    est = cm_dimension(model, anchors, labels, **KW)
+    assert est.max_threshold == pytest.approx(math.exp(-0.01))
+    with pytest.raises(ValueError, match=r"is above"):
+        est.at(0.995)
+    with pytest.raises(ValueError, match=r"is above"):
+        est.success_rate(0.995)
+    # a smaller tol measures higher levels: the half-space is still D - 1 at 0.999
+    fine = cm_dimension(
+        model,
+        anchors,
+        labels,
+        threshold=0.999,
+        dims=[1, 4, 16],
+        settings=OptimizerSettings(tol=1e-4, plateau_tol=1e-6, max_steps=2000),
+    )
+    assert fine.dimension.tolist() == pytest.approx([D - 1, D - 1], abs=0.1)

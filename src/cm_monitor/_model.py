@@ -123,7 +123,7 @@ def ensemble_log_probs(members: list[nn.Module], x: Tensor, num_classes: int | N
     for i, m in enumerate(members):
         out = m(x)
         check_logits(out, x.shape[0], num_classes, f"model[{i}]" if len(members) > 1 else "model")
-        logp = torch.log_softmax(out.float(), dim=1)
+        logp = torch.log_softmax(out if out.dtype == torch.float64 else out.float(), dim=1)
         logp_sum = logp if logp_sum is None else logp_sum + logp
         p_sum = logp.exp() if p_sum is None else p_sum + logp.exp()
         num_classes = out.shape[1]

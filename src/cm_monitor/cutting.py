@@ -222,7 +222,7 @@ def _optimize_chunk(
         ok = torch.isfinite(loss) & torch.isfinite(sc)
         nonfinite[idx[~ok]] = True
         active[idx[~ok]] = False
-        lv, sv = loss.detach(), sc.detach()
+        lv, sv = loss.detach().to(best_loss.dtype), sc.detach().to(best_score.dtype)
         best_score[idx] = torch.where(ok, torch.maximum(best_score[idx], sv), best_score[idx])
         best_loss[idx] = torch.where(ok, torch.minimum(best_loss[idx], lv), best_loss[idx])
         steps[idx] = step

@@ -62,6 +62,9 @@ class DimensionEstimate:
         dimension: ``[T]`` effective dimension ``D - d*``.
         dimension_frac: ``[T]`` ``(D - d*) / D``.
         num_bootstrap: number of bootstrap resamples; ``bootstrap_seed`` makes them reproducible.
+        max_threshold: the highest threshold this run measures: problems stop once their loss is
+            within ``tol`` of its minimum, i.e. at a score of about ``exp(-k · tol)``, so higher levels
+            are not reached by construction (0.990 with the default ``tol = 0.01`` for classes).
     """
 
     kind: str
@@ -81,6 +84,7 @@ class DimensionEstimate:
     dimension_frac: Tensor
     num_bootstrap: int
     bootstrap_seed: int
+    max_threshold: float = 1.0
 
     @property
     def dimension_std(self) -> Tensor:
@@ -109,7 +113,7 @@ class DimensionEstimate:
 
     def success_rate(self, threshold: float | None = None) -> Tensor:
         """``[T, K]`` fraction of anchors whose (monotone) best score reaches ``threshold``."""
-        thr = self.threshold if threshold is None else _check_threshold(threshold, "threshold")
+        thr = self.threshold if threshold is None else _check_threshold(threshold, "threshold", self.max_threshold)
         mono = _monotone(self.scores)
         valid = self.anchor_index >= 0
         hit = (mono >= thr) & valid[..., None]
@@ -117,7 +121,7 @@ class DimensionEstimate:
 
     def at(self, threshold: float) -> DimensionEstimate:
         """The same measurement read at another ``threshold`` (no optimization is re-run)."""
-        thr = _check_threshold(threshold, "threshold")
+        thr = _check_threshold(threshold, "threshold", self.max_threshold)
         return _read_off(replace(self, threshold=thr))
 
     def as_dict(self) -> dict[str, float]:
@@ -285,9 +289,15 @@ def _as_class_tuple(c: object, name: str) -> tuple[int, ...]:
     raise TypeError(f"`{name}` holds {c!r}; expected integer class ids.")
 
 
-def _check_threshold(threshold: float, name: str) -> float:
+def _check_threshold(threshold: float, name: str, maximum: float = 1.0) -> float:
     if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 < threshold <= 1:
         raise ValueError(f"`{name}` must be a number in (0, 1], got {threshold!r}.")
+    if threshold > maximum + 1e-12:
+        raise ValueError(
+            f"`{name}` = {threshold:g} is above {maximum:.4g}, the highest level this measurement reaches: "
+            "each problem stops once its loss is within `tol` of the minimum (score about exp(-k · tol)). "
+            "To measure higher levels pass smaller `tol` and `plateau_tol` in `settings` (and a larger `max_steps`)."
+        )
     return float(threshold)
 
 
@@ -329,7 +339,8 @@ def _estimate(
     members = as_members(model)
     check_float_inputs(anchors, "anchors")
     labels = _check_labels(labels, anchors.shape[0])
-    threshold = _check_threshold(threshold, "threshold")
+    max_threshold = math.exp(-k * settings.tol)
+    threshold = _check_threshold(threshold, "threshold", max_threshold)
     chunk_size = _check_positive_int(chunk_size, "chunk_size")
     num_bootstrap = _check_positive_int(num_bootstrap, "num_bootstrap", minimum=0)
     if anchors_per_target is not None:
@@ -424,6 +435,7 @@ def _estimate(
         dimension_frac=nan,
         num_bootstrap=num_bootstrap,
         bootstrap_seed=bootstrap_seed,
+        max_threshold=max_threshold,
     )
     est = _read_off(est)
     if bool(est.failed.any()):

@@ -290,7 +290,8 @@ class GeometryMonitor(Callback):
         device = pl_module.device
         _synchronize(device)
         start = time.perf_counter()
-        result = self._measure(trainer, pl_module, self._model(pl_module))
+        with isolate_rng():  # a model that draws random numbers in eval mode must not shift training's
+            result = self._measure(trainer, pl_module, self._model(pl_module))
         _synchronize(device)
         end = time.perf_counter()
         seconds = end - start

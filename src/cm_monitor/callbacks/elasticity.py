@@ -138,17 +138,20 @@ class ElasticityMonitor(GeometryMonitor):
             raise TypeError(f"{type(self).__name__} measures one model; `get_model` returned a list of {len(model)}.")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            est = local_elasticity(
-                model,
-                self.anchors,
-                self.anchor_labels,
-                lr=self.lr,
-                relative_step=self.relative_step,
-                loss_fn=self.loss_fn,
-                check_linearity=self.check_linearity,
-                generator=self.seed,
-                chunk_size=self.chunk_size,
-            )
+            try:
+                est = local_elasticity(
+                    model,
+                    self.anchors,
+                    self.anchor_labels,
+                    lr=self.lr,
+                    relative_step=self.relative_step,
+                    loss_fn=self.loss_fn,
+                    check_linearity=self.check_linearity,
+                    generator=self.seed,
+                    chunk_size=self.chunk_size,
+                )
+            except ValueError as err:  # e.g. a probe the model fits exactly: no SGD step to take
+                return Measurement(values={}, notes=[f"not measured: {err}"])
         self.last_estimate = est
         values = {
             "elasticity/intra": est.intra,
