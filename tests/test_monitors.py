@@ -157,3 +157,10 @@ def test_state_keys_differ_by_configuration():
     a, b = DiffeoStabilityMonitor(delta=0.6), DiffeoStabilityMonitor(delta=1.0)
     assert a.state_key != b.state_key
     assert ElasticityMonitor(seed=1).state_key != ElasticityMonitor(seed=2).state_key
+
+
+def test_cm_thresholds_above_the_early_stop_level_fail_at_construction():
+    with pytest.raises(ValueError, match=r"`extra_thresholds` holds 0.999, above 0.99"):
+        CMDimensionMonitor(extra_thresholds=(0.8, 0.999))
+    with pytest.raises(ValueError, match=r"`threshold` holds 0.995"):
+        CMDimensionMonitor(threshold=0.995)

@@ -176,6 +176,18 @@ class CMDimensionMonitor(GeometryMonitor):
             check_int(max_steps, "max_steps")
             settings = replace(settings, max_steps=max_steps)
         self.settings = settings
+        top, top_boundary = math.exp(-settings.tol), math.exp(-2 * settings.tol)
+        for name, t, limit in (
+            ("threshold", self.threshold, top),
+            *(("extra_thresholds", t, top) for t in self.extra_thresholds),
+            ("boundary_threshold", self.boundary_threshold, top_boundary),
+        ):
+            if t > limit:
+                raise ValueError(
+                    f"`{name}` holds {t:g}, above {limit:.4g}: problems stop once their loss is within "
+                    f"`tol` = {settings.tol:g} of the minimum, so higher levels are not measured. Pass "
+                    "`settings` with smaller `tol` and `plateau_tol`."
+                )
         self.chunk_size = check_int(chunk_size, "chunk_size")
         self.num_bootstrap = check_int(num_bootstrap, "num_bootstrap", minimum=0)
         # chosen at the start of fit (saved in the state)
