@@ -43,7 +43,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
 
-from cm_monitor._model import as_members, check_logits
+from cm_monitor._model import as_members, check_logits, measuring, model_device, model_float_dtype
 from cm_monitor.anchors import AnchorSample, BatchReader, make_batch_reader, sample_anchors
 
 _STATE_VERSION = 1
@@ -478,19 +478,10 @@ class GeometryMonitor(Callback):
     def _num_classes(self, model: nn.Module | list[nn.Module], anchors: Tensor) -> int:
         """Number of classes: one forward pass on two anchors, in eval mode, modes restored."""
         members = model if isinstance(model, list) else [model]
-        modes = [(sub, sub.training) for m in members for sub in m.modules()]
-        first = next((p for m in members for p in m.parameters()), None)
-        device = first.device if first is not None else anchors.device
-        dtype = first.dtype if first is not None and first.is_floating_point() else anchors.dtype
-        x = anchors[:2].to(device, dtype)
-        try:
-            for m in members:
-                m.eval()
-            with torch.no_grad():
-                out = members[0](x)
-        finally:
-            for sub, training in modes:
-                sub.training = training
+        device = model_device(members, anchors.device)
+        x = anchors[:2].to(device, model_float_dtype(members, anchors.dtype))
+        with measuring(members, grad=False):  # eval mode, every submodule's mode restored after
+            out = members[0](x)
         try:
             check_logits(out, x.shape[0], None, "the model")
         except (TypeError, ValueError) as err:
