@@ -37,6 +37,14 @@ FAST = {
 }
 
 
+def assert_reached(values: dict[str, float], boundaries: bool = True) -> None:
+    """Every class (and the boundaries) reached its threshold: no dimension is the floor value 0."""
+    dims = [values[f"cm/dim_class_{c}"] for c in range(10)]
+    assert all(0 < d <= D for d in dims), dims
+    if boundaries:
+        assert 0 < values["cm/boundary_dim"] <= D
+
+
 def digits(num_val: int = 300):
     x, y = sklearn_datasets.load_digits(return_X_y=True)
     x = (torch.tensor(x, dtype=torch.float32).view(-1, 1, 8, 8) / 16 - 0.3) / 0.4
@@ -184,6 +192,8 @@ def test_training_is_bit_identical_with_and_without_monitor(runs):
 
 def test_tensorboard_scalars(runs):
     s = scalars(runs["monitored"]["log_dir"])
+    for i in range(2):  # the values below are measured values, not the floor of unreached classes
+        assert_reached({key: series[i][1] for key, series in s.items()})
     expected = {
         "cm/dim",
         "cm/dim_std",
@@ -269,16 +279,110 @@ def test_every_n_epochs_relogs_and_strict_early_stopping_works(tmp_path):
     stopper = EarlyStopping(monitor="cm/dim", mode="max", patience=10)  # strict=True by default
     logger = TensorBoardLogger(tmp_path, name="tb", version=0)
     train, val = loaders()
-    trainer(tmp_path, [monitor, stopper], logger=logger, max_epochs=3, limit_train_batches=3).fit(
-        DigitsCNN(), train, val
-    )
+    trainer(tmp_path, [monitor, stopper], logger=logger, max_epochs=3).fit(DigitsCNN(), train, val)
     s = scalars(logger.log_dir)
     assert [v for _, v in s["cm/measured"]] == [1.0, 0.0, 1.0]
+    assert_reached({key: series[0][1] for key, series in s.items()})
     dims = [v for _, v in s["cm/dim"]]
-    assert dims[1] == dims[0]  # epoch 1 repeats epoch 0's value
+    assert dims[1] == dims[0] and dims[2] != dims[0]  # epoch 1 repeats epoch 0's value; epoch 2 is new
+    for c in range(10):
+        assert s[f"cm/dim_class_{c}"][1][1] == s[f"cm/dim_class_{c}"][0][1]
     assert s["cm/seconds"][1][1] == 0.0
     assert monitor.num_measurements == 2
     assert stopper.best_score.item() == max(dims)
+
+
+class NaNOutside(nn.Module):
+    """The model's logits, but NaN once ``broken`` is set (or for inputs far from the data):
+    how a measurement fails numerically while training goes on."""
+
+    def __init__(self, net, limit=math.inf):
+        super().__init__()
+        self.net, self.limit, self.broken = net, limit, False
+
+    def forward(self, x):
+        out = self.net(x)
+        far = x.flatten(1).abs().amax(1, keepdim=True) > self.limit
+        return torch.where(far | self.broken, math.nan, out)
+
+
+class BreakAt(Callback):
+    def __init__(self, wrapper, epoch):
+        self.wrapper, self.epoch = wrapper, epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.wrapper.broken = trainer.current_epoch >= self.epoch
+
+
+def test_numerical_failure_keeps_the_last_value(tmp_path):
+    model = DigitsCNN()
+    wrapper = NaNOutside(model.net)
+    monitor = CMDimensionMonitor(**FAST, get_model=lambda m: wrapper)
+    stopper = EarlyStopping(monitor="cm/dim", mode="max", patience=10)
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+    train, val = loaders()
+    with pytest.warns(RuntimeWarning, match=r"(?s)epoch 1.*NaN/inf during the optimization for class \[0, 1,"):
+        trainer(tmp_path, [monitor, stopper, BreakAt(wrapper, 1)], logger=logger).fit(model, train, val)
+    s = scalars(logger.log_dir)
+    assert [v for _, v in s["cm/measured"]] == [1.0, 1.0]
+    for key in ("cm/dim", "cm/dim_std", "cm/boundary_dim", "cm/dim_class_3"):
+        assert len(s[key]) == 2 and s[key][1][1] == s[key][0][1], key  # epoch 1 logs epoch 0's value
+        assert all(math.isfinite(v) for _, v in s[key])
+    assert s["cm/dim"][0][1] > 0
+
+
+def test_numerical_failure_at_the_first_measurement(tmp_path):
+    # nothing to log yet: the keys are missing (a warning says so) and training goes on ...
+    model = DigitsCNN()
+    monitor = CMDimensionMonitor(**FAST, get_model=lambda m: NaNOutside(m.net, limit=0.0))
+    t = trainer(tmp_path, [monitor], max_epochs=1)
+    with pytest.warns(RuntimeWarning, match=r"no earlier value to log instead: \['cm/boundary_dim'"):
+        t.fit(model, *loaders())
+    assert "cm/dim" not in t.callback_metrics and "cm/dim_class_0" not in t.callback_metrics
+    assert t.callback_metrics["cm/measured"] == 1.0 and t.callback_metrics["cm/seconds"] > 0
+    assert "val_loss" in t.callback_metrics and model.train_steps > 0
+
+    # ... unless a callback monitors one of them: then a clear error, not EarlyStopping's "not available"
+    for watcher in (
+        EarlyStopping(monitor="cm/dim", mode="max"),
+        ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="cm/boundary_dim", mode="max"),
+    ):
+        monitor = CMDimensionMonitor(**FAST, get_model=lambda m: NaNOutside(m.net, limit=0.0))
+        match = rf"epoch 0 gave NaN/inf for \['{watcher.monitor}'\].*no earlier measurement.*monitors it"
+        with pytest.raises(RuntimeError, match=match):
+            trainer(tmp_path, [monitor, watcher], max_epochs=1).fit(DigitsCNN(), *loaders())
+
+
+def test_a_second_fit_starts_a_new_series(tmp_path):
+    monitor = CMDimensionMonitor(every_n_epochs=2, **FAST)
+    train, val = loaders()
+    trainer(tmp_path, [monitor], max_epochs=1).fit(DigitsCNN(), train, val)
+    first_anchors, first_value = monitor.anchors, monitor.last_values["cm/dim"]
+    t = trainer(tmp_path, [monitor], max_epochs=1)
+    t.fit(DigitsCNN(), train, val)  # a new model: epoch 0 is measured again, not skipped
+    assert monitor.num_measurements == 1 and monitor.last_measured_epoch == 0
+    assert t.callback_metrics["cm/measured"] == 1.0
+    assert torch.equal(monitor.anchors, first_anchors)  # same seed, same data: the same anchors
+    assert t.callback_metrics["cm/dim"].item() != first_value
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"dims": [1, 8, 64]},
+        {"max_steps": 31},
+        {"anchors_per_target": 1},
+        {"extra_thresholds": [0.7]},
+        {"num_bootstrap": 10},
+        {"threshold": 0.6},
+        {"classes": [0, 1]},
+        {"num_pairs": 3},
+        {"seed": 1},
+    ],
+)
+def test_state_key_holds_what_changes_the_series(change):
+    assert CMDimensionMonitor(**{**FAST, **change}).state_key != CMDimensionMonitor(**FAST).state_key
+    assert CMDimensionMonitor(**{**FAST, "chunk_size": 7}).state_key == CMDimensionMonitor(**FAST).state_key
 
 
 def test_anchors_drawn_when_first_epoch_does_not_validate(tmp_path):
@@ -320,9 +424,10 @@ def test_resume_from_checkpoint_continues_the_series(tmp_path):
     first = CMDimensionMonitor(**FAST)
     logger = TensorBoardLogger(tmp_path, name="tb", version=0)
     train, val = loaders()
-    trainer(tmp_path, [first, ckpt], logger=logger, max_epochs=2, limit_train_batches=3).fit(DigitsCNN(), train, val)
+    trainer(tmp_path, [first, ckpt], logger=logger, max_epochs=2).fit(DigitsCNN(), train, val)
     last = tmp_path / "ckpt" / "last.ckpt"
     assert last.exists()
+    assert_reached(first.last_values)
 
     # the checkpoint alone reproduces the last value: same anchors, same planes, same settings
     second = CMDimensionMonitor(**FAST)
@@ -341,8 +446,7 @@ def test_resume_from_checkpoint_continues_the_series(tmp_path):
         settings=second.settings,
     )
     for c, d in zip(est.targets, est.dimension.tolist(), strict=True):
-        logged = first.last_values[f"cm/dim_class_{c}"]
-        assert (d if math.isfinite(d) else 0.0) == pytest.approx(logged, rel=1e-6, abs=1e-6)
+        assert d == pytest.approx(first.last_values[f"cm/dim_class_{c}"], rel=1e-6)
 
     # resuming with a fresh monitor (same configuration) keeps the anchors and continues
     resumed = CMDimensionMonitor(**FAST)
@@ -353,7 +457,6 @@ def test_resume_from_checkpoint_continues_the_series(tmp_path):
         [resumed, ModelCheckpoint(dirpath=tmp_path / "ckpt2")],
         logger=logger2,
         max_epochs=4,
-        limit_train_batches=3,
     ).fit(DigitsCNN(), train, val, ckpt_path=last)
     assert torch.equal(resumed.anchors, first.anchors)
     assert resumed.pairs == first.pairs
@@ -377,10 +480,11 @@ def test_resume_from_checkpoint_continues_the_series(tmp_path):
 def test_dict_batches(tmp_path, keys, kwargs):
     monitor = CMDimensionMonitor(**FAST, **kwargs)
     train, val = loaders(dict_keys=keys)
-    t = trainer(tmp_path, [monitor], max_epochs=1, limit_train_batches=2)
+    t = trainer(tmp_path, [monitor], max_epochs=1)
     t.fit(DigitsCNN(batch_keys=keys), train, val)
     assert monitor.anchors.shape == (20, 1, 8, 8)
-    assert 0 <= t.callback_metrics["cm/dim"].item() <= D  # barely trained: may be 0 (not reached)
+    assert sorted(monitor.anchor_labels.tolist()) == sorted(list(range(10)) * 2)
+    assert_reached({k: v.item() for k, v in t.callback_metrics.items()})
 
 
 def test_get_model_and_on_after_batch_transfer(tmp_path):
@@ -558,30 +662,39 @@ def test_error_dims_above_input_dimension(tmp_path):
 # ------------------------------------------------------------------ distributed (2 CPU processes)
 
 
-class RecordPerRank(Callback):
-    """Writes, per rank, the monitor's anchors at the start and the logged cm/* values per epoch."""
+class RecordingMonitor(CMDimensionMonitor):
+    """Writes, per rank, the anchors at the start, the values this rank measured itself (before
+    they are shared) and the values it logged, at every measured epoch."""
 
-    def __init__(self, out_dir):
+    def __init__(self, out_dir, **kwargs):
+        super().__init__(**kwargs)
         self.out_dir = str(out_dir)
 
     def on_train_start(self, trainer, pl_module):
-        monitor = next(c for c in trainer.callbacks if isinstance(c, CMDimensionMonitor))
+        super().on_train_start(trainer, pl_module)
         torch.save(
-            {"anchors": monitor.anchors, "labels": monitor.anchor_labels, "pairs": monitor.pairs},
+            {"anchors": self.anchors, "labels": self.anchor_labels, "pairs": self.pairs},
             f"{self.out_dir}/start_{trainer.global_rank}.pt",
         )
 
-    def on_validation_end(self, trainer, pl_module):
-        if trainer.sanity_checking:
-            return
-        values = {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("cm/dim")}
-        torch.save(values, f"{self.out_dir}/epoch{trainer.current_epoch}_{trainer.global_rank}.pt")
+    def _measure(self, trainer, pl_module, model):
+        result = super()._measure(trainer, pl_module, model)
+        self._local = dict(result.values)
+        return result
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        super().on_validation_epoch_end(trainer, pl_module)
+        if not trainer.sanity_checking:
+            torch.save(
+                {"local": self._local, "logged": dict(self.last_values)},
+                f"{self.out_dir}/epoch{trainer.current_epoch}_{trainer.global_rank}.pt",
+            )
 
 
 @pytest.mark.slow
 def test_ddp_ranks_agree_on_anchors_and_values(tmp_path):
     # each rank sees its own half of the validation data (DistributedSampler), yet all must
-    # measure the same anchors and log the same values
+    # measure the same anchors, compute the same values and log rank 0's values
     pl.seed_everything(0)
     train, val = loaders()
     t = pl.Trainer(
@@ -589,20 +702,24 @@ def test_ddp_ranks_agree_on_anchors_and_values(tmp_path):
         devices=2,
         strategy="ddp_spawn",
         max_epochs=2,
-        limit_train_batches=4,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[CMDimensionMonitor(**FAST), RecordPerRank(tmp_path), EarlyStopping("cm/dim", mode="max")],
+        callbacks=[RecordingMonitor(tmp_path, **FAST), EarlyStopping("cm/dim", mode="max")],
     )
     t.fit(DigitsCNN(), train, val)
     start = [torch.load(tmp_path / f"start_{r}.pt") for r in range(2)]
     assert torch.equal(start[0]["anchors"], start[1]["anchors"])
     assert torch.equal(start[0]["labels"], start[1]["labels"]) and start[0]["pairs"] == start[1]["pairs"]
+    assert sorted(start[0]["labels"].tolist()) == sorted(list(range(10)) * 2)  # stratified, not a shard's
     for epoch in range(2):
-        a, b = (torch.load(tmp_path / f"epoch{epoch}_{r}.pt") for r in range(2))
-        assert "cm/dim" in a and a == b
+        ranks = [torch.load(tmp_path / f"epoch{epoch}_{r}.pt") for r in range(2)]
+        assert_reached(ranks[0]["local"], boundaries=False)  # half an epoch per rank: boundaries not yet
+        # the same model, anchors and planes on both ranks: the same measurement
+        assert ranks[1]["local"] == pytest.approx(ranks[0]["local"], rel=1e-5)
+        for r in range(2):  # every rank logs what rank 0 measured, to the last digit
+            assert {k: ranks[r]["logged"][k] for k in ranks[0]["local"]} == ranks[0]["local"]
 
 
 def test_validate_and_sanity_check_do_not_measure(tmp_path):

@@ -17,8 +17,16 @@
   figures go to every :class:`~lightning.pytorch.loggers.TensorBoardLogger`;
 * **cost**: each measurement is timed; its seconds and its fraction of the epoch are logged and
   reported in one line (rank zero);
+* **agreement across ranks**: every rank measures (a model may issue collectives in its forward),
+  then global rank 0's values, notes and timing are broadcast, so all ranks log the same keys and
+  the same values, and ``EarlyStopping`` decides the same on all of them;
+* **numerical failure**: non-finite values are never logged. A key keeps its last finite value
+  (with a warning); a key that has no finite value yet is not logged, and if another callback
+  (``EarlyStopping``, ``ModelCheckpoint``) monitors it the monitor raises a clear error instead
+  of letting that callback fail on a missing key;
 * **state**: anchors, seed, chosen targets and the last values are in :meth:`state_dict`, so a run
-  resumed from a checkpoint continues the same series.
+  resumed from a checkpoint continues the same series. Each ``trainer.fit`` that does not resume
+  from a checkpoint starts a new series (anchors drawn again, last values forgotten).
 
 A subclass sets :attr:`prefix`, implements :meth:`_measure` (and optionally :meth:`_setup_targets`,
 :meth:`_check_targets`, :meth:`_config`, :meth:`_extra_state`, :meth:`_load_extra_state`,
@@ -54,7 +62,9 @@ class Measurement:
     """What a monitor's :meth:`GeometryMonitor._measure` returns.
 
     Attributes:
-        values: metric name (with prefix) → finite value. Keys missing here keep their last value.
+        values: metric name (with prefix) → value. NaN/inf marks a value that could not be measured:
+            it is not logged (its last finite value is logged again). Keys missing here also keep
+            their last value.
         figures: tag → function that builds a matplotlib figure (called on global rank zero only,
             and only when a TensorBoard logger is attached).
         notes: short warnings to report (rank zero) about this measurement.
@@ -165,6 +175,7 @@ class GeometryMonitor(Callback):
         #: total seconds spent measuring in this process (not saved in checkpoints)
         self.total_seconds = 0.0
         self._interval_start: float | None = None
+        self._restored = False  # load_state_dict ran since the last start of fit
 
     # ------------------------------------------------------------------ subclass interface
 
@@ -201,9 +212,12 @@ class GeometryMonitor(Callback):
         return self._generate_state_key(**self._config())
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Draw the anchors (first run) or check the restored ones (resumed run)."""
+        """Draw the anchors (new run) or check the restored ones (run resumed from a checkpoint)."""
         self._interval_start = time.perf_counter()
         model = self._model(pl_module)
+        if not self._restored:  # a new series, also when this monitor served an earlier fit
+            self._reset_series()
+        self._restored = False
         if self.anchors is None:
             self._draw_anchors(trainer, pl_module, model)
         else:
@@ -270,13 +284,20 @@ class GeometryMonitor(Callback):
         self.last_measured_epoch = state_dict["last_measured_epoch"]
         self.num_measurements = state_dict["num_measurements"]
         self._load_extra_state(state_dict)
+        self._restored = True
+
+    def _reset_series(self) -> None:
+        """Forget the anchors and values of an earlier run (targets are chosen again with the anchors)."""
+        self.anchors = self.anchor_labels = self.num_classes = None
+        self.last_values = {}
+        self.last_measured_epoch = None
+        self.num_measurements = 0
 
     # ------------------------------------------------------------------ internals
 
     def _due(self, epoch: int) -> bool:
         last = self.last_measured_epoch
-        # `epoch < last`: a new run (fresh Trainer) with a monitor that measured before
-        return last is None or epoch < last or epoch - last >= self.every_n_epochs
+        return last is None or epoch - last >= self.every_n_epochs
 
     def _model(self, pl_module: pl.LightningModule) -> nn.Module | list[nn.Module]:
         model = pl_module if self.get_model is None else self.get_model(pl_module)
@@ -299,16 +320,31 @@ class GeometryMonitor(Callback):
         interval = end - self._interval_start if self._interval_start is not None else seconds
         fraction = seconds / interval if interval > 0 else 1.0
 
-        bad = {k: v for k, v in result.values.items() if not math.isfinite(v)}
-        fresh = {k: float(v) for k, v in result.values.items() if k not in bad}
+        # Every rank measured the same anchors with the same random numbers; rank 0's outcome is
+        # what all of them log, so that they agree on the keys (finite or not) and the values.
+        local = {
+            "values": {k: float(v) for k, v in result.values.items()},
+            "notes": list(result.notes),
+            "seconds": seconds,
+            "fraction": fraction,
+        }
+        shared = trainer.strategy.broadcast(local, src=0)
+        seconds, fraction = shared["seconds"], shared["fraction"]
+        bad = sorted(k for k, v in shared["values"].items() if not math.isfinite(v))
+        fresh = {k: v for k, v in shared["values"].items() if k not in bad}
         self.last_values.update(fresh)
         self.last_measured_epoch = epoch
         self.num_measurements += 1
-        notes = list(result.notes)
-        if bad:
-            notes.append(f"non-finite values not logged (last value kept): {sorted(bad)}")
+        notes = list(shared["notes"])
+        kept = [k for k in bad if k in self.last_values]
+        missing = [k for k in bad if k not in self.last_values]
+        if kept:
+            notes.append(f"non-finite values not logged, their last value is logged again: {kept}")
+        if missing:
+            notes.append(f"non-finite values not logged, and there is no earlier value to log instead: {missing}")
         for note in notes:
             rank_zero_warn(f"{type(self).__name__} (epoch {epoch}): {note}", category=RuntimeWarning)
+        self._check_watched_keys(trainer, missing, epoch)
 
         if self.log_figures and trainer.is_global_zero and result.figures:
             self._log_figures(trainer, result.figures)
@@ -319,10 +355,25 @@ class GeometryMonitor(Callback):
             )
         return max(seconds, 1e-9), fraction
 
+    def _check_watched_keys(self, trainer: pl.Trainer, missing: Sequence[str], epoch: int) -> None:
+        """Raise a clear error if a callback monitors a key that has no finite value to log."""
+        watched = sorted(
+            {
+                key
+                for cb in trainer.callbacks
+                if cb is not self and isinstance(key := getattr(cb, "monitor", None), str) and key in missing
+            }
+        )
+        if watched:
+            raise RuntimeError(
+                f"{type(self).__name__}: the measurement at epoch {epoch} gave NaN/inf for {watched}, and no "
+                "earlier measurement of this run gave a finite value, so there is nothing to log while another "
+                "callback (EarlyStopping, ModelCheckpoint) monitors it. The model's outputs overflowed or "
+                "were NaN during the measurement; see the warnings above."
+            )
+
     def _log_values(self, pl_module: pl.LightningModule, values: Mapping[str, float]) -> None:
-        # Every rank computes the same values from the same anchors and seed; `max` over ranks is
-        # exact for identical values and makes all ranks agree bit for bit (EarlyStopping decisions
-        # included) even if a nondeterministic kernel made them differ in the last digit.
+        # All ranks hold rank 0's values (broadcast above): `max` over identical values is exact.
         prog = {f"{self.prefix}/{k}" for k in self.prog_bar_keys} if self.prog_bar else set()
         for key, value in values.items():
             pl_module.log(

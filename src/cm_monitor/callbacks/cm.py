@@ -91,7 +91,10 @@ class CMDimensionMonitor(GeometryMonitor):
 
     A class whose curve never reaches ``threshold`` even at ``d = D`` is logged with dimension 0
     (``d* = D``) and a warning. A class whose optimization produced NaN/inf keeps its last value
-    (and so do the means), with a warning: NaN is never logged.
+    (and so do the means), with a warning: NaN is never logged. If that happens at the first
+    measurement of a run, there is no value to log yet: the key is missing from that validation's
+    metrics, and if ``EarlyStopping`` or ``ModelCheckpoint`` monitors it the monitor raises a
+    ``RuntimeError`` that says so.
 
     With a :class:`~lightning.pytorch.loggers.TensorBoardLogger`, each measurement also adds the
     figure ``cm/curves`` (IMAGES tab): per class and per pair, the reached probability against
@@ -199,12 +202,18 @@ class CMDimensionMonitor(GeometryMonitor):
     # ------------------------------------------------------------------ GeometryMonitor interface
 
     def _config(self) -> dict[str, Any]:
+        # everything that changes the measured series (chunk_size only changes the batching)
         return {
             "num_anchors": self.num_anchors,
             "classes": self.classes,
             "pairs": self.pairs_arg if self.pairs_arg is not None else self.num_pairs,
             "threshold": self.threshold,
             "boundary_threshold": self.boundary_threshold,
+            "extra_thresholds": self.extra_thresholds,
+            "anchors_per_target": self.anchors_per_target,
+            "dims": self.dims,
+            "settings": self.settings,
+            "num_bootstrap": self.num_bootstrap,
             "seed": self.seed,
         }
 
@@ -300,18 +309,14 @@ class CMDimensionMonitor(GeometryMonitor):
         per_class, mean, std = _read(cm, "class", notes)
         for c, v in per_class.items():
             values[f"cm/dim_class_{c}"] = v
-        if mean is not None:
-            values["cm/dim"], values["cm/dim_std"], values["cm/dim_frac"] = mean, std, mean / D
+        values["cm/dim"], values["cm/dim_std"], values["cm/dim_frac"] = mean, std, mean / D
         for t in self.extra_thresholds:
-            _, m, _ = _read(cm.at(t), f"class (p = {t:g})", notes)
-            if m is not None:
-                values[f"cm/dim_p{100 * t:g}"] = m
+            _, values[f"cm/dim_p{100 * t:g}"], _ = _read(cm.at(t), f"class (p = {t:g})", [])
         if boundary is not None:
             _, mean, std = _read(boundary, "pair", notes)
-            if mean is not None:
-                values["cm/boundary_dim"] = mean
-                values["cm/boundary_dim_std"] = std
-                values["cm/boundary_dim_frac"] = mean / D
+            values["cm/boundary_dim"] = mean
+            values["cm/boundary_dim_std"] = std
+            values["cm/boundary_dim_frac"] = mean / D
 
         epoch = trainer.current_epoch
 
@@ -323,8 +328,8 @@ class CMDimensionMonitor(GeometryMonitor):
         return Measurement(values=values, figures={"cm/curves": figure}, notes=notes)
 
 
-def _read(est: DimensionEstimate, what: str, notes: list[str]) -> tuple[dict[Any, float], float | None, float]:
-    """Per-target dimensions without NaN, their mean and its uncertainty (None if a target failed)."""
+def _read(est: DimensionEstimate, what: str, notes: list[str]) -> tuple[dict[Any, float], float, float]:
+    """Per-target dimensions, their mean and its uncertainty; NaN where the optimization failed."""
     failed = est.failed.tolist()
     dims = est.dimension.tolist()
     stds = est.dimension_std.tolist()
@@ -334,6 +339,7 @@ def _read(est: DimensionEstimate, what: str, notes: list[str]) -> tuple[dict[Any
     for t, d, s, f in zip(est.targets, dims, stds, failed, strict=True):
         if f:
             bad.append(t)
+            per_target[t] = math.nan
             continue
         if not math.isfinite(d):  # the curve never reaches the threshold, even at d = D
             unreached.append(t)
@@ -345,9 +351,9 @@ def _read(est: DimensionEstimate, what: str, notes: list[str]) -> tuple[dict[Any
             f"{what} {unreached} never reached the threshold {est.threshold:g} even at d = D = "
             f"{est.input_dim}; logged as dimension 0."
         )
-    if bad:
-        notes.append(f"NaN/inf during the optimization for {what} {bad}; their last values are kept.")
-        return per_target, None, math.nan
+    if bad:  # a mean over the other targets would not be comparable with earlier ones
+        notes.append(f"NaN/inf during the optimization for {what} {bad}: no value for them nor for the mean.")
+        return per_target, math.nan, math.nan
     n = len(per_target)
     return per_target, sum(per_target.values()) / n, math.sqrt(var) / n
 

@@ -59,7 +59,9 @@ class DiffeoStabilityMonitor(GeometryMonitor):
       for ``cm/``.
 
     Non-finite values (the model returned NaN/inf, or ``R_f = 0`` for ``log10``) are not logged:
-    the last value is kept and a warning says so.
+    the last value is kept and a warning says so. At the first measurement of a run there is no
+    last value: the key is missing from that validation's metrics, and if ``EarlyStopping`` or
+    ``ModelCheckpoint`` monitors it the monitor raises a ``RuntimeError`` that says so.
 
     Raises:
         ValueError: at the start of fit, when the validation inputs are not images
@@ -143,7 +145,11 @@ class DiffeoStabilityMonitor(GeometryMonitor):
             "delta": self.delta,
             "temperature": self.temperature,
             "cutoff": self.cutoff,
+            "num_deformations": self.num_deformations,
             "reduction": self.reduction,
+            "output": self.output if isinstance(self.output, str) else getattr(self.output, "__name__", "callable"),
+            "clip": self.clip,
+            "num_bootstrap": self.num_bootstrap,
             "seed": self.seed,
         }
 
