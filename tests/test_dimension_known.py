@@ -88,6 +88,28 @@ def test_chunking_does_not_change_the_result():
     torch.testing.assert_close(one.scores, all_.scores)
 
 
+def test_basis_memory_bounds_the_chunk(monkeypatch):
+    # large inputs: the bases (D × max(dims) per group), not chunk_size, bound what one pass holds
+    from cm_monitor import cutting
+
+    model = Tube(D, 16)
+    anchors = model.sample_outside(6)
+    kw = dict(classes=[1], dims=[40, 48, 56], chunk_size=10_000)
+    whole = cm_dimension(model, anchors, zeros(6), **kw)
+    groups = []
+    real = cutting.nested_bases
+
+    def spy(seeds, *args, **kwargs):
+        groups.append(len(seeds))
+        return real(seeds, *args, **kwargs)
+
+    monkeypatch.setattr(cutting, "nested_bases", spy)
+    monkeypatch.setattr(cutting, "MAX_BASIS_ELEMENTS", 2 * D * 56)
+    capped = cm_dimension(model, anchors, zeros(6), **kw)
+    assert groups == [2, 2, 2]
+    torch.testing.assert_close(capped.scores, whole.scores)
+
+
 def test_reread_at_another_threshold_matches_a_fresh_run():
     model = Tube(D, 16)
     anchors = model.sample_outside(8)

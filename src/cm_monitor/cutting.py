@@ -25,6 +25,12 @@ from torch import Tensor, nn
 from cm_monitor._model import ensemble_log_probs, explain_inference_tensors
 from cm_monitor.planes import nested_bases
 
+#: At most this many basis elements (``groups × D × max(dims)``) are held per chunk: 2**27 is
+#: 512 MiB in float32, about three times that with the Gaussian draw and the transposed copy.
+#: For small inputs ``chunk_size`` is the bound; for large ones (CIFAR-10: D = 3072, a full-space
+#: basis is 36 MiB per (target, anchor)) this one is.
+MAX_BASIS_ELEMENTS = 2**27
+
 
 @dataclass(frozen=True)
 class OptimizerSettings:
@@ -127,7 +133,8 @@ def optimize_planes(
         group_targets: ``[G, k]`` target classes of each group.
         group_seeds: basis seed of each group.
         dims: ``K`` plane dimensions (sorted).
-        chunk_size: at most this many problems per forward pass (at least one group of ``K``).
+        chunk_size: at most this many problems per forward pass (at least one group of ``K``);
+            also at most :data:`MAX_BASIS_ELEMENTS` basis elements per chunk (at least one group).
     """
     device = anchors.device
     shape = anchors.shape[1:]
@@ -143,7 +150,8 @@ def optimize_planes(
     steps = torch.zeros((G, K), dtype=torch.long, device=device)
     nonfinite = torch.zeros((G, K), dtype=torch.bool, device=device)
 
-    groups_per_chunk = max(1, chunk_size // K)
+    # each group's basis is drawn from its own seed, so how groups are chunked changes nothing
+    groups_per_chunk = max(1, min(chunk_size // K, MAX_BASIS_ELEMENTS // (D * dims[-1])))
     for start in range(0, G, groups_per_chunk):
         sl = slice(start, min(G, start + groups_per_chunk))
         out = _optimize_chunk(
