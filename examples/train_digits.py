@@ -152,30 +152,27 @@ def cifar10_data(batch_size: int, data_dir: Path, num_workers: int) -> tuple[Dat
     )
 
 
-def make_monitors(names: list[str], dataset: str, every_n_epochs: int) -> list[Callback]:
+def make_monitors(
+    names: list[str], dataset: str, every_n_epochs: int, max_cost_frac: float | None = None
+) -> list[Callback]:
     monitors: list[Callback] = []
+    common = {"every_n_epochs": every_n_epochs, "max_cost_frac": max_cost_frac}
     for name in names:
         if name == "cm":
             if dataset == "digits":
                 # D = 64: a coarse grid and few anchors keep one measurement at a few CPU seconds
-                monitors.append(
-                    CMDimensionMonitor(
-                        every_n_epochs=every_n_epochs, num_anchors=4, anchors_per_target=4, dims=8, num_pairs=5
-                    )
-                )
+                monitors.append(CMDimensionMonitor(**common, num_anchors=4, anchors_per_target=4, dims=8, num_pairs=5))
             else:
                 # D = 3072: a finer grid; on a GPU the cost grows little with more anchors
                 monitors.append(
-                    CMDimensionMonitor(
-                        every_n_epochs=every_n_epochs, num_anchors=8, anchors_per_target=16, dims=12, num_pairs=10
-                    )
+                    CMDimensionMonitor(**common, num_anchors=8, anchors_per_target=16, dims=12, num_pairs=10)
                 )
         elif name == "diffeo":
             # 8 x 8 digits fold at 1 pixel (docs/diffeo.md): 0.6 pixel, about the smallest natural size
             delta = 0.6 if dataset == "digits" else 1.0
-            monitors.append(DiffeoStabilityMonitor(every_n_epochs=every_n_epochs, num_anchors=20, delta=delta))
+            monitors.append(DiffeoStabilityMonitor(**common, num_anchors=20, delta=delta))
         elif name == "elasticity":
-            monitors.append(ElasticityMonitor(every_n_epochs=every_n_epochs, num_anchors=6))
+            monitors.append(ElasticityMonitor(**common, num_anchors=6))
     return monitors
 
 
@@ -196,6 +193,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-epochs", type=int, default=None, help="default: 30 (digits), 40 (cifar10)")
     p.add_argument("--every-n-epochs", type=int, default=2, help="measure every this many epochs")
     p.add_argument(
+        "--max-cost-frac",
+        type=float,
+        default=None,
+        help="budget: postpone measurements that would take more than this fraction of the run's time "
+        "(postponed validations count as no improvement for --patience)",
+    )
+    p.add_argument(
         "--patience", type=int, default=None, help="EarlyStopping patience in validations (default: 3 measurements)"
     )
     p.add_argument("--min-delta", type=float, default=0.05, help="EarlyStopping min_delta on cm/dim")
@@ -215,6 +219,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("max_epochs", "every_n_epochs", "patience", "batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.max_cost_frac is not None and not 0 < args.max_cost_frac <= 1:
+        p.error("--max-cost-frac must be in (0, 1]")
     return args
 
 
@@ -228,7 +234,7 @@ def build(args: argparse.Namespace) -> tuple[pl.Trainer, Classifier, DataLoader,
     else:
         train, val = cifar10_data(args.batch_size, args.data_dir, args.num_workers)
         model = Classifier(cifar_cnn(), num_classes=10, lr=2e-3, weight_decay=5e-4)
-    callbacks = make_monitors(args.monitors, args.dataset, args.every_n_epochs)
+    callbacks = make_monitors(args.monitors, args.dataset, args.every_n_epochs, args.max_cost_frac)
     if "cm" in args.monitors:
         callbacks.append(
             EarlyStopping(monitor="cm/dim", mode="max", patience=args.patience, min_delta=args.min_delta, verbose=True)

@@ -385,6 +385,24 @@ def test_state_key_holds_what_changes_the_series(change):
     assert CMDimensionMonitor(**{**FAST, "chunk_size": 7}).state_key == CMDimensionMonitor(**FAST).state_key
 
 
+@pytest.mark.parametrize(("budget", "measured"), [(1e-6, [1.0, 0.0, 0.0]), (1.0, [1.0, 1.0, 1.0]), (None, [1.0] * 3)])
+def test_cost_budget_postpones_measurements(tmp_path, budget, measured):
+    monitor = CMDimensionMonitor(**FAST, max_cost_frac=budget)
+    stopper = EarlyStopping(monitor="cm/dim", mode="max", patience=10)
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+    with MonitorLog() as log:
+        trainer(tmp_path, [monitor, stopper], logger=logger, max_epochs=3).fit(DigitsCNN(), *loaders())
+    s = scalars(logger.log_dir)
+    assert [v for _, v in s["cm/measured"]] == measured
+    assert monitor.num_measurements == sum(measured)
+    dims = [v for _, v in s["cm/dim"]]
+    assert len(dims) == 3 and (dims[0] == dims[1] == dims[2]) == (budget == 1e-6)
+    postponed = [line for line in log.lines if "postponed (budget)" in line]
+    assert len(postponed) == measured.count(0.0)
+    if postponed:
+        assert "epoch 1" in postponed[0] and "max_cost_frac = 1e-06" in postponed[0]
+
+
 def test_anchors_drawn_when_first_epoch_does_not_validate(tmp_path):
     # no sanity check and check_val_every_n_epoch=2: Lightning has not set up the validation
     # data at on_train_start; the monitor sets it up itself
@@ -624,6 +642,8 @@ def test_error_classes_outside_the_model(tmp_path):
         ({"every_n_epochs": 0}, ValueError, "every_n_epochs"),
         ({"every_n_epochs": 1.5}, ValueError, "every_n_epochs"),
         ({"num_anchors": 0}, ValueError, "num_anchors"),
+        ({"max_cost_frac": 0}, ValueError, r"`max_cost_frac` must be a number in \(0, 1\]"),
+        ({"max_cost_frac": 1.5}, ValueError, "max_cost_frac"),
         ({"num_pairs": -1}, ValueError, "num_pairs"),
         ({"pairs": [(1, 1)]}, ValueError, "pairs"),
         ({"pairs": [(1, 2, 3)]}, ValueError, "pairs"),

@@ -16,7 +16,8 @@
   values; at validations without a measurement the last measured values are logged again;
   figures go to every :class:`~lightning.pytorch.loggers.TensorBoardLogger`;
 * **cost**: each measurement is timed; its seconds and its fraction of the epoch are logged and
-  reported in one line (rank zero);
+  reported in one line (rank zero); with ``max_cost_frac`` a budget postpones measurements that
+  would take more than that fraction of the fit's wall time;
 * **agreement across ranks**: every rank measures (a model may issue collectives in its forward),
   then global rank 0's values, notes and timing are broadcast, so all ranks log the same keys and
   the same values, and ``EarlyStopping`` decides the same on all of them;
@@ -99,6 +100,11 @@ class GeometryMonitor(Callback):
         every_n_epochs: measure at most once every this many epochs (the first validation of a
             run is always measured); validations in between log the last measured values again.
         num_anchors: anchors drawn per class from the validation data.
+        max_cost_frac: a budget: at most this fraction of the fit's wall time (since its start, this
+            process) is spent measuring. A due measurement is postponed to a later validation
+            (the last values are logged again, ``{prefix}/measured = 0``) while the previous
+            measurement's duration says it would exceed the budget; the first measurement of a
+            run always runs. ``None``: no budget. The schedule then depends on the machine's speed.
         seed: seeds the anchor sample and the measurement's random numbers, which stay fixed for
             the run (common random numbers).
         batch_to_inputs: a function mapping a validation batch (after the module's batch-transfer
@@ -130,6 +136,7 @@ class GeometryMonitor(Callback):
         *,
         every_n_epochs: int = 1,
         num_anchors: int = 4,
+        max_cost_frac: float | None = None,
         seed: int = 0,
         batch_to_inputs: BatchReader | None = None,
         input_key: str | None = None,
@@ -144,6 +151,9 @@ class GeometryMonitor(Callback):
         super().__init__()
         self.every_n_epochs = check_int(every_n_epochs, "every_n_epochs")
         self.num_anchors = check_int(num_anchors, "num_anchors")
+        if max_cost_frac is not None:
+            max_cost_frac = check_probability(max_cost_frac, "max_cost_frac")
+        self.max_cost_frac = max_cost_frac
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"`seed` must be a non-negative integer, got {seed!r}.")
         self.seed = seed
@@ -176,6 +186,9 @@ class GeometryMonitor(Callback):
         self.total_seconds = 0.0
         self._interval_start: float | None = None
         self._restored = False  # load_state_dict ran since the last start of fit
+        self._fit_start: float | None = None
+        self._fit_seconds = 0.0  # seconds spent measuring in this fit (for the budget)
+        self._last_seconds: float | None = None  # duration of the last measurement in this fit
 
     # ------------------------------------------------------------------ subclass interface
 
@@ -213,7 +226,8 @@ class GeometryMonitor(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Draw the anchors (new run) or check the restored ones (run resumed from a checkpoint)."""
-        self._interval_start = time.perf_counter()
+        self._interval_start = self._fit_start = time.perf_counter()
+        self._fit_seconds, self._last_seconds = 0.0, None
         model = self._model(pl_module)
         if not self._restored:  # a new series, also when this monitor served an earlier fit
             self._reset_series()
@@ -244,7 +258,7 @@ class GeometryMonitor(Callback):
             return
         epoch = trainer.current_epoch
         seconds = fraction = 0.0
-        if self._due(epoch):
+        if self._due(epoch) and self._within_budget(trainer, epoch):
             seconds, fraction = self._run_measurement(trainer, pl_module, epoch)
         values = dict(self.last_values)
         values[f"{self.prefix}/seconds"] = seconds
@@ -299,6 +313,22 @@ class GeometryMonitor(Callback):
         last = self.last_measured_epoch
         return last is None or epoch - last >= self.every_n_epochs
 
+    def _within_budget(self, trainer: pl.Trainer, epoch: int) -> bool:
+        """Whether one more measurement, as long as the last one, keeps within ``max_cost_frac``."""
+        if self.max_cost_frac is None or self._last_seconds is None or self._fit_start is None:
+            return True
+        elapsed = time.perf_counter() - self._fit_start
+        spent, next_cost = self._fit_seconds, self._last_seconds
+        fits = spent + next_cost <= self.max_cost_frac * (elapsed + next_cost)
+        fits = bool(trainer.strategy.broadcast(fits, src=0))  # rank 0's clock decides for all ranks
+        if not fits and self.verbose:
+            rank_zero_info(
+                f"{type(self).__name__} epoch {epoch}: measurement postponed (budget): {spent:.1f} s of "
+                f"{elapsed:.1f} s measured so far, another {next_cost:.1f} s would exceed "
+                f"max_cost_frac = {self.max_cost_frac:g}; the last values are logged again."
+            )
+        return fits
+
     def _model(self, pl_module: pl.LightningModule) -> nn.Module | list[nn.Module]:
         model = pl_module if self.get_model is None else self.get_model(pl_module)
         try:
@@ -330,6 +360,8 @@ class GeometryMonitor(Callback):
         }
         shared = trainer.strategy.broadcast(local, src=0)
         seconds, fraction = shared["seconds"], shared["fraction"]
+        self._fit_seconds += seconds
+        self._last_seconds = seconds
         bad = sorted(k for k, v in shared["values"].items() if not math.isfinite(v))
         fresh = {k: v for k, v in shared["values"].items() if k not in bad}
         self.last_values.update(fresh)

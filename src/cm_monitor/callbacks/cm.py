@@ -41,6 +41,9 @@ class CMDimensionMonitor(GeometryMonitor):
     again** (and ``cm/measured = 0``), so ``EarlyStopping(monitor="cm/dim", mode="max")`` with
     ``strict=True`` always finds the key. Such repeats count as "no improvement" for the
     early-stopping patience: to wait ``k`` measurements, use ``patience >= k * every_n_epochs``.
+    ``max_cost_frac`` caps the cost: a due measurement is postponed while it would push the time
+    spent measuring above that fraction of the fit's wall time (postponed validations also repeat
+    the last values, so leave room for them in the patience).
 
     Anchors: ``num_anchors`` per class, a uniform random sample of each class of the validation
     data (the batches one validation epoch reads), drawn once at the start of fit on global rank 0
@@ -71,7 +74,7 @@ class CMDimensionMonitor(GeometryMonitor):
         chunk_size: at most this many problems in one forward pass (bounds memory).
         num_bootstrap: bootstrap resamples of the anchors for the uncertainties.
         seed: seeds the anchors, the pairs and the planes; fixed for the run.
-        batch_to_inputs, input_key, label_key, dataloader_idx, max_scan_batches, get_model,
+        max_cost_frac, batch_to_inputs, input_key, label_key, dataloader_idx, max_scan_batches, get_model,
         log_figures, prog_bar, verbose: see :class:`~cm_monitor.callbacks.base.GeometryMonitor`.
 
     Logged metrics (through ``LightningModule.log``, at every validation of ``trainer.fit``
@@ -137,6 +140,7 @@ class CMDimensionMonitor(GeometryMonitor):
         max_steps: int | None = None,
         chunk_size: int = 2048,
         num_bootstrap: int = 100,
+        max_cost_frac: float | None = None,
         seed: int = 0,
         batch_to_inputs: BatchReader | None = None,
         input_key: str | None = None,
@@ -151,6 +155,7 @@ class CMDimensionMonitor(GeometryMonitor):
         super().__init__(
             every_n_epochs=every_n_epochs,
             num_anchors=num_anchors,
+            max_cost_frac=max_cost_frac,
             seed=seed,
             batch_to_inputs=batch_to_inputs,
             input_key=input_key,

@@ -45,7 +45,7 @@ class DiffeoStabilityMonitor(GeometryMonitor):
         num_bootstrap: bootstrap resamples of the images for the uncertainty.
         chunk_size: images per forward pass.
         seed: seeds the probe images, the deformations and the noise.
-        batch_to_inputs, input_key, label_key, dataloader_idx, max_scan_batches, get_model,
+        max_cost_frac, batch_to_inputs, input_key, label_key, dataloader_idx, max_scan_batches, get_model,
         log_figures, prog_bar, verbose: see :class:`~cm_monitor.callbacks.base.GeometryMonitor`.
 
     Logged metrics (through ``LightningModule.log``, at every validation of ``trainer.fit`` after
@@ -94,6 +94,7 @@ class DiffeoStabilityMonitor(GeometryMonitor):
         clip: bool = True,
         num_bootstrap: int = 200,
         chunk_size: int = 1024,
+        max_cost_frac: float | None = None,
         seed: int = 0,
         batch_to_inputs: BatchReader | None = None,
         input_key: str | None = None,
@@ -108,6 +109,7 @@ class DiffeoStabilityMonitor(GeometryMonitor):
         super().__init__(
             every_n_epochs=every_n_epochs,
             num_anchors=num_anchors,
+            max_cost_frac=max_cost_frac,
             seed=seed,
             batch_to_inputs=batch_to_inputs,
             input_key=input_key,

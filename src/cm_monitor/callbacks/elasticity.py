@@ -41,7 +41,7 @@ class ElasticityMonitor(GeometryMonitor):
         check_linearity: also step with half the size and log ``elasticity/linearity_error``.
         chunk_size: SGD steps evaluated together (memory: that many copies of the parameters).
         seed: seeds the probe inputs and the clustering.
-        batch_to_inputs, input_key, label_key, dataloader_idx, max_scan_batches, get_model,
+        max_cost_frac, batch_to_inputs, input_key, label_key, dataloader_idx, max_scan_batches, get_model,
         log_figures, prog_bar, verbose: see :class:`~cm_monitor.callbacks.base.GeometryMonitor`.
             ``get_model`` must return one ``nn.Module`` (no ensembles).
 
@@ -82,6 +82,7 @@ class ElasticityMonitor(GeometryMonitor):
         loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
         check_linearity: bool = True,
         chunk_size: int = 64,
+        max_cost_frac: float | None = None,
         seed: int = 0,
         batch_to_inputs: BatchReader | None = None,
         input_key: str | None = None,
@@ -96,6 +97,7 @@ class ElasticityMonitor(GeometryMonitor):
         super().__init__(
             every_n_epochs=every_n_epochs,
             num_anchors=num_anchors,
+            max_cost_frac=max_cost_frac,
             seed=seed,
             batch_to_inputs=batch_to_inputs,
             input_key=input_key,
