@@ -164,3 +164,24 @@ def test_cm_thresholds_above_the_early_stop_level_fail_at_construction():
         CMDimensionMonitor(extra_thresholds=(0.8, 0.999))
     with pytest.raises(ValueError, match=r"`threshold` holds 0.995"):
         CMDimensionMonitor(threshold=0.995)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true", "64-true"])
+def test_monitors_under_trainer_precision(tmp_path, precision):
+    """Measured as the model predicts: anchors as validation_step receives them, the parameters' dtype."""
+    seen = {}
+
+    class Probe(DigitsCNN):
+        def validation_step(self, batch, batch_idx):
+            seen["dtype"] = batch[0].dtype
+            return super().validation_step(batch, batch_idx)
+
+    monitors = [CMDimensionMonitor(**FAST), DiffeoStabilityMonitor(**DIFFEO_FAST), ElasticityMonitor(**ELASTIC_FAST)]
+    train, val = loaders()
+    t = trainer(tmp_path, monitors, max_epochs=1, precision=precision)
+    t.fit(Probe(), train, val)
+    for monitor in monitors:
+        assert monitor.anchors.dtype == seen["dtype"], type(monitor).__name__
+    for key in ("cm/dim", "cm/boundary_dim", "diffeo/rf", "elasticity/ratio"):
+        assert math.isfinite(t.callback_metrics[key].item()), key
+    assert 0 < t.callback_metrics["cm/dim"].item() <= 64

@@ -25,7 +25,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from cm_monitor._model import check_logits, explain_inference_tensors, make_generator, measuring, model_device
+from cm_monitor._model import (
+    check_logits,
+    explain_inference_tensors,
+    make_generator,
+    measuring,
+    model_device,
+    model_float_dtype,
+)
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -87,7 +94,8 @@ def local_elasticity(
     Args:
         model: an ``nn.Module`` mapping a batch ``[N, ...]`` to logits ``[N, C]``; measured in eval
             mode (BatchNorm uses its running statistics, dropout is off).
-        inputs: ``[N, ...]`` probe inputs (any dtype the model takes, token ids included).
+        inputs: ``[N, ...]`` probe inputs (any dtype the model takes, token ids included;
+            floating-point inputs are cast to the dtype of the model's parameters).
         labels: ``[N]`` their classes (targets of the loss).
         lr: the SGD step size ``η``, the same for every input. Default (ours): a step size per input,
             ``η_i = relative_step · ‖w‖ / ‖∇_w L_i‖``, so that every step changes the parameters by
@@ -147,6 +155,8 @@ def local_elasticity(
 
     with measuring([model]):
         x = inputs.detach().to(device).clone()
+        if x.is_floating_point():  # measured in the parameters' dtype, as the model predicts (bf16, float64)
+            x = x.to(model_float_dtype([model], x.dtype))
         y = labels.detach().to(device).clone()
         try:
             f0 = f(params, x)

@@ -536,7 +536,9 @@ class GeometryMonitor(Callback):
         idx = self.dataloader_idx
 
         def transfer(batch: Any) -> Any:
-            # what `validation_step` receives: the module's batch-transfer hooks, then the device
+            # what `validation_step` receives: the precision plugin's conversion (e.g. float64 for
+            # "64-true"), the module's batch-transfer hooks, then the device
+            batch = trainer.precision_plugin.convert_input(batch)
             hook = getattr(pl_module, "_on_before_batch_transfer", None)
             batch = hook(batch, dataloader_idx=idx) if hook is not None else batch
             return trainer.strategy.batch_to_device(batch, dataloader_idx=idx)
