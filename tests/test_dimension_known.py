@@ -79,6 +79,30 @@ def test_input_shape_does_not_matter():
     assert torch.equal(a.scores, img.scores) and torch.equal(a.scores, seq.scores)
 
 
+def test_a_grid_that_starts_above_one_flags_censored_targets():
+    # the half-space is reached by a line: with a grid starting at 4, d* <= 4 is only bounded
+    from cm_monitor.callbacks.cm import _read
+
+    model = HalfSpace(D)
+    anchors = torch.randn(10, D, generator=torch.Generator().manual_seed(3))
+    labels = model(anchors).argmax(1)
+    coarse = cm_dimension(model, anchors, labels, dims=[4, 16, 64])
+    assert coarse.censored.tolist() == [True, True]
+    assert coarse.cutting_dim.tolist() == [4.0, 4.0]
+    notes = []
+    per_class, mean, _ = _read(coarse, "class", notes)
+    assert mean == D - 4 and per_class == {0: D - 4, 1: D - 4}
+    assert any("already at the smallest plane dimension d = 4" in n and "at least 60" in n for n in notes)
+    fine = cm_dimension(model, anchors, labels, dims=[1, 4, 16, 64])
+    assert fine.censored.tolist() == [False, False]
+    # a target that is never reached within a grid that stops below D: the note says where it stopped
+    tube = Tube(D, 16)
+    est = cm_dimension(tube, tube.sample_outside(4), zeros(4), classes=[1], dims=[1, 2, 4])
+    notes = []
+    assert _read(est, "class", notes)[0] == {1: 0.0}
+    assert any("even at d = 4, the largest of `dims`" in n for n in notes)
+
+
 def test_chunking_does_not_change_the_result():
     model = Tube(D, 16)
     anchors = model.sample_outside(6)

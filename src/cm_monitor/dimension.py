@@ -57,7 +57,8 @@ class DimensionEstimate:
             nested, so the best over a plane can only grow with ``d``).
         cutting_dim: ``[T]`` ``d*``: where ``curve`` crosses ``threshold``, interpolated linearly in
             ``log d`` between grid points. NaN when the curve never reaches the threshold or when
-            the optimization produced NaN/inf for the target (see :attr:`failed`).
+            the optimization produced NaN/inf for the target (see :attr:`failed`); ``dims[0]`` when
+            it is reached already there (see :attr:`censored`).
         cutting_dim_std: ``[T]`` bootstrap standard deviation of ``d*`` over resampled anchors.
         dimension: ``[T]`` effective dimension ``D - d*``.
         dimension_frac: ``[T]`` ``(D - d*) / D``.
@@ -110,6 +111,15 @@ class DimensionEstimate:
     def failed(self) -> Tensor:
         """``[T]`` True where the optimization produced NaN/inf for some problem of the target."""
         return self.nonfinite.flatten(1).any(1)
+
+    @property
+    def censored(self) -> Tensor:
+        """``[T]`` True where the curve reaches the threshold already at the first grid point while
+        ``dims[0] > 1``: then ``d* <= dims[0]`` is only bounded, ``cutting_dim`` holds ``dims[0]``
+        and ``dimension`` is a lower bound. Start the grid at 1 to measure such targets."""
+        if int(self.dims[0]) <= 1:
+            return torch.zeros(len(self.targets), dtype=torch.bool)
+        return (self.curve[:, 0] >= self.threshold) & torch.isfinite(self.cutting_dim)
 
     def success_rate(self, threshold: float | None = None) -> Tensor:
         """``[T, K]`` fraction of anchors whose (monotone) best score reaches ``threshold``."""

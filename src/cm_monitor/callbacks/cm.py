@@ -351,10 +351,18 @@ def _read(est: DimensionEstimate, what: str, notes: list[str]) -> tuple[dict[Any
             d, s = 0.0, 0.0
         per_target[t] = d
         var += s * s if math.isfinite(s) else 0.0
+    top = int(est.dims[-1])
     if unreached:
+        at = f"d = D = {top}" if top == est.input_dim else f"d = {top}, the largest of `dims`"
         notes.append(
-            f"{what} {unreached} never reached the threshold {est.threshold:g} even at d = D = "
-            f"{est.input_dim}; logged as dimension 0."
+            f"{what} {unreached} never reached the threshold {est.threshold:g} even at {at}; logged as dimension 0."
+        )
+    censored = [t for t, c in zip(est.targets, est.censored.tolist(), strict=True) if c]
+    if censored:
+        low = int(est.dims[0])
+        notes.append(
+            f"{what} {censored} reached the threshold {est.threshold:g} already at the smallest plane dimension "
+            f"d = {low}: their dimension is at least {est.input_dim - low} and is logged as that; start `dims` at 1."
         )
     if bad:  # a mean over the other targets would not be comparable with earlier ones
         notes.append(f"NaN/inf during the optimization for {what} {bad}: no value for them nor for the mean.")
