@@ -103,6 +103,23 @@ def test_a_grid_that_starts_above_one_flags_censored_targets():
     assert any("even at d = 4, the largest of `dims`" in n for n in notes)
 
 
+def test_as_dict_uses_the_monitor_keys():
+    model = HalfSpace(D)
+    anchors = torch.randn(10, D, generator=torch.Generator().manual_seed(3))
+    labels = model(anchors).argmax(1)
+    cm = cm_dimension(model, anchors, labels).as_dict()
+    assert cm == {
+        "dim": D - 1,
+        "dim_std": pytest.approx(0.0),
+        "dim_frac": pytest.approx((D - 1) / D),
+        "dim_class_0": D - 1,
+        "dim_class_1": D - 1,
+    }
+    bd = boundary_dimension(model, anchors, labels).as_dict()
+    assert set(bd) == {"boundary_dim", "boundary_dim_std", "boundary_dim_frac", "boundary_dim_pair_0_1"}
+    assert bd["boundary_dim"] == bd["boundary_dim_pair_0_1"] == D - 1
+
+
 def test_chunking_does_not_change_the_result():
     model = Tube(D, 16)
     anchors = model.sample_outside(6)

@@ -135,11 +135,21 @@ class DimensionEstimate:
         return _read_off(replace(self, threshold=thr))
 
     def as_dict(self) -> dict[str, float]:
-        """Per-target and mean dimensions as plain floats, keyed like the callbacks' metrics."""
-        out: dict[str, float] = {"dim": self.mean_dimension, "dim_frac": self.mean_dimension_frac}
+        """Mean, uncertainty and per-target dimensions as plain floats, keyed as
+        :class:`~cm_monitor.CMDimensionMonitor` logs them (without the ``cm/`` prefix): ``dim``,
+        ``dim_std``, ``dim_frac``, ``dim_class_{c}`` for class manifolds; ``boundary_dim``,
+        ``boundary_dim_std``, ``boundary_dim_frac`` and ``boundary_dim_pair_{a}_{b}`` (not logged
+        by the monitor) for boundaries. Unlike the monitor, a target that was never reached is NaN
+        here, not 0."""
+        head = "dim" if self.kind == "cm" else "boundary_dim"
+        out: dict[str, float] = {
+            head: self.mean_dimension,
+            f"{head}_std": self.mean_dimension_std,
+            f"{head}_frac": self.mean_dimension_frac,
+        }
         for t, d in zip(self.targets, self.dimension.tolist(), strict=True):
-            key = str(t) if isinstance(t, int) else "_".join(str(c) for c in t)
-            out[f"dim_{key}"] = d
+            key = f"class_{t}" if isinstance(t, int) else "pair_" + "_".join(str(c) for c in t)
+            out[f"{head}_{key}"] = d
         return out
 
 
