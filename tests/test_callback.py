@@ -270,6 +270,53 @@ def test_curves_figure(runs):
     assert all(ax.get_xscale() == "log" for ax in fig.axes)
 
 
+class Noisy(DigitsCNN):
+    """Draws from the global RNG in every forward pass, eval mode included (noise layers, MC dropout)."""
+
+    def forward(self, x):
+        return self.net(x + 0.01 * torch.randn_like(x))
+
+
+class RandomValSubset(DigitsCNN):
+    """Its own dataloader hooks; `val_dataloader` draws a random subset from the global RNG."""
+
+    def train_dataloader(self):
+        return loaders()[0]
+
+    def val_dataloader(self):
+        (_, _), (xv, yv) = digits()
+        idx = torch.randperm(len(yv))[:250]
+        return DataLoader(TensorDataset(xv[idx], yv[idx]), batch_size=100)
+
+
+@pytest.mark.parametrize(
+    ("model_cls", "kwargs"),
+    [
+        (Noisy, {}),
+        # the validation data is first set up by the monitor (no sanity check, no validation in epoch 0)
+        (RandomValSubset, {"num_sanity_val_steps": 0, "check_val_every_n_epoch": 2}),
+    ],
+    ids=["rng-in-forward", "random-val-dataloader-hook"],
+)
+def test_training_is_bit_identical_when_the_model_draws_random_numbers(tmp_path, model_cls, kwargs):
+    out = []
+    for callbacks in ([], [CMDimensionMonitor(**FAST)]):
+        pl.seed_everything(0)
+        model = model_cls()
+        t = trainer(tmp_path, callbacks, max_epochs=3, limit_train_batches=5, **kwargs)
+        if model_cls is RandomValSubset:
+            t.fit(model)
+        else:
+            t.fit(model, *loaders())
+        out.append((model.state_dict(), t.callback_metrics["val_loss"]))
+        if callbacks:
+            assert callbacks[0].num_measurements >= 1
+    (plain, plain_loss), (watched, watched_loss) = out
+    for key in plain:
+        assert torch.equal(plain[key], watched[key]), key
+    assert torch.equal(plain_loss, watched_loss)
+
+
 # ------------------------------------------------------------------ schedule and early stopping
 
 
@@ -364,6 +411,21 @@ def test_a_second_fit_starts_a_new_series(tmp_path):
     assert t.callback_metrics["cm/measured"] == 1.0
     assert torch.equal(monitor.anchors, first_anchors)  # same seed, same data: the same anchors
     assert t.callback_metrics["cm/dim"].item() != first_value
+
+
+def test_validate_from_a_checkpoint_then_fit_starts_a_new_series(tmp_path):
+    # Lightning restores callback states for validate/test/predict too; that must not turn the
+    # next fit (without ckpt_path) into a continuation of the checkpoint's series
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    train, val = loaders()
+    trainer(tmp_path, [CMDimensionMonitor(every_n_epochs=2, **FAST), ckpt], max_epochs=3).fit(DigitsCNN(), train, val)
+    monitor = CMDimensionMonitor(every_n_epochs=2, **FAST)
+    trainer(tmp_path, [monitor]).validate(DigitsCNN(), val, ckpt_path=tmp_path / "ckpt" / "last.ckpt", verbose=False)
+    assert monitor.last_measured_epoch == 2  # the checkpoint's state was loaded ...
+    t = trainer(tmp_path, [monitor], max_epochs=1)
+    t.fit(DigitsCNN(), train, val)  # ... but this fit is a new run: epoch 0 is measured
+    assert monitor.num_measurements == 1 and monitor.last_measured_epoch == 0
+    assert t.callback_metrics["cm/measured"] == 1.0
 
 
 @pytest.mark.parametrize(

@@ -224,6 +224,11 @@ class GeometryMonitor(Callback):
     def state_key(self) -> str:
         return self._generate_state_key(**self._config())
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # runs before Lightning restores a checkpoint's callback states: only a restore after
+        # this point (this fit's `ckpt_path`) continues a series
+        self._restored = False
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Draw the anchors (new run) or check the restored ones (run resumed from a checkpoint)."""
         self._interval_start = self._fit_start = time.perf_counter()
@@ -483,13 +488,18 @@ class GeometryMonitor(Callback):
     def _val_dataloader(self, trainer: pl.Trainer) -> tuple[Any, int | None]:
         name = type(self).__name__
         loaders = trainer.val_dataloaders
-        if loaders is None:
+        val_loop = trainer.fit_loop.epoch_loop.val_loop
+        set_up_here = loaders is None
+        if set_up_here:
             # Lightning sets the validation data up before `on_train_start` only when the first
-            # epoch validates (or after the sanity check); do it the way its fit loop does.
+            # epoch validates (or after the sanity check); do it the way its fit loop does, with
+            # the global RNG isolated (a `val_dataloader()` hook may draw random numbers).
             stage = trainer.state.stage
+            reload_epoch = getattr(val_loop, "_last_val_dl_reload_epoch", None)
             trainer.validating = True
             try:
-                trainer.fit_loop.epoch_loop.val_loop.setup_data()
+                with isolate_rng():
+                    val_loop.setup_data()
             except Exception as err:  # e.g. the module's default `val_dataloader()` hook
                 raise MisconfigurationException(
                     f"{name} measures on validation data, but the validation dataloader could not "
@@ -528,6 +538,12 @@ class GeometryMonitor(Callback):
                         "drawn from all of it; pass `max_scan_batches=` (batches to read)."
                     ) from None
                 max_batches = int(n)
+        if set_up_here and hasattr(val_loop, "_combined_loader"):
+            # hand the set-up back: Lightning sets the validation data up at its usual time, with
+            # the random state it would have had without the monitor (the hook runs twice)
+            val_loop._combined_loader = None
+            if reload_epoch is not None:
+                val_loop._last_val_dl_reload_epoch = reload_epoch
         return loader, max_batches
 
     def _sample(
@@ -565,7 +581,9 @@ class GeometryMonitor(Callback):
         members = model if isinstance(model, list) else [model]
         device = model_device(members, anchors.device)
         x = anchors[:2].to(device, model_float_dtype(members, anchors.dtype))
-        with measuring(members, grad=False):  # eval mode, every submodule's mode restored after
+        # eval mode, every submodule's mode restored after; a model that draws random numbers in
+        # eval mode (noise layers, MC dropout) must not shift training's random stream
+        with isolate_rng(), measuring(members, grad=False):
             out = members[0](x)
         try:
             check_logits(out, x.shape[0], None, "the model")
