@@ -245,7 +245,7 @@ def test_cost_is_reported_once_per_measurement(runs):
     assert len(lines) == 2
     assert "epoch 0" in lines[0] and "epoch 1" in lines[1]
     assert "cm/dim = " in lines[0] and "% of the epoch" in lines[0]
-    assert any("drew 20 anchors" in line for line in runs["monitored"]["lines"])
+    assert any("drew 20 anchors" in line and "validation batches in " in line for line in runs["monitored"]["lines"])
 
 
 def test_state_dict_holds_anchors_pairs_and_last_values(runs):
@@ -413,6 +413,60 @@ def test_a_second_fit_starts_a_new_series(tmp_path):
     assert t.callback_metrics["cm/dim"].item() != first_value
 
 
+class TwoValLoaders(DigitsCNN):
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        self.log("val_loss", nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
+
+def test_two_monitors_need_different_prefixes(tmp_path):
+    same = [CMDimensionMonitor(**FAST), CMDimensionMonitor(**FAST, threshold=0.7)]
+    _fit_expecting(tmp_path, MisconfigurationException, r"both log under 'cm/'.*`prefix=`", monitor=same)
+
+    # one monitor per validation dataloader, each under its own prefix, both in one checkpoint
+    (_, _), (xv, yv) = digits()
+    val = [DataLoader(TensorDataset(xv, yv), batch_size=100), DataLoader(TensorDataset(-xv, yv), batch_size=100)]
+    a, b = CMDimensionMonitor(**FAST), CMDimensionMonitor(**FAST, dataloader_idx=1, prefix="cm_neg")
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+    train, _ = loaders()
+    trainer(tmp_path, [a, b, ckpt], logger=logger, max_epochs=1).fit(TwoValLoaders(), train, val)
+    assert torch.equal(b.anchors, -a.anchors)  # same seed, same positions: the negated inputs
+    s = scalars(logger.log_dir)
+    assert {"cm/dim", "cm_neg/dim", "cm_neg/boundary_dim", "cm_neg/dim_class_3", "cm_neg/seconds"} <= set(s)
+    assert s["cm/dim"] != s["cm_neg/dim"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logger.log_dir), size_guidance={"images": 0})
+    acc.Reload()
+    assert sorted(acc.Tags()["images"]) == ["cm/curves", "cm_neg/curves"]
+    states = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"]
+    assert a.state_key in states and b.state_key in states
+    assert torch.equal(states[b.state_key]["anchors"], b.anchors)
+
+
+def test_monitoring_a_key_the_monitor_does_not_log_is_a_clear_error(tmp_path):
+    stopper = EarlyStopping(monitor="cm/boundary_dim", mode="max")
+    with pytest.raises(MisconfigurationException, match=r"monitors \['cm/boundary_dim'\], which this monitor does not"):
+        trainer(tmp_path, [CMDimensionMonitor(**{**FAST, "num_pairs": 0}), stopper], max_epochs=1).fit(
+            DigitsCNN(), *loaders()
+        )
+
+
+def test_uncertainties_are_never_a_made_up_zero(tmp_path):
+    # no bootstrap: no *_std keys at all
+    t = trainer(tmp_path, [CMDimensionMonitor(**{**FAST, "num_bootstrap": 0})], max_epochs=1)
+    t.fit(DigitsCNN(), *loaders())
+    assert "cm/dim" in t.callback_metrics and "cm/dim_std" not in t.callback_metrics
+    assert "cm/boundary_dim_std" not in t.callback_metrics
+    # a single anchor per target: no uncertainty can be computed; reported, not logged as 0
+    t = trainer(tmp_path, [CMDimensionMonitor(**{**FAST, "anchors_per_target": 1})], max_epochs=1)
+    with pytest.warns(RuntimeWarning, match="single anchor, so no uncertainty"):
+        t.fit(DigitsCNN(), *loaders())
+    assert "cm/dim" in t.callback_metrics and "cm/dim_std" not in t.callback_metrics
+    with pytest.raises(ValueError, match="`num_bootstrap` must be 0"):
+        CMDimensionMonitor(num_bootstrap=1)
+
+
 def test_validate_from_a_checkpoint_then_fit_starts_a_new_series(tmp_path):
     # Lightning restores callback states for validate/test/predict too; that must not turn the
     # next fit (without ckpt_path) into a continuation of the checkpoint's series
@@ -440,6 +494,10 @@ def test_validate_from_a_checkpoint_then_fit_starts_a_new_series(tmp_path):
         {"classes": [0, 1]},
         {"num_pairs": 3},
         {"seed": 1},
+        {"dataloader_idx": 1},
+        {"max_scan_batches": 2},
+        {"input_key": "x", "label_key": "y"},
+        {"prefix": "cm_b"},
     ],
 )
 def test_state_key_holds_what_changes_the_series(change):
@@ -452,7 +510,11 @@ def test_cost_budget_postpones_measurements(tmp_path, budget, measured):
     monitor = CMDimensionMonitor(**FAST, max_cost_frac=budget)
     stopper = EarlyStopping(monitor="cm/dim", mode="max", patience=10)
     logger = TensorBoardLogger(tmp_path, name="tb", version=0)
-    with MonitorLog() as log:
+    import contextlib
+
+    # a budget next to an EarlyStopping on its keys: a warning that postponements count as no improvement
+    warns = pytest.warns(UserWarning, match=r"max_cost_frac.*\['cm/dim'\]") if budget else contextlib.nullcontext()
+    with MonitorLog() as log, warns:
         trainer(tmp_path, [monitor, stopper], logger=logger, max_epochs=3).fit(DigitsCNN(), *loaders())
     s = scalars(logger.log_dir)
     assert [v for _, v in s["cm/measured"]] == measured
@@ -529,9 +591,15 @@ def test_resume_from_checkpoint_continues_the_series(tmp_path):
         assert d == pytest.approx(first.last_values[f"cm/dim_class_{c}"], rel=1e-6)
 
     # resuming with a fresh monitor (same configuration) keeps the anchors and continues
+    # (the validation data is reversed this time: anchors drawn again would differ)
+    from cm_monitor.anchors import sample_anchors
+
     resumed = CMDimensionMonitor(**FAST)
     logger2 = TensorBoardLogger(tmp_path, name="tb", version=0)
     train, val = loaders()
+    xv, yv = val.dataset.tensors
+    val = DataLoader(TensorDataset(xv.flip(0), yv.flip(0)), batch_size=100)
+    assert not torch.equal(sample_anchors(val, 2, generator=0).inputs, first.anchors)
     trainer(
         tmp_path,
         [resumed, ModelCheckpoint(dirpath=tmp_path / "ckpt2")],
@@ -601,9 +669,8 @@ def _fit_expecting(tmp_path, error, match, monitor=None, model=None, train=None,
     default_train, default_val = loaders()
     train = train if train is not None else default_train
     with pytest.raises(error, match=match):
-        trainer(tmp_path, [monitor or CMDimensionMonitor(**FAST)], **trainer_kwargs).fit(
-            model, train, val if val is not None else default_val
-        )
+        monitors = monitor if isinstance(monitor, list) else [monitor or CMDimensionMonitor(**FAST)]
+        trainer(tmp_path, monitors, **trainer_kwargs).fit(model, train, val if val is not None else default_val)
     assert model.train_steps == 0  # raised before the first training step
 
 
@@ -729,6 +796,8 @@ def test_error_classes_outside_the_model(tmp_path):
         ({"get_model": "net"}, TypeError, "get_model"),
         ({"dataloader_idx": -1}, ValueError, "dataloader_idx"),
         ({"max_scan_batches": 0}, ValueError, "max_scan_batches"),
+        ({"prefix": ""}, ValueError, "prefix"),
+        ({"prefix": "cm/"}, ValueError, "prefix"),
         ({"verbose": "yes"}, TypeError, "verbose"),
     ],
 )
@@ -761,7 +830,7 @@ class RecordingMonitor(CMDimensionMonitor):
 
     def _measure(self, trainer, pl_module, model):
         result = super()._measure(trainer, pl_module, model)
-        self._local = dict(result.values)
+        self._local = {f"cm/{k}": v for k, v in result.values.items()}
         return result
 
     def on_validation_epoch_end(self, trainer, pl_module):

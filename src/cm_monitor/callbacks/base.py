@@ -63,10 +63,10 @@ class Measurement:
     """What a monitor's :meth:`GeometryMonitor._measure` returns.
 
     Attributes:
-        values: metric name (with prefix) → value. NaN/inf marks a value that could not be measured:
+        values: metric name (without the monitor's prefix, e.g. ``"dim"``) → value. NaN/inf marks a value that could not be measured:
             it is not logged (its last finite value is logged again). Keys missing here also keep
             their last value.
-        figures: tag → function that builds a matplotlib figure (called on global rank zero only,
+        figures: tag (without prefix) → function that builds a matplotlib figure (called on global rank zero only,
             and only when a TensorBoard logger is attached).
         notes: short warnings to report (rank zero) about this measurement.
     """
@@ -121,12 +121,16 @@ class GeometryMonitor(Callback):
         get_model: maps the LightningModule to the ``nn.Module`` (or list of them: an ensemble)
             that returns logits ``[N, C]`` for a batch of inputs; default: the LightningModule
             itself (its ``forward`` must return the logits).
+        prefix: the logged keys are ``{prefix}/...`` (default: the monitor's, e.g. ``cm``). Two
+            monitors of the same kind in one Trainer (other settings, or one per validation
+            dataloader) need different prefixes.
         log_figures: also send figures to TensorBoard loggers.
         prog_bar: show the headline metric in the progress bar.
         verbose: report each measurement (value, seconds, fraction of the epoch) in one line.
     """
 
-    #: Prefix of the logged keys, e.g. ``"cm"`` → ``cm/dim``. Set by subclasses.
+    #: Prefix of the logged keys, e.g. ``"cm"`` → ``cm/dim``. Set by subclasses (the default of
+    #: the ``prefix`` argument).
     prefix: str = "geometry"
     #: Keys shown in the progress bar when ``prog_bar=True`` (without prefix).
     prog_bar_keys: tuple[str, ...] = ()
@@ -144,11 +148,18 @@ class GeometryMonitor(Callback):
         dataloader_idx: int = 0,
         max_scan_batches: int | None = None,
         get_model: Callable[[pl.LightningModule], nn.Module | Sequence[nn.Module]] | None = None,
+        prefix: str | None = None,
         log_figures: bool = True,
         prog_bar: bool = False,
         verbose: bool = True,
     ) -> None:
         super().__init__()
+        if prefix is not None:
+            if not isinstance(prefix, str) or not prefix.strip() or prefix.startswith("/") or prefix.endswith("/"):
+                raise ValueError(
+                    f"`prefix` must be a non-empty string without a leading or trailing '/', got {prefix!r}."
+                )
+            self.prefix = prefix
         self.every_n_epochs = check_int(every_n_epochs, "every_n_epochs")
         self.num_anchors = check_int(num_anchors, "num_anchors")
         if max_cost_frac is not None:
@@ -193,8 +204,8 @@ class GeometryMonitor(Callback):
     # ------------------------------------------------------------------ subclass interface
 
     def _config(self) -> dict[str, Any]:
-        """Configuration that identifies this monitor's measurement (goes into :attr:`state_key`)."""
-        return {"num_anchors": self.num_anchors, "seed": self.seed}
+        """The subclass's settings that change the measured series (go into :attr:`state_key`)."""
+        return {}
 
     def _setup_targets(self, num_classes: int, generator: torch.Generator) -> None:
         """Choose what to measure, once per run, when the anchors are first drawn (not on resume)."""
@@ -215,19 +226,37 @@ class GeometryMonitor(Callback):
         pass
 
     def _summary(self, values: Mapping[str, float]) -> str:
-        """One-line summary of the values (used in the per-measurement report)."""
+        """One-line summary of the values (keys without prefix; used in the per-measurement report)."""
         return ", ".join(f"{k} = {v:.4g}" for k, v in values.items())
 
     # ------------------------------------------------------------------ Lightning hooks
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(**self._config())
+        # what changes the series: where the anchors come from, how many, the seed, and the
+        # subclass's settings (functions such as `get_model` or `batch_to_inputs` are not included)
+        return self._generate_state_key(
+            prefix=self.prefix,
+            num_anchors=self.num_anchors,
+            seed=self.seed,
+            dataloader_idx=self.dataloader_idx,
+            max_scan_batches=self.max_scan_batches,
+            input_key=self.input_key,
+            label_key=self.label_key,
+            **self._config(),
+        )
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # runs before Lightning restores a checkpoint's callback states: only a restore after
         # this point (this fit's `ckpt_path`) continues a series
         self._restored = False
+        for other in trainer.callbacks:
+            if other is not self and isinstance(other, GeometryMonitor) and other.prefix == self.prefix:
+                raise MisconfigurationException(
+                    f"{type(self).__name__} and {type(other).__name__} in one Trainer both log under "
+                    f"'{self.prefix}/', so one would overwrite the other's values: pass another `prefix=` "
+                    f"to one of them (e.g. prefix='{self.prefix}_2')."
+                )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Draw the anchors (new run) or check the restored ones (run resumed from a checkpoint)."""
@@ -248,6 +277,25 @@ class GeometryMonitor(Callback):
                 )
             self.num_classes = num_classes
         self._check_targets(self.num_classes)
+        self._warn_budget_with_watchers(trainer)
+
+    def _warn_budget_with_watchers(self, trainer: pl.Trainer) -> None:
+        if self.max_cost_frac is None:
+            return
+        watched = sorted(
+            key
+            for cb in trainer.callbacks
+            if cb is not self
+            and isinstance(key := getattr(cb, "monitor", None), str)
+            and key.startswith(f"{self.prefix}/")
+        )
+        if watched:
+            rank_zero_warn(
+                f"{type(self).__name__}: with `max_cost_frac` measurements may be postponed, and the "
+                f"validations in between log the last values again; a callback watching {watched} (e.g. "
+                "EarlyStopping's patience) counts them as validations without improvement.",
+                category=UserWarning,
+            )
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._interval_start = time.perf_counter()
@@ -348,6 +396,9 @@ class GeometryMonitor(Callback):
         start = time.perf_counter()
         with isolate_rng():  # a model that draws random numbers in eval mode must not shift training's
             result = self._measure(trainer, pl_module, self._model(pl_module))
+            # drawing and writing the figures is part of the cost (rank 0 only)
+            if self.log_figures and trainer.is_global_zero and result.figures:
+                self._log_figures(trainer, result.figures)
         _synchronize(device)
         end = time.perf_counter()
         seconds = end - start
@@ -358,7 +409,7 @@ class GeometryMonitor(Callback):
         # Every rank measured the same anchors with the same random numbers; rank 0's outcome is
         # what all of them log, so that they agree on the keys (finite or not) and the values.
         local = {
-            "values": {k: float(v) for k, v in result.values.items()},
+            "values": {f"{self.prefix}/{k}": float(v) for k, v in result.values.items()},
             "notes": list(result.notes),
             "seconds": seconds,
             "fraction": fraction,
@@ -381,32 +432,36 @@ class GeometryMonitor(Callback):
             notes.append(f"non-finite values not logged, and there is no earlier value to log instead: {missing}")
         for note in notes:
             rank_zero_warn(f"{type(self).__name__} (epoch {epoch}): {note}", category=RuntimeWarning)
-        self._check_watched_keys(trainer, missing, epoch)
+        self._check_watched_keys(trainer, set(shared["values"]), missing, epoch)
 
-        if self.log_figures and trainer.is_global_zero and result.figures:
-            self._log_figures(trainer, result.figures)
         if self.verbose:
+            n = len(self.prefix) + 1
             rank_zero_info(
-                f"{type(self).__name__} epoch {epoch}: {self._summary(fresh)} | measured in {seconds:.2f} s, "
-                f"{100 * fraction:.0f}% of the epoch"
+                f"{type(self).__name__} epoch {epoch}: {self._summary({k[n:]: v for k, v in fresh.items()})} | "
+                f"measured in {seconds:.2f} s, {100 * fraction:.0f}% of the epoch"
             )
         return max(seconds, 1e-9), fraction
 
-    def _check_watched_keys(self, trainer: pl.Trainer, missing: Sequence[str], epoch: int) -> None:
-        """Raise a clear error if a callback monitors a key that has no finite value to log."""
-        watched = sorted(
-            {
-                key
-                for cb in trainer.callbacks
-                if cb is not self and isinstance(key := getattr(cb, "monitor", None), str) and key in missing
-            }
-        )
-        if watched:
+    def _check_watched_keys(self, trainer: pl.Trainer, produced: set[str], missing: Sequence[str], epoch: int) -> None:
+        """Raise a clear error if another callback monitors one of our keys that has no value to log."""
+        watched = {
+            key for cb in trainer.callbacks if cb is not self and isinstance(key := getattr(cb, "monitor", None), str)
+        }
+        failed = sorted(watched.intersection(missing))
+        if failed:
             raise RuntimeError(
-                f"{type(self).__name__}: the measurement at epoch {epoch} gave NaN/inf for {watched}, and no "
+                f"{type(self).__name__}: the measurement at epoch {epoch} gave NaN/inf for {failed}, and no "
                 "earlier measurement of this run gave a finite value, so there is nothing to log while another "
                 "callback (EarlyStopping, ModelCheckpoint) monitors it. The model's outputs overflowed or "
                 "were NaN during the measurement; see the warnings above."
+            )
+        always = {f"{self.prefix}/{k}" for k in ("seconds", "cost_frac", "measured")}
+        known = produced | set(self.last_values) | always
+        unknown = sorted(k for k in watched if k.startswith(f"{self.prefix}/") and k not in known)
+        if unknown:
+            raise MisconfigurationException(
+                f"{type(self).__name__}: another callback monitors {unknown}, which this monitor does not log "
+                f"with its configuration. It logs: {sorted(known)}."
             )
 
     def _log_values(self, pl_module: pl.LightningModule, values: Mapping[str, float]) -> None:
@@ -433,7 +488,7 @@ class GeometryMonitor(Callback):
         step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
         for tag, build in figures.items():
             for lg in loggers:
-                lg.experiment.add_figure(tag, build(), global_step=step, close=True)
+                lg.experiment.add_figure(f"{self.prefix}/{tag}", build(), global_step=step, close=True)
 
     # -------------------------------------------------------------- anchors at fit start
 
@@ -441,6 +496,7 @@ class GeometryMonitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module | list[nn.Module]
     ) -> None:
         name = type(self).__name__
+        start = time.perf_counter()
         loader, max_batches = self._val_dataloader(trainer)  # on every rank (setup has a barrier)
         payload: dict[str, Any] | None = None
         error: BaseException | None = None
@@ -482,7 +538,8 @@ class GeometryMonitor(Callback):
             rank_zero_info(
                 f"{name}: drew {sample.inputs.shape[0]} anchors ({self.num_anchors} per class, "
                 f"{num_classes} classes, shape {tuple(sample.inputs.shape[1:])}) from "
-                f"{sample.num_batches} validation batches; they stay fixed for the run."
+                f"{sample.num_batches} validation batches in {time.perf_counter() - start:.2f} s; they stay "
+                "fixed for the run."
             )
 
     def _val_dataloader(self, trainer: pl.Trainer) -> tuple[Any, int | None]:

@@ -72,16 +72,18 @@ class CMDimensionMonitor(GeometryMonitor):
             (:class:`~cm_monitor.OptimizerSettings`; default: the package's).
         max_steps: overrides ``settings.max_steps`` (Adam steps per problem at most).
         chunk_size: at most this many problems in one forward pass (bounds memory).
-        num_bootstrap: bootstrap resamples of the anchors for the uncertainties.
+        num_bootstrap: bootstrap resamples of the anchors for the uncertainties (``*_std``); 0 for
+            none (the ``*_std`` keys are then not logged).
         seed: seeds the anchors, the pairs and the planes; fixed for the run.
         max_cost_frac, batch_to_inputs, input_key, label_key, dataloader_idx, max_scan_batches, get_model,
-        log_figures, prog_bar, verbose: see :class:`~cm_monitor.callbacks.base.GeometryMonitor`.
+        prefix, log_figures, prog_bar, verbose: see :class:`~cm_monitor.callbacks.base.GeometryMonitor`.
 
     Logged metrics (through ``LightningModule.log``, at every validation of ``trainer.fit``
     after the sanity check; the same values on every rank):
 
     * ``cm/dim``: mean over the measured classes of ``D - d*`` (higher: larger class manifolds).
-    * ``cm/dim_std``: its bootstrap standard deviation over anchors.
+    * ``cm/dim_std``: its bootstrap standard deviation over anchors (not logged with
+      ``num_bootstrap=0``; not logged, with a warning, when a class has a single anchor).
     * ``cm/dim_frac``: ``cm/dim / D``.
     * ``cm/dim_class_{c}``: ``D - d*`` of class ``c``.
     * ``cm/dim_p{100 p}``: ``cm/dim`` read at each level of ``extra_thresholds``.
@@ -148,6 +150,7 @@ class CMDimensionMonitor(GeometryMonitor):
         dataloader_idx: int = 0,
         max_scan_batches: int | None = None,
         get_model: Callable[[pl.LightningModule], nn.Module | Sequence[nn.Module]] | None = None,
+        prefix: str | None = None,
         log_figures: bool = True,
         prog_bar: bool = False,
         verbose: bool = True,
@@ -163,6 +166,7 @@ class CMDimensionMonitor(GeometryMonitor):
             dataloader_idx=dataloader_idx,
             max_scan_batches=max_scan_batches,
             get_model=get_model,
+            prefix=prefix,
             log_figures=log_figures,
             prog_bar=prog_bar,
             verbose=verbose,
@@ -198,6 +202,8 @@ class CMDimensionMonitor(GeometryMonitor):
                 )
         self.chunk_size = check_int(chunk_size, "chunk_size")
         self.num_bootstrap = check_int(num_bootstrap, "num_bootstrap", minimum=0)
+        if self.num_bootstrap == 1:
+            raise ValueError("`num_bootstrap` must be 0 (no uncertainties) or at least 2, got 1.")
         # chosen at the start of fit (saved in the state)
         self.targets: list[int] | None = None
         self.pairs: list[tuple[int, int]] | None = None
@@ -209,7 +215,6 @@ class CMDimensionMonitor(GeometryMonitor):
     def _config(self) -> dict[str, Any]:
         # everything that changes the measured series (chunk_size only changes the batching)
         return {
-            "num_anchors": self.num_anchors,
             "classes": self.classes,
             "pairs": self.pairs_arg if self.pairs_arg is not None else self.num_pairs,
             "threshold": self.threshold,
@@ -219,7 +224,6 @@ class CMDimensionMonitor(GeometryMonitor):
             "dims": self.dims,
             "settings": self.settings,
             "num_bootstrap": self.num_bootstrap,
-            "seed": self.seed,
         }
 
     def _setup_targets(self, num_classes: int, generator: torch.Generator) -> None:
@@ -258,11 +262,11 @@ class CMDimensionMonitor(GeometryMonitor):
     def _summary(self, values: Mapping[str, float]) -> str:
         D = self.anchors[0].numel() if self.anchors is not None else 0
         parts = []
-        if "cm/dim" in values:
-            parts.append(f"cm/dim = {values['cm/dim']:.2f} ± {values.get('cm/dim_std', math.nan):.2f} (D = {D})")
-        if "cm/boundary_dim" in values:
+        if "dim" in values:
+            parts.append(f"{self.prefix}/dim = {values['dim']:.2f} ± {values.get('dim_std', math.nan):.2f} (D = {D})")
+        if "boundary_dim" in values:
             parts.append(
-                f"cm/boundary_dim = {values['cm/boundary_dim']:.2f} ± {values.get('cm/boundary_dim_std', math.nan):.2f}"
+                f"{self.prefix}/boundary_dim = {values['boundary_dim']:.2f} ± {values.get('boundary_dim_std', math.nan):.2f}"
             )
         return ", ".join(parts) if parts else "no value"
 
@@ -313,15 +317,18 @@ class CMDimensionMonitor(GeometryMonitor):
         values: dict[str, float] = {}
         per_class, mean, std = _read(cm, "class", notes)
         for c, v in per_class.items():
-            values[f"cm/dim_class_{c}"] = v
-        values["cm/dim"], values["cm/dim_std"], values["cm/dim_frac"] = mean, std, mean / D
+            values[f"dim_class_{c}"] = v
+        values["dim"], values["dim_frac"] = mean, mean / D
+        if self.num_bootstrap > 0:  # NaN (reported, not logged) where a target has a single anchor
+            values["dim_std"] = std
         for t in self.extra_thresholds:
-            _, values[f"cm/dim_p{100 * t:g}"], _ = _read(cm.at(t), f"class (p = {t:g})", [])
+            _, values[f"dim_p{100 * t:g}"], _ = _read(cm.at(t), f"class (p = {t:g})", [])
         if boundary is not None:
             _, mean, std = _read(boundary, "pair", notes)
-            values["cm/boundary_dim"] = mean
-            values["cm/boundary_dim_std"] = std
-            values["cm/boundary_dim_frac"] = mean / D
+            values["boundary_dim"] = mean
+            values["boundary_dim_frac"] = mean / D
+            if self.num_bootstrap > 0:
+                values["boundary_dim_std"] = std
 
         epoch = trainer.current_epoch
 
@@ -330,7 +337,7 @@ class CMDimensionMonitor(GeometryMonitor):
 
             return curves_figure(cm, boundary, suptitle=f"epoch {epoch}")
 
-        return Measurement(values=values, figures={"cm/curves": figure}, notes=notes)
+        return Measurement(values=values, figures={"curves": figure}, notes=notes)
 
 
 def _read(est: DimensionEstimate, what: str, notes: list[str]) -> tuple[dict[Any, float], float, float]:
@@ -339,7 +346,7 @@ def _read(est: DimensionEstimate, what: str, notes: list[str]) -> tuple[dict[Any
     dims = est.dimension.tolist()
     stds = est.dimension_std.tolist()
     per_target: dict[Any, float] = {}
-    unreached, bad = [], []
+    unreached, bad, no_std = [], [], []
     var = 0.0
     for t, d, s, f in zip(est.targets, dims, stds, failed, strict=True):
         if f:
@@ -350,8 +357,13 @@ def _read(est: DimensionEstimate, what: str, notes: list[str]) -> tuple[dict[Any
             unreached.append(t)
             d, s = 0.0, 0.0
         per_target[t] = d
-        var += s * s if math.isfinite(s) else 0.0
+        if math.isfinite(s):
+            var += s * s
+        else:  # no bootstrap: a single anchor for this target, or num_bootstrap = 0
+            no_std.append(t)
     top = int(est.dims[-1])
+    if no_std and est.num_bootstrap > 0:
+        notes.append(f"{what} {no_std} have a single anchor, so no uncertainty: the `*_std` value is not logged.")
     if unreached:
         at = f"d = D = {top}" if top == est.input_dim else f"d = {top}, the largest of `dims`"
         notes.append(
@@ -368,7 +380,7 @@ def _read(est: DimensionEstimate, what: str, notes: list[str]) -> tuple[dict[Any
         notes.append(f"NaN/inf during the optimization for {what} {bad}: no value for them nor for the mean.")
         return per_target, math.nan, math.nan
     n = len(per_target)
-    return per_target, sum(per_target.values()) / n, math.sqrt(var) / n
+    return per_target, sum(per_target.values()) / n, math.nan if no_std else math.sqrt(var) / n
 
 
 def _check_classes(classes: Sequence[int] | None) -> list[int] | None:

@@ -46,7 +46,7 @@ class DiffeoStabilityMonitor(GeometryMonitor):
         chunk_size: images per forward pass.
         seed: seeds the probe images, the deformations and the noise.
         max_cost_frac, batch_to_inputs, input_key, label_key, dataloader_idx, max_scan_batches, get_model,
-        log_figures, prog_bar, verbose: see :class:`~cm_monitor.callbacks.base.GeometryMonitor`.
+        prefix, log_figures, prog_bar, verbose: see :class:`~cm_monitor.callbacks.base.GeometryMonitor`.
 
     Logged metrics (through ``LightningModule.log``, at every validation of ``trainer.fit`` after
     the sanity check):
@@ -102,6 +102,7 @@ class DiffeoStabilityMonitor(GeometryMonitor):
         dataloader_idx: int = 0,
         max_scan_batches: int | None = None,
         get_model: Callable[[pl.LightningModule], nn.Module | Sequence[nn.Module]] | None = None,
+        prefix: str | None = None,
         log_figures: bool = True,
         prog_bar: bool = False,
         verbose: bool = True,
@@ -117,6 +118,7 @@ class DiffeoStabilityMonitor(GeometryMonitor):
             dataloader_idx=dataloader_idx,
             max_scan_batches=max_scan_batches,
             get_model=get_model,
+            prefix=prefix,
             log_figures=log_figures,
             prog_bar=prog_bar,
             verbose=verbose,
@@ -143,7 +145,6 @@ class DiffeoStabilityMonitor(GeometryMonitor):
 
     def _config(self) -> dict[str, Any]:
         return {
-            "num_anchors": self.num_anchors,
             "delta": self.delta,
             "temperature": self.temperature,
             "cutoff": self.cutoff,
@@ -152,7 +153,6 @@ class DiffeoStabilityMonitor(GeometryMonitor):
             "output": self.output if isinstance(self.output, str) else getattr(self.output, "__name__", "callable"),
             "clip": self.clip,
             "num_bootstrap": self.num_bootstrap,
-            "seed": self.seed,
         }
 
     def _check_targets(self, num_classes: int) -> None:
@@ -166,9 +166,9 @@ class DiffeoStabilityMonitor(GeometryMonitor):
             )
 
     def _summary(self, values: Mapping[str, float]) -> str:
-        if "diffeo/rf" not in values:
+        if "rf" not in values:
             return "no value"
-        return f"diffeo/rf = {values['diffeo/rf']:.4g} (log10 {values.get('diffeo/log10_rf', math.nan):.3g} ± {values.get('diffeo/log10_rf_std', math.nan):.2g})"
+        return f"{self.prefix}/rf = {values['rf']:.4g} (log10 {values.get('log10_rf', math.nan):.3g} ± {values.get('log10_rf_std', math.nan):.2g})"
 
     def _measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module | list[nn.Module]
@@ -194,12 +194,12 @@ class DiffeoStabilityMonitor(GeometryMonitor):
         notes.extend(sorted({str(w.message) for w in caught}))
         self.last_estimate = est
         values = {
-            "diffeo/rf": est.rf,
-            "diffeo/log10_rf": est.log10_rf,
-            "diffeo/df": est.df,
-            "diffeo/gf": est.gf,
+            "rf": est.rf,
+            "log10_rf": est.log10_rf,
+            "df": est.df,
+            "gf": est.gf,
         }
-        for key, value in (("diffeo/rf_std", est.rf_std), ("diffeo/log10_rf_std", est.log10_rf_std)):
+        for key, value in (("rf_std", est.rf_std), ("log10_rf_std", est.log10_rf_std)):
             if math.isfinite(value):
                 values[key] = value
         return Measurement(values=values, notes=notes)

@@ -42,7 +42,7 @@ class ElasticityMonitor(GeometryMonitor):
         chunk_size: SGD steps evaluated together (memory: that many copies of the parameters).
         seed: seeds the probe inputs and the clustering.
         max_cost_frac, batch_to_inputs, input_key, label_key, dataloader_idx, max_scan_batches, get_model,
-        log_figures, prog_bar, verbose: see :class:`~cm_monitor.callbacks.base.GeometryMonitor`.
+        prefix, log_figures, prog_bar, verbose: see :class:`~cm_monitor.callbacks.base.GeometryMonitor`.
             ``get_model`` must return one ``nn.Module`` (no ensembles).
 
     Logged metrics (through ``LightningModule.log``, at every validation of ``trainer.fit`` after
@@ -90,6 +90,7 @@ class ElasticityMonitor(GeometryMonitor):
         dataloader_idx: int = 0,
         max_scan_batches: int | None = None,
         get_model: Callable[[pl.LightningModule], nn.Module] | None = None,
+        prefix: str | None = None,
         log_figures: bool = True,
         prog_bar: bool = False,
         verbose: bool = True,
@@ -105,6 +106,7 @@ class ElasticityMonitor(GeometryMonitor):
             dataloader_idx=dataloader_idx,
             max_scan_batches=max_scan_batches,
             get_model=get_model,
+            prefix=prefix,
             log_figures=log_figures,
             prog_bar=prog_bar,
             verbose=verbose,
@@ -122,14 +124,18 @@ class ElasticityMonitor(GeometryMonitor):
         self.last_estimate: ElasticityEstimate | None = None
 
     def _config(self) -> dict[str, Any]:
-        return {"num_anchors": self.num_anchors, "lr": self.lr, "relative_step": self.relative_step, "seed": self.seed}
+        return {
+            "lr": self.lr,
+            "relative_step": self.relative_step,
+            "loss_fn": getattr(self.loss_fn, "__name__", "callable"),
+        }
 
     def _summary(self, values: Mapping[str, float]) -> str:
-        if "elasticity/ratio" not in values:
+        if "ratio" not in values:
             return "no value"
         return (
-            f"elasticity/ratio = {values['elasticity/ratio']:.3g} (intra {values.get('elasticity/intra', math.nan):.3g}, "
-            f"inter {values.get('elasticity/inter', math.nan):.3g}), cluster ARI = {values.get('elasticity/cluster_ari', math.nan):.2f}"
+            f"{self.prefix}/ratio = {values['ratio']:.3g} (intra {values.get('intra', math.nan):.3g}, "
+            f"inter {values.get('inter', math.nan):.3g}), cluster ARI = {values.get('cluster_ari', math.nan):.2f}"
         )
 
     def _measure(
@@ -156,13 +162,13 @@ class ElasticityMonitor(GeometryMonitor):
                 return Measurement(values={}, notes=[f"not measured: {err}"])
         self.last_estimate = est
         values = {
-            "elasticity/intra": est.intra,
-            "elasticity/inter": est.inter,
-            "elasticity/ratio": est.ratio,
-            "elasticity/cluster_ari": est.cluster_ari,
+            "intra": est.intra,
+            "inter": est.inter,
+            "ratio": est.ratio,
+            "cluster_ari": est.cluster_ari,
         }
         if self.check_linearity:
-            values["elasticity/linearity_error"] = est.linearity_error
+            values["linearity_error"] = est.linearity_error
         epoch = trainer.current_epoch
 
         def figure() -> Any:
@@ -171,5 +177,5 @@ class ElasticityMonitor(GeometryMonitor):
             return similarity_figure(est.symmetric_similarity, est.labels, title=f"local elasticity, epoch {epoch}")
 
         return Measurement(
-            values=values, figures={"elasticity/similarity": figure}, notes=sorted({str(w.message) for w in caught})
+            values=values, figures={"similarity": figure}, notes=sorted({str(w.message) for w in caught})
         )
