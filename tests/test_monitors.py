@@ -185,3 +185,34 @@ def test_monitors_under_trainer_precision(tmp_path, precision):
     for key in ("cm/dim", "cm/boundary_dim", "diffeo/rf", "elasticity/ratio"):
         assert math.isfinite(t.callback_metrics[key].item()), key
     assert 0 < t.callback_metrics["cm/dim"].item() <= 64
+
+
+@pytest.mark.gpu
+def test_monitors_measure_on_the_gpu_and_leave_training_bit_identical(tmp_path):
+    """On a CUDA device: anchors and measurement on the model's device, training unchanged."""
+    import lightning
+
+    out = []
+    for monitors in ([], [CMDimensionMonitor(**FAST), DiffeoStabilityMonitor(**DIFFEO_FAST)]):
+        lightning.seed_everything(0, verbose=False)
+        model = DigitsCNN()
+        t = lightning.pytorch.Trainer(
+            accelerator="cuda",
+            devices=1,
+            max_epochs=2,
+            logger=False,
+            callbacks=monitors,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            deterministic=True,
+        )
+        t.fit(model, *loaders())
+        out.append({k: v.cpu() for k, v in model.state_dict().items()})
+        for monitor in monitors:
+            assert monitor.anchors.device.type == "cuda"
+            assert monitor.state_dict()["anchors"].device.type == "cpu"  # checkpoints load anywhere
+            assert monitor.num_measurements == 2
+    assert 0 < t.callback_metrics["cm/dim"].item() <= 64 and math.isfinite(t.callback_metrics["diffeo/rf"].item())
+    for key in out[0]:
+        assert torch.equal(out[0][key], out[1][key]), key

@@ -268,7 +268,9 @@ class GeometryMonitor(Callback):
         self._restored = False
         if self.anchors is None:
             self._draw_anchors(trainer, pl_module, model)
-        else:
+        else:  # restored from a checkpoint (saved on the CPU): back to the model's device
+            self.anchors = self.anchors.to(pl_module.device)
+            self.anchor_labels = self.anchor_labels.to(pl_module.device)
             num_classes = self._num_classes(model, self.anchors)
             if self.num_classes is not None and num_classes != self.num_classes:
                 raise MisconfigurationException(
@@ -325,8 +327,9 @@ class GeometryMonitor(Callback):
         return {
             "version": _STATE_VERSION,
             "seed": self.seed,
-            "anchors": self.anchors,
-            "anchor_labels": self.anchor_labels,
+            # on the CPU, so that a checkpoint written on a GPU loads anywhere
+            "anchors": None if self.anchors is None else self.anchors.cpu(),
+            "anchor_labels": None if self.anchor_labels is None else self.anchor_labels.cpu(),
             "num_classes": self.num_classes,
             "last_values": dict(self.last_values),
             "last_measured_epoch": self.last_measured_epoch,
