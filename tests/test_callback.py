@@ -395,7 +395,7 @@ def test_numerical_failure_at_the_first_measurement(tmp_path):
         ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="cm/boundary_dim", mode="max"),
     ):
         monitor = CMDimensionMonitor(**FAST, get_model=lambda m: NaNOutside(m.net, limit=0.0))
-        match = rf"epoch 0 gave NaN/inf for \['{watcher.monitor}'\].*no earlier measurement.*monitors it"
+        match = rf"monitors \['{watcher.monitor}'\], but after the measurement at epoch 0.*came out NaN/inf"
         with pytest.raises(RuntimeError, match=match):
             trainer(tmp_path, [monitor, watcher], max_epochs=1).fit(DigitsCNN(), *loaders())
 
@@ -446,7 +446,7 @@ def test_two_monitors_need_different_prefixes(tmp_path):
 
 def test_monitoring_a_key_the_monitor_does_not_log_is_a_clear_error(tmp_path):
     stopper = EarlyStopping(monitor="cm/boundary_dim", mode="max")
-    with pytest.raises(MisconfigurationException, match=r"monitors \['cm/boundary_dim'\], which this monitor does not"):
+    with pytest.raises(RuntimeError, match=r"monitors \['cm/boundary_dim'\].*does not log it with its configuration"):
         trainer(tmp_path, [CMDimensionMonitor(**{**FAST, "num_pairs": 0}), stopper], max_epochs=1).fit(
             DigitsCNN(), *loaders()
         )
@@ -459,12 +459,54 @@ def test_uncertainties_are_never_a_made_up_zero(tmp_path):
     assert "cm/dim" in t.callback_metrics and "cm/dim_std" not in t.callback_metrics
     assert "cm/boundary_dim_std" not in t.callback_metrics
     # a single anchor per target: no uncertainty can be computed; reported, not logged as 0
-    t = trainer(tmp_path, [CMDimensionMonitor(**{**FAST, "anchors_per_target": 1})], max_epochs=1)
-    with pytest.warns(RuntimeWarning, match="single anchor, so no uncertainty"):
+    t = trainer(tmp_path, [CMDimensionMonitor(**{**FAST, "anchors_per_target": 1})], max_epochs=2)
+    with pytest.warns(RuntimeWarning, match="fewer than two anchors, so there is no uncertainty"):
         t.fit(DigitsCNN(), *loaders())
     assert "cm/dim" in t.callback_metrics and "cm/dim_std" not in t.callback_metrics
+    assert "cm/boundary_dim_std" not in t.callback_metrics
     with pytest.raises(ValueError, match="`num_bootstrap` must be 0"):
         CMDimensionMonitor(num_bootstrap=1)
+
+
+def test_keys_the_module_logs_under_the_prefix_are_left_alone(tmp_path):
+    class LogsUnderCm(DigitsCNN):
+        def validation_step(self, batch, batch_idx):
+            super().validation_step(batch, batch_idx)
+            self.log("cm/my_probe", batch[0].abs().mean())
+
+    stopper = EarlyStopping(monitor="cm/my_probe", mode="min", patience=5)
+    t = trainer(tmp_path, [CMDimensionMonitor(**FAST), stopper], max_epochs=1)
+    t.fit(LogsUnderCm(), *loaders())
+    assert "cm/my_probe" in t.callback_metrics and "cm/dim" in t.callback_metrics
+
+
+def test_the_budget_rule(monkeypatch):
+    # measure when (spent + last) <= max_cost_frac * (elapsed + last), judged on rank 0's clock
+    import types
+
+    from cm_monitor.callbacks import base
+
+    monitor = CMDimensionMonitor(**FAST, max_cost_frac=0.25, verbose=False)
+    fake = types.SimpleNamespace(strategy=types.SimpleNamespace(broadcast=lambda obj, src=0: obj))
+    monitor._fit_start, monitor._fit_seconds, monitor._last_seconds = 100.0, 2.0, 2.0
+    for now, expected in ((110.0, False), (113.9, False), (114.0, True), (130.0, True)):
+        monkeypatch.setattr(base.time, "perf_counter", lambda now=now: now)
+        # elapsed = now - 100; measure iff 4 <= 0.25 * (elapsed + 2), i.e. elapsed >= 14
+        assert monitor._within_budget(fake, epoch=3) is expected, now
+    monitor._last_seconds = None  # nothing measured yet in this fit: always measure
+    assert monitor._within_budget(fake, epoch=0)
+
+
+def test_continuing_a_fit_without_checkpoint_warns_that_a_new_series_starts(tmp_path):
+    monitor = CMDimensionMonitor(**FAST)
+    train, val = loaders()
+    model = DigitsCNN()
+    t = trainer(tmp_path, [monitor], max_epochs=1, limit_train_batches=2)
+    t.fit(model, train, val)
+    t.fit_loop.max_epochs = 2
+    with pytest.warns(UserWarning, match="continues at epoch 1 without restoring the monitor"):
+        t.fit(model, train, val)
+    assert monitor.num_measurements == 1 and monitor.last_measured_epoch == 1
 
 
 def test_validate_from_a_checkpoint_then_fit_starts_a_new_series(tmp_path):
@@ -798,6 +840,9 @@ def test_error_classes_outside_the_model(tmp_path):
         ({"max_scan_batches": 0}, ValueError, "max_scan_batches"),
         ({"prefix": ""}, ValueError, "prefix"),
         ({"prefix": "cm/"}, ValueError, "prefix"),
+        ({"prefix": "cm/b"}, ValueError, "prefix"),
+        ({"prefix": "c m"}, ValueError, "prefix"),
+        ({"prefix": 3}, TypeError, "prefix"),
         ({"verbose": "yes"}, TypeError, "verbose"),
     ],
 )
@@ -831,6 +876,8 @@ class RecordingMonitor(CMDimensionMonitor):
     def _measure(self, trainer, pl_module, model):
         result = super()._measure(trainer, pl_module, model)
         self._local = {f"cm/{k}": v for k, v in result.values.items()}
+        if trainer.global_rank > 0:  # pretend the other rank measured something else: rank 0's must win
+            result.values = {k: v + 1000.0 for k, v in result.values.items()}
         return result
 
     def on_validation_epoch_end(self, trainer, pl_module):
@@ -869,7 +916,7 @@ def test_ddp_ranks_agree_on_anchors_and_values(tmp_path):
         assert_reached(ranks[0]["local"], boundaries=False)  # half an epoch per rank: boundaries not yet
         # the same model, anchors and planes on both ranks: the same measurement
         assert ranks[1]["local"] == pytest.approx(ranks[0]["local"], rel=1e-5)
-        for r in range(2):  # every rank logs what rank 0 measured, to the last digit
+        for r in range(2):  # every rank logs what rank 0 measured (rank 1's were shifted), to the last digit
             assert {k: ranks[r]["logged"][k] for k in ranks[0]["local"]} == ranks[0]["local"]
 
 

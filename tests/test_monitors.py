@@ -142,6 +142,7 @@ def test_diffeo_monitor_needs_images(tmp_path):
         (DiffeoStabilityMonitor, {"cutoff": 0}, r"`cutoff` must be a number >= 1"),
         (DiffeoStabilityMonitor, {"num_deformations": 0}, r"`num_deformations` must be an integer >= 1"),
         (DiffeoStabilityMonitor, {"output": "softmax!"}, r"`output` must be"),
+        (DiffeoStabilityMonitor, {"num_bootstrap": 1}, r"`num_bootstrap` must be 0"),
         (ElasticityMonitor, {"lr": 0.0}, r"`lr` must be a positive number"),
         (ElasticityMonitor, {"relative_step": 2.0}, r"`relative_step` must be in \(0, 1\)"),
         (ElasticityMonitor, {"loss_fn": "ce"}, r"`loss_fn` must be callable"),
@@ -216,3 +217,24 @@ def test_monitors_measure_on_the_gpu_and_leave_training_bit_identical(tmp_path):
     assert 0 < t.callback_metrics["cm/dim"].item() <= 64 and math.isfinite(t.callback_metrics["diffeo/rf"].item())
     for key in out[0]:
         assert torch.equal(out[0][key], out[1][key]), key
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_first_measurement_without_values(tmp_path, monkeypatch, strict):
+    """ElasticityMonitor cannot measure (e.g. a zero-gradient probe): nothing logged, a clear error only
+    where a strict EarlyStopping would otherwise fail on the missing key."""
+    import cm_monitor.callbacks.elasticity as module
+
+    def no_step(*args, **kwargs):
+        raise ValueError("no SGD step to take (zero gradient)")
+
+    monkeypatch.setattr(module, "local_elasticity", no_step)
+    stopper = EarlyStopping(monitor="elasticity/ratio", mode="max", strict=strict)
+    t = trainer(tmp_path, [ElasticityMonitor(**ELASTIC_FAST), stopper], max_epochs=1)
+    if strict:
+        with pytest.raises(RuntimeError, match=r"monitors \['elasticity/ratio'\].*could not be measured"):
+            t.fit(DigitsCNN(), *loaders())
+    else:
+        with pytest.warns(RuntimeWarning, match="not measured: no SGD step"):
+            t.fit(DigitsCNN(), *loaders())
+        assert "elasticity/ratio" not in t.callback_metrics and t.callback_metrics["elasticity/measured"] == 1.0

@@ -103,8 +103,8 @@ class GeometryMonitor(Callback):
         max_cost_frac: a budget: at most this fraction of the fit's wall time (since its start, this
             process) is spent measuring. A due measurement is postponed to a later validation
             (the last values are logged again, ``{prefix}/measured = 0``) while the previous
-            measurement's duration says it would exceed the budget; the first measurement of a
-            run always runs. ``None``: no budget. The schedule then depends on the machine's speed.
+            measurement's duration says it would exceed the budget; the first measurement of
+            each ``trainer.fit`` (a resumed one included) always runs. ``None``: no budget. The schedule then depends on the machine's speed.
         seed: seeds the anchor sample and the measurement's random numbers, which stay fixed for
             the run (common random numbers).
         batch_to_inputs: a function mapping a validation batch (after the module's batch-transfer
@@ -155,10 +155,10 @@ class GeometryMonitor(Callback):
     ) -> None:
         super().__init__()
         if prefix is not None:
-            if not isinstance(prefix, str) or not prefix.strip() or prefix.startswith("/") or prefix.endswith("/"):
-                raise ValueError(
-                    f"`prefix` must be a non-empty string without a leading or trailing '/', got {prefix!r}."
-                )
+            if not isinstance(prefix, str):
+                raise TypeError(f"`prefix` must be a string or None, got {prefix!r}.")
+            if not prefix or "/" in prefix or any(c.isspace() for c in prefix):
+                raise ValueError(f"`prefix` must be a non-empty name without '/' or whitespace, got {prefix!r}.")
             self.prefix = prefix
         self.every_n_epochs = check_int(every_n_epochs, "every_n_epochs")
         self.num_anchors = check_int(num_anchors, "num_anchors")
@@ -264,6 +264,13 @@ class GeometryMonitor(Callback):
         self._fit_seconds, self._last_seconds = 0.0, None
         model = self._model(pl_module)
         if not self._restored:  # a new series, also when this monitor served an earlier fit
+            if self.anchors is not None and trainer.current_epoch > 0:
+                rank_zero_warn(
+                    f"{type(self).__name__}: this fit continues at epoch {trainer.current_epoch} without restoring "
+                    "the monitor from a checkpoint, so a new series starts (anchors drawn again, first validation "
+                    "measured). Pass `ckpt_path=` to `trainer.fit` to continue the series.",
+                    category=UserWarning,
+                )
             self._reset_series()
         self._restored = False
         if self.anchors is None:
@@ -399,9 +406,13 @@ class GeometryMonitor(Callback):
         start = time.perf_counter()
         with isolate_rng():  # a model that draws random numbers in eval mode must not shift training's
             result = self._measure(trainer, pl_module, self._model(pl_module))
-            # drawing and writing the figures is part of the cost (rank 0 only)
+            # drawing and writing the figures is part of the cost (rank 0 only); a failure there
+            # must not leave the other ranks waiting in the broadcast below
             if self.log_figures and trainer.is_global_zero and result.figures:
-                self._log_figures(trainer, result.figures)
+                try:
+                    self._log_figures(trainer, result.figures)
+                except Exception as err:
+                    result.notes.append(f"figures not written ({type(err).__name__}: {err})")
         _synchronize(device)
         end = time.perf_counter()
         seconds = end - start
@@ -435,7 +446,7 @@ class GeometryMonitor(Callback):
             notes.append(f"non-finite values not logged, and there is no earlier value to log instead: {missing}")
         for note in notes:
             rank_zero_warn(f"{type(self).__name__} (epoch {epoch}): {note}", category=RuntimeWarning)
-        self._check_watched_keys(trainer, set(shared["values"]), missing, epoch)
+        self._check_watched_keys(trainer, epoch)
 
         if self.verbose:
             n = len(self.prefix) + 1
@@ -445,26 +456,30 @@ class GeometryMonitor(Callback):
             )
         return max(seconds, 1e-9), fraction
 
-    def _check_watched_keys(self, trainer: pl.Trainer, produced: set[str], missing: Sequence[str], epoch: int) -> None:
-        """Raise a clear error if another callback monitors one of our keys that has no value to log."""
+    def _check_watched_keys(self, trainer: pl.Trainer, epoch: int) -> None:
+        """Raise a clear error if another callback strictly monitors one of our keys that has no value.
+
+        Such a callback (``EarlyStopping(strict=True)``, ``ModelCheckpoint``) would fail on the
+        missing key anyway; this says why. Keys that something else logs are left alone.
+        """
+        own = f"{self.prefix}/"
+        always = {f"{own}{k}" for k in ("seconds", "cost_frac", "measured")}
         watched = {
-            key for cb in trainer.callbacks if cb is not self and isinstance(key := getattr(cb, "monitor", None), str)
+            key
+            for cb in trainer.callbacks
+            if cb is not self
+            and isinstance(key := getattr(cb, "monitor", None), str)
+            and key.startswith(own)
+            and getattr(cb, "strict", True)
         }
-        failed = sorted(watched.intersection(missing))
-        if failed:
+        absent = sorted(k for k in watched if k not in self.last_values and k not in always)
+        absent = [k for k in absent if k not in trainer.callback_metrics]
+        if absent:
             raise RuntimeError(
-                f"{type(self).__name__}: the measurement at epoch {epoch} gave NaN/inf for {failed}, and no "
-                "earlier measurement of this run gave a finite value, so there is nothing to log while another "
-                "callback (EarlyStopping, ModelCheckpoint) monitors it. The model's outputs overflowed or "
-                "were NaN during the measurement; see the warnings above."
-            )
-        always = {f"{self.prefix}/{k}" for k in ("seconds", "cost_frac", "measured")}
-        known = produced | set(self.last_values) | always
-        unknown = sorted(k for k in watched if k.startswith(f"{self.prefix}/") and k not in known)
-        if unknown:
-            raise MisconfigurationException(
-                f"{type(self).__name__}: another callback monitors {unknown}, which this monitor does not log "
-                f"with its configuration. It logs: {sorted(known)}."
+                f"{type(self).__name__}: another callback monitors {absent}, but after the measurement at epoch "
+                f"{epoch} this monitor has no value to log for it: either it came out NaN/inf or could not be "
+                "measured, and no earlier measurement of this run gave a value (see the warnings above), or "
+                f"this monitor does not log it with its configuration. It logs: {sorted(set(self.last_values) | always)}."
             )
 
     def _log_values(self, pl_module: pl.LightningModule, values: Mapping[str, float]) -> None:
@@ -523,7 +538,10 @@ class GeometryMonitor(Callback):
                     raise type(error)(f"{name} could not draw anchors from the validation data: {error}") from error
                 raise error
             raise RuntimeError(f"{name} could not draw anchors on global rank 0: {payload['error']}")
-        sample = AnchorSample(payload["inputs"], payload["labels"], payload["counts"], payload["n"])
+        device = pl_module.device  # the sample is on the CPU (also for the broadcast); measured on the device
+        sample = AnchorSample(
+            payload["inputs"].to(device), payload["labels"].to(device), payload["counts"], payload["n"]
+        )
         num_classes = self._num_classes(model, sample.inputs)
         top = int(sample.labels.max())
         if top >= num_classes:

@@ -83,7 +83,8 @@ class CMDimensionMonitor(GeometryMonitor):
 
     * ``cm/dim``: mean over the measured classes of ``D - d*`` (higher: larger class manifolds).
     * ``cm/dim_std``: its bootstrap standard deviation over anchors (not logged with
-      ``num_bootstrap=0``; not logged, with a warning, when a class has a single anchor).
+      ``num_bootstrap=0``, nor, with a warning at the first measurement, when a class or pair has
+      fewer than two anchors).
     * ``cm/dim_frac``: ``cm/dim / D``.
     * ``cm/dim_class_{c}``: ``D - d*`` of class ``c``.
     * ``cm/dim_p{100 p}``: ``cm/dim`` read at each level of ``extra_thresholds``.
@@ -319,7 +320,21 @@ class CMDimensionMonitor(GeometryMonitor):
         for c, v in per_class.items():
             values[f"dim_class_{c}"] = v
         values["dim"], values["dim_frac"] = mean, mean / D
-        if self.num_bootstrap > 0:  # NaN (reported, not logged) where a target has a single anchor
+        # an uncertainty needs a bootstrap and at least two anchors per target; else no *_std keys
+        single = [
+            t
+            for est in (cm, boundary)
+            if est is not None
+            for t, n in zip(est.targets, (est.anchor_index >= 0).sum(1).tolist(), strict=True)
+            if n < 2
+        ]
+        with_std = self.num_bootstrap > 0 and not single
+        if single and self.num_bootstrap > 0 and self.num_measurements == 0:
+            notes.append(
+                f"targets {single} have fewer than two anchors, so there is no uncertainty: the `*_std` keys are "
+                "not logged (raise `num_anchors` or `anchors_per_target`)."
+            )
+        if with_std:
             values["dim_std"] = std
         for t in self.extra_thresholds:
             _, values[f"dim_p{100 * t:g}"], _ = _read(cm.at(t), f"class (p = {t:g})", [])
@@ -327,7 +342,7 @@ class CMDimensionMonitor(GeometryMonitor):
             _, mean, std = _read(boundary, "pair", notes)
             values["boundary_dim"] = mean
             values["boundary_dim_frac"] = mean / D
-            if self.num_bootstrap > 0:
+            if with_std:
                 values["boundary_dim_std"] = std
 
         epoch = trainer.current_epoch
@@ -362,8 +377,6 @@ def _read(est: DimensionEstimate, what: str, notes: list[str]) -> tuple[dict[Any
         else:  # no bootstrap: a single anchor for this target, or num_bootstrap = 0
             no_std.append(t)
     top = int(est.dims[-1])
-    if no_std and est.num_bootstrap > 0:
-        notes.append(f"{what} {no_std} have a single anchor, so no uncertainty: the `*_std` value is not logged.")
     if unreached:
         at = f"d = D = {top}" if top == est.input_dim else f"d = {top}, the largest of `dims`"
         notes.append(

@@ -42,7 +42,8 @@ class DiffeoStabilityMonitor(GeometryMonitor):
         reduction: ``"mean"`` or ``"median"`` (the reference code's robust averages).
         output: ``"logits"`` (default), ``"probabilities"`` or a callable on the model's output.
         clip: clip the temperature into the natural range of the image size (with a warning).
-        num_bootstrap: bootstrap resamples of the images for the uncertainty.
+        num_bootstrap: bootstrap resamples of the images for the uncertainty; 0 for none (the
+            ``*_std`` keys are then not logged).
         chunk_size: images per forward pass.
         seed: seeds the probe images, the deformations and the noise.
         max_cost_frac, batch_to_inputs, input_key, label_key, dataloader_idx, max_scan_batches, get_model,
@@ -140,6 +141,8 @@ class DiffeoStabilityMonitor(GeometryMonitor):
         self.num_deformations = check_int(num_deformations, "num_deformations")
         self.reduction, self.output, self.clip = reduction, output, clip
         self.num_bootstrap = check_int(num_bootstrap, "num_bootstrap", minimum=0)
+        if self.num_bootstrap == 1:
+            raise ValueError("`num_bootstrap` must be 0 (no uncertainties) or at least 2, got 1.")
         self.chunk_size = check_int(chunk_size, "chunk_size")
         self.last_estimate: StabilityEstimate | None = None
 
@@ -199,7 +202,6 @@ class DiffeoStabilityMonitor(GeometryMonitor):
             "df": est.df,
             "gf": est.gf,
         }
-        for key, value in (("rf_std", est.rf_std), ("log10_rf_std", est.log10_rf_std)):
-            if math.isfinite(value):
-                values[key] = value
+        if self.num_bootstrap > 0:  # NaN here is a failed value: reported, not logged
+            values["rf_std"], values["log10_rf_std"] = est.rf_std, est.log10_rf_std
         return Measurement(values=values, notes=notes)
