@@ -77,9 +77,12 @@ def test_chunking_does_not_change_the_result():
     x, y = data(10)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)).double()
-    a = local_elasticity(model, x, y, chunk_size=3, cluster=False)
+    a = local_elasticity(model, x, y, chunk_size=3, cluster=False)  # per-example gradients 3 at a time too
     b = local_elasticity(model, x, y, chunk_size=100, cluster=False)
     torch.testing.assert_close(a.similarity, b.similarity)
+    torch.testing.assert_close(a.kernel, b.kernel)
+    torch.testing.assert_close(a.lr, b.lr)
+    assert a.linearity_error == pytest.approx(b.linearity_error, rel=1e-6, abs=1e-12)
 
 
 def test_token_ids_are_accepted():

@@ -108,7 +108,8 @@ def local_elasticity(
         cluster: spectral clustering of the symmetrized similarity, scored by the adjusted Rand index
             against ``labels`` (scikit-learn).
         generator: CPU ``torch.Generator`` or int seed (default 0) for the clustering's initialization.
-        chunk_size: SGD steps evaluated together (memory: ``chunk_size`` copies of the parameters).
+        chunk_size: SGD steps evaluated together, and per-example gradients computed together (memory:
+            about ``2 · chunk_size`` copies of the parameters).
 
     Example::
 
@@ -165,15 +166,28 @@ def local_elasticity(
                 raise ValueError(
                     f"`labels` must be class ids in [0, {f0.shape[1] - 1}], got values in [{int(y.min())}, {int(y.max())}]."
                 )
-            # g_i = dL/df at x_i, and the per-example parameter gradients, by torch.func
+            # g_i = dL/df at x_i, by torch.func
             g_out = vmap(grad(lambda o, t: loss_fn(o[None], t[None])))(f0.detach(), y)  # [N, C]
-            g_par = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)  # {name: [N, *shape]}
         except RuntimeError as err:
             raise explain_inference_tensors(err) from err
         f0 = f0.detach()
+        chunks = [slice(start, start + chunk_size) for start in range(0, n, chunk_size)]
+
+        def per_example_grads(sl: slice) -> dict[str, Tensor]:
+            """``∇_w L_i`` for the inputs of one chunk (memory: ``chunk_size`` parameter copies)."""
+            try:
+                return vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x[sl], y[sl])  # {name: [B, *shape]}
+            except RuntimeError as err:
+                raise explain_inference_tensors(err) from err
+
         if lr is None:
             w_norm = torch.sqrt(sum(p.double().pow(2).sum() for p in params.values()))
-            g_norm = torch.sqrt(sum(g.double().pow(2).flatten(1).sum(1) for g in g_par.values()))
+            g_norm = torch.cat(
+                [
+                    torch.sqrt(sum(g.double().pow(2).flatten(1).sum(1) for g in per_example_grads(sl).values()))
+                    for sl in chunks
+                ]
+            )
             if not bool((g_norm > 0).all()):
                 raise ValueError(
                     "The loss gradient is exactly zero at some input, so its SGD step does not move anything; pass `lr=` or other inputs."
@@ -182,20 +196,21 @@ def local_elasticity(
         else:
             eta = torch.full((n,), float(lr), dtype=torch.float64, device=device)
 
-        def changes(eta: Tensor) -> Tensor:
-            """``Δ_i(x_j)`` for every step i and input j: ``[N, N, C]``."""
-            out = []
-            for start in range(0, n, chunk_size):
-                sl = slice(start, start + chunk_size)
+        # Δ_i(x_j) for every step i and input j, [N, N, C]: one chunk of steps at a time (and the
+        # steps with η/2 for the linearity check from the same gradients)
+        scales = (1.0, 0.5) if check_linearity else (1.0,)
+        out: dict[float, list[Tensor]] = {scale: [] for scale in scales}
+        for sl in chunks:
+            g_par = per_example_grads(sl)
+            for scale in scales:
                 stepped = {}
                 for k, p in params.items():
-                    e = eta[sl].to(p.dtype).view(-1, *([1] * p.dim()))
-                    stepped[k] = p - e * g_par[k][sl]
-                out.append(vmap(f, in_dims=(0, None))(stepped, x) - f0)
-            return torch.cat(out).double()
-
-        delta = changes(eta)
-        half = changes(eta / 2) if check_linearity else None
+                    e = (eta[sl] * scale).to(p.dtype).view(-1, *([1] * p.dim()))
+                    stepped[k] = p - e * g_par[k]
+                out[scale].append(vmap(f, in_dims=(0, None))(stepped, x) - f0)
+            del g_par
+        delta = torch.cat(out[1.0]).double()
+        half = torch.cat(out[0.5]).double() if check_linearity else None
 
     g = g_out.double()
     own = delta[torch.arange(n), torch.arange(n)].norm(dim=-1)  # ‖Δ_i(x_i)‖
