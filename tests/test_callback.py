@@ -817,6 +817,8 @@ def test_error_classes_outside_the_model(tmp_path):
         ({"max_cost_frac": 1.5}, ValueError, "max_cost_frac"),
         ({"num_pairs": -1}, ValueError, "num_pairs"),
         ({"pairs": [(1, 1)]}, ValueError, "pairs"),
+        ({"pairs": [(1, 2)], "num_pairs": 3}, ValueError, "either `pairs`"),
+        ({"pairs": [(1, 2)], "num_pairs": None}, ValueError, "either `pairs`"),
         ({"pairs": [(1, 2, 3)]}, ValueError, "pairs"),
         ({"classes": []}, ValueError, "classes"),
         ({"classes": [1, 1]}, ValueError, "classes"),

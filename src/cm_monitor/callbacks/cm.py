@@ -58,7 +58,8 @@ class CMDimensionMonitor(GeometryMonitor):
         classes: the classes whose manifold is measured (default: all classes of the model).
         num_pairs: number of class pairs whose boundary is measured, chosen at random once (among
             the pairs of ``classes``); ``None`` for all pairs, ``0`` for none.
-        pairs: explicit class pairs for the boundaries (overrides ``num_pairs``).
+        pairs: explicit class pairs for the boundaries (instead of ``num_pairs``, which must then keep
+            its default).
         threshold: target probability that counts as reaching a class manifold (``p``).
         boundary_threshold: ``τ``: a boundary between two classes is reached when both have
             probability ``>= τ / 2`` at one point.
@@ -175,6 +176,10 @@ class CMDimensionMonitor(GeometryMonitor):
         self.classes = _check_classes(classes)
         self.num_pairs = check_int(num_pairs, "num_pairs", minimum=0, allow_none=True)
         self.pairs_arg = _check_pairs(pairs)
+        if self.pairs_arg is not None and num_pairs != 5:
+            raise ValueError(
+                f"Pass either `pairs` (explicit pairs) or `num_pairs` (random pairs), not both (num_pairs={num_pairs!r})."
+            )
         self.threshold = check_probability(threshold, "threshold")
         self.boundary_threshold = check_probability(boundary_threshold, "boundary_threshold")
         if isinstance(extra_thresholds, str) or not isinstance(extra_thresholds, Sequence):
