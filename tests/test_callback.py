@@ -800,7 +800,10 @@ def test_error_integer_inputs(tmp_path):
 def test_error_classes_outside_the_model(tmp_path):
     _fit_expecting(tmp_path, ValueError, "`classes` holds 12", monitor=CMDimensionMonitor(**FAST, classes=[0, 12]))
     _fit_expecting(
-        tmp_path, ValueError, r"`pairs` holds \(3, 10\)", monitor=CMDimensionMonitor(**FAST, pairs=[(3, 10)])
+        tmp_path,
+        ValueError,
+        r"`pairs` holds \(3, 10\)",
+        monitor=CMDimensionMonitor(**{**FAST, "num_pairs": 5}, pairs=[(3, 10)]),
     )
 
 
