@@ -63,11 +63,11 @@ class Measurement:
     """What a monitor's :meth:`GeometryMonitor._measure` returns.
 
     Attributes:
-        values: metric name (without the monitor's prefix, e.g. ``"dim"``) → value. NaN/inf marks a value that could not be measured:
-            it is not logged (its last finite value is logged again). Keys missing here also keep
-            their last value.
-        figures: tag (without prefix) → function that builds a matplotlib figure (called on global rank zero only,
-            and only when a TensorBoard logger is attached).
+        values: metric name (without the monitor's prefix, e.g. ``"dim"``) → value. NaN/inf marks
+            a value that could not be measured: it is not logged (its last finite value is logged
+            again). Keys missing here also keep their last value.
+        figures: tag (without prefix) → function that builds a matplotlib figure (called on global
+            rank zero only, and only when a TensorBoard logger is attached).
         notes: short warnings to report (rank zero) about this measurement.
     """
 
@@ -104,7 +104,8 @@ class GeometryMonitor(Callback):
             process) is spent measuring. A due measurement is postponed to a later validation
             (the last values are logged again, ``{prefix}/measured = 0``) while the previous
             measurement's duration says it would exceed the budget; the first measurement of
-            each ``trainer.fit`` (a resumed one included) always runs. ``None``: no budget. The schedule then depends on the machine's speed.
+            each ``trainer.fit`` (a resumed one included) always runs. ``None``: no budget. The
+            schedule then depends on the machine's speed.
         seed: seeds the anchor sample and the measurement's random numbers, which stay fixed for
             the run (common random numbers).
         batch_to_inputs: a function mapping a validation batch (after the module's batch-transfer
@@ -196,7 +197,7 @@ class GeometryMonitor(Callback):
         #: total seconds spent measuring in this process (not saved in checkpoints)
         self.total_seconds = 0.0
         self._interval_start: float | None = None
-        self._restored = False  # load_state_dict ran since the last start of fit
+        self._restored = False  # load_state_dict ran after this fit's `setup` (which clears the flag)
         self._fit_start: float | None = None
         self._fit_seconds = 0.0  # seconds spent measuring in this fit (for the budget)
         self._last_seconds: float | None = None  # duration of the last measurement in this fit
@@ -272,7 +273,6 @@ class GeometryMonitor(Callback):
                     category=UserWarning,
                 )
             self._reset_series()
-        self._restored = False
         if self.anchors is None:
             self._draw_anchors(trainer, pl_module, model)
         else:  # restored from a checkpoint (saved on the CPU): back to the model's device
@@ -291,13 +291,7 @@ class GeometryMonitor(Callback):
     def _warn_budget_with_watchers(self, trainer: pl.Trainer) -> None:
         if self.max_cost_frac is None:
             return
-        watched = sorted(
-            key
-            for cb in trainer.callbacks
-            if cb is not self
-            and isinstance(key := getattr(cb, "monitor", None), str)
-            and key.startswith(f"{self.prefix}/")
-        )
+        watched = sorted(self._watched_keys(trainer))
         if watched:
             rank_zero_warn(
                 f"{type(self).__name__}: with `max_cost_frac` measurements may be postponed, and the "
@@ -456,22 +450,26 @@ class GeometryMonitor(Callback):
             )
         return max(seconds, 1e-9), fraction
 
+    def _watched_keys(self, trainer: pl.Trainer, strict_only: bool = False) -> set[str]:
+        """Keys under this monitor's prefix that other callbacks monitor (``strict_only``: those that
+        fail on a missing key, i.e. all but ``EarlyStopping(strict=False)``)."""
+        return {
+            key
+            for cb in trainer.callbacks
+            if cb is not self
+            and isinstance(key := getattr(cb, "monitor", None), str)
+            and key.startswith(f"{self.prefix}/")
+            and (getattr(cb, "strict", True) or not strict_only)
+        }
+
     def _check_watched_keys(self, trainer: pl.Trainer, epoch: int) -> None:
         """Raise a clear error if another callback strictly monitors one of our keys that has no value.
 
         Such a callback (``EarlyStopping(strict=True)``, ``ModelCheckpoint``) would fail on the
         missing key anyway; this says why. Keys that something else logs are left alone.
         """
-        own = f"{self.prefix}/"
-        always = {f"{own}{k}" for k in ("seconds", "cost_frac", "measured")}
-        watched = {
-            key
-            for cb in trainer.callbacks
-            if cb is not self
-            and isinstance(key := getattr(cb, "monitor", None), str)
-            and key.startswith(own)
-            and getattr(cb, "strict", True)
-        }
+        always = {f"{self.prefix}/{k}" for k in ("seconds", "cost_frac", "measured")}
+        watched = self._watched_keys(trainer, strict_only=True)
         absent = sorted(k for k in watched if k not in self.last_values and k not in always)
         absent = [k for k in absent if k not in trainer.callback_metrics]
         if absent:

@@ -366,7 +366,7 @@ def _read(est: DimensionEstimate, what: str, notes: list[str]) -> tuple[dict[Any
     dims = est.dimension.tolist()
     stds = est.dimension_std.tolist()
     per_target: dict[Any, float] = {}
-    unreached, bad, no_std = [], [], []
+    unreached, bad = [], []
     var = 0.0
     for t, d, s, f in zip(est.targets, dims, stds, failed, strict=True):
         if f:
@@ -377,10 +377,7 @@ def _read(est: DimensionEstimate, what: str, notes: list[str]) -> tuple[dict[Any
             unreached.append(t)
             d, s = 0.0, 0.0
         per_target[t] = d
-        if math.isfinite(s):
-            var += s * s
-        else:  # no bootstrap: a single anchor for this target, or num_bootstrap = 0
-            no_std.append(t)
+        var += s * s  # NaN without a bootstrap (num_bootstrap = 0 or a single anchor): no std then
     top = int(est.dims[-1])
     if unreached:
         at = f"d = D = {top}" if top == est.input_dim else f"d = {top}, the largest of `dims`"
@@ -398,7 +395,7 @@ def _read(est: DimensionEstimate, what: str, notes: list[str]) -> tuple[dict[Any
         notes.append(f"NaN/inf during the optimization for {what} {bad}: no value for them nor for the mean.")
         return per_target, math.nan, math.nan
     n = len(per_target)
-    return per_target, sum(per_target.values()) / n, math.nan if no_std else math.sqrt(var) / n
+    return per_target, sum(per_target.values()) / n, math.sqrt(var) / n
 
 
 def _check_classes(classes: Sequence[int] | None) -> list[int] | None:
