@@ -1,13 +1,18 @@
 """Known-answer tests of the cutting-plane estimator (methods.md section 1, sanity cases)."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
-from cm_monitor import boundary_dimension, cm_dimension, default_dims
+from cm_monitor import OptimizerSettings, boundary_dimension, cm_dimension, default_dims
 from cm_monitor.synthetic import HalfSpace, Tube
 
 D = 64
+#: The geometry without the locality bound: the sanity cases of methods.md are about planes of any
+#: extent (a line always reaches a half-space, a (D - k)-plane a k-dimensional tube).
+UNBOUNDED = OptimizerSettings(max_radius=None)
 
 
 def zeros(n):
@@ -20,13 +25,13 @@ def test_linear_two_class_cm_and_boundary_are_d_minus_one():
     labels = model(anchors).argmax(1)
     assert set(labels.tolist()) == {0, 1}
 
-    cm = cm_dimension(model, anchors, labels)
+    cm = cm_dimension(model, anchors, labels, settings=UNBOUNDED)
     assert cm.targets == [0, 1]
     assert cm.cutting_dim.tolist() == [1.0, 1.0]
     assert cm.dimension.tolist() == [D - 1, D - 1]
     assert cm.dimension_frac.tolist() == pytest.approx([(D - 1) / D] * 2)
 
-    bd = boundary_dimension(model, anchors, labels)
+    bd = boundary_dimension(model, anchors, labels, settings=UNBOUNDED)
     assert bd.targets == [(0, 1)]
     # a two-class model has no anchor outside the pair: all anchors are used
     assert int((bd.anchor_index >= 0).sum()) == 20
@@ -38,7 +43,7 @@ def test_tube_dimension_is_k(k):
     model = Tube(D, k)
     anchors = model.sample_outside(12)
     assert float(model(anchors).softmax(1)[:, 1].max()) < 1e-6  # anchors are far outside the tube
-    est = cm_dimension(model, anchors, zeros(12), classes=[1])
+    est = cm_dimension(model, anchors, zeros(12), classes=[1], settings=UNBOUNDED)
     assert abs(float(est.dimension[0]) - k) <= 5, est.dimension
     assert 0 < float(est.dimension_std[0]) < 5
     # nested planes: the curve is monotone in d, from "never reached" to "always reached"
@@ -51,8 +56,8 @@ def test_default_settings_converge_on_tube():
     """The default budget gives the same answer as a much longer, finer optimization."""
     model = Tube(D, 32)
     anchors = model.sample_outside(8)
-    default = cm_dimension(model, anchors, zeros(8), classes=[1])
-    long_run = cm_dimension(model, anchors, zeros(8), classes=[1], lr=0.05, max_steps=4000)
+    default = cm_dimension(model, anchors, zeros(8), classes=[1], settings=UNBOUNDED)
+    long_run = cm_dimension(model, anchors, zeros(8), classes=[1], lr=0.05, max_steps=4000, settings=UNBOUNDED)
     assert abs(float(default.dimension[0]) - float(long_run.dimension[0])) <= 1.0
     assert abs(float(long_run.dimension[0]) - 32) <= 5
 
@@ -61,8 +66,8 @@ def test_scale_invariance():
     """Inputs multiplied by 100 and a model dividing by 100: the same dimension."""
     small, big = Tube(D, 16), Tube(D, 16, input_scale=100.0)
     anchors = small.sample_outside(8)
-    a = cm_dimension(small, anchors, zeros(8), classes=[1])
-    b = cm_dimension(big, anchors * 100, zeros(8), classes=[1])
+    a = cm_dimension(small, anchors, zeros(8), classes=[1], settings=UNBOUNDED)
+    b = cm_dimension(big, anchors * 100, zeros(8), classes=[1], settings=UNBOUNDED)
     assert abs(float(a.dimension[0]) - float(b.dimension[0])) < 0.1
     assert abs(float(a.dimension[0]) - 16) <= 5
 
@@ -72,32 +77,37 @@ def test_input_shape_does_not_matter():
     model = Tube(D, 16)
     flat = model.sample_outside(6)
     kw = dict(classes=[1], dims=[40, 44, 48, 52, 56])
-    a = cm_dimension(model, flat, zeros(6), **kw)
-    img = cm_dimension(model, flat.view(6, 1, 8, 8), zeros(6), **kw)
-    seq = cm_dimension(model, flat.view(6, 16, 4), zeros(6), **kw)
+    a = cm_dimension(model, flat, zeros(6), **kw, settings=UNBOUNDED)
+    img = cm_dimension(model, flat.view(6, 1, 8, 8), zeros(6), **kw, settings=UNBOUNDED)
+    seq = cm_dimension(model, flat.view(6, 16, 4), zeros(6), **kw, settings=UNBOUNDED)
     assert img.input_dim == seq.input_dim == D
     assert torch.equal(a.scores, img.scores) and torch.equal(a.scores, seq.scores)
 
 
-def test_a_grid_that_starts_above_one_flags_censored_targets():
-    # the half-space is reached by a line: with a grid starting at 4, d* <= 4 is only bounded
+def test_a_curve_reached_at_the_first_grid_point_is_flagged_saturated():
+    # the half-space is reached by a line: d* <= dims[0] is only bounded, whether the grid starts at 4 or 1
     from cm_monitor.callbacks.cm import _read
 
     model = HalfSpace(D)
     anchors = torch.randn(10, D, generator=torch.Generator().manual_seed(3))
     labels = model(anchors).argmax(1)
-    coarse = cm_dimension(model, anchors, labels, dims=[4, 16, 64])
-    assert coarse.censored.tolist() == [True, True]
+    coarse = cm_dimension(model, anchors, labels, dims=[4, 16, 64], settings=UNBOUNDED)
+    assert coarse.saturated.tolist() == [True, True]
     assert coarse.cutting_dim.tolist() == [4.0, 4.0]
+    assert torch.isnan(coarse.cutting_dim_std).all()
     notes = []
     per_class, mean, _ = _read(coarse, "class", notes)
     assert mean == D - 4 and per_class == {0: D - 4, 1: D - 4}
     assert any("already at the smallest plane dimension d = 4" in n and "at least 60" in n for n in notes)
-    fine = cm_dimension(model, anchors, labels, dims=[1, 4, 16, 64])
-    assert fine.censored.tolist() == [False, False]
+    fine = cm_dimension(model, anchors, labels, dims=[1, 4, 16, 64], settings=UNBOUNDED)
+    assert fine.saturated.tolist() == [True, True]
+    notes = []
+    _read(fine, "class", notes)
+    assert any("d = 1" in n and "saturated" in n for n in notes)
     # a target that is never reached within a grid that stops below D: the note says where it stopped
     tube = Tube(D, 16)
-    est = cm_dimension(tube, tube.sample_outside(4), zeros(4), classes=[1], dims=[1, 2, 4])
+    est = cm_dimension(tube, tube.sample_outside(4), zeros(4), classes=[1], dims=[1, 2, 4], settings=UNBOUNDED)
+    assert est.saturated.tolist() == [False]
     notes = []
     assert _read(est, "class", notes)[0] == {1: 0.0}
     assert any("even at d = 4, the largest of `dims`" in n for n in notes)
@@ -107,15 +117,15 @@ def test_as_dict_uses_the_monitor_keys():
     model = HalfSpace(D)
     anchors = torch.randn(10, D, generator=torch.Generator().manual_seed(3))
     labels = model(anchors).argmax(1)
-    cm = cm_dimension(model, anchors, labels).as_dict()
+    cm = cm_dimension(model, anchors, labels, settings=UNBOUNDED).as_dict()
     assert cm == {
         "dim": D - 1,
-        "dim_std": pytest.approx(0.0),
+        "dim_std": pytest.approx(math.nan, nan_ok=True),  # saturated at d = 1: no uncertainty
         "dim_frac": pytest.approx((D - 1) / D),
         "dim_class_0": D - 1,
         "dim_class_1": D - 1,
     }
-    bd = boundary_dimension(model, anchors, labels).as_dict()
+    bd = boundary_dimension(model, anchors, labels, settings=UNBOUNDED).as_dict()
     assert set(bd) == {"boundary_dim", "boundary_dim_std", "boundary_dim_frac", "boundary_dim_pair_0_1"}
     assert bd["boundary_dim"] == bd["boundary_dim_pair_0_1"] == D - 1
 
@@ -124,8 +134,8 @@ def test_chunking_does_not_change_the_result():
     model = Tube(D, 16)
     anchors = model.sample_outside(6)
     kw = dict(classes=[1], dims=[40, 48, 56])
-    one = cm_dimension(model, anchors, zeros(6), chunk_size=3, **kw)  # one anchor per pass
-    all_ = cm_dimension(model, anchors, zeros(6), chunk_size=10_000, **kw)
+    one = cm_dimension(model, anchors, zeros(6), chunk_size=3, **kw, settings=UNBOUNDED)  # one anchor per pass
+    all_ = cm_dimension(model, anchors, zeros(6), chunk_size=10_000, **kw, settings=UNBOUNDED)
     torch.testing.assert_close(one.scores, all_.scores)
 
 
@@ -136,7 +146,7 @@ def test_basis_memory_bounds_the_chunk(monkeypatch):
     model = Tube(D, 16)
     anchors = model.sample_outside(6)
     kw = dict(classes=[1], dims=[40, 48, 56], chunk_size=10_000)
-    whole = cm_dimension(model, anchors, zeros(6), **kw)
+    whole = cm_dimension(model, anchors, zeros(6), **kw, settings=UNBOUNDED)
     groups = []
     real = cutting.nested_bases
 
@@ -146,7 +156,7 @@ def test_basis_memory_bounds_the_chunk(monkeypatch):
 
     monkeypatch.setattr(cutting, "nested_bases", spy)
     monkeypatch.setattr(cutting, "MAX_BASIS_ELEMENTS", 2 * D * 56)
-    capped = cm_dimension(model, anchors, zeros(6), **kw)
+    capped = cm_dimension(model, anchors, zeros(6), **kw, settings=UNBOUNDED)
     assert groups == [2, 2, 2]
     torch.testing.assert_close(capped.scores, whole.scores)
 
@@ -154,8 +164,8 @@ def test_basis_memory_bounds_the_chunk(monkeypatch):
 def test_reread_at_another_threshold_matches_a_fresh_run():
     model = Tube(D, 16)
     anchors = model.sample_outside(8)
-    est = cm_dimension(model, anchors, zeros(8), classes=[1], threshold=0.5)
-    fresh = cm_dimension(model, anchors, zeros(8), classes=[1], threshold=0.9)
+    est = cm_dimension(model, anchors, zeros(8), classes=[1], threshold=0.5, settings=UNBOUNDED)
+    fresh = cm_dimension(model, anchors, zeros(8), classes=[1], threshold=0.9, settings=UNBOUNDED)
     reread = est.at(0.9)
     assert reread.threshold == 0.9
     torch.testing.assert_close(reread.cutting_dim, fresh.cutting_dim)
@@ -170,8 +180,8 @@ def test_ensemble_is_close_to_the_intersection():
     """Two tubes of dimension 48 in R^64 intersect in about 32 dimensions."""
     a, b = Tube(D, 48, seed=0), Tube(D, 48, seed=1)
     anchors = a.sample_outside(8)
-    single = cm_dimension(a, anchors, zeros(8), classes=[1])
-    both = cm_dimension([a, b], anchors, zeros(8), classes=[1])
+    single = cm_dimension(a, anchors, zeros(8), classes=[1], settings=UNBOUNDED)
+    both = cm_dimension([a, b], anchors, zeros(8), classes=[1], settings=UNBOUNDED)
     assert abs(float(single.dimension[0]) - 48) <= 5
     assert float(both.dimension[0]) < float(single.dimension[0]) - 8
     assert abs(float(both.dimension[0]) - 32) <= 6
@@ -181,7 +191,7 @@ def test_anchors_of_the_target_class_are_not_used():
     model = HalfSpace(D)
     anchors = torch.randn(10, D, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([0, 1] * 5)
-    est = cm_dimension(model, anchors, labels, dims=[1, 2])
+    est = cm_dimension(model, anchors, labels, dims=[1, 2], settings=UNBOUNDED)
     for i, c in enumerate(est.targets):
         used = est.anchor_index[i][est.anchor_index[i] >= 0]
         assert bool((labels[used] != c).all()) and used.numel() == 5
@@ -190,7 +200,7 @@ def test_anchors_of_the_target_class_are_not_used():
 def test_anchors_per_target_limits_the_anchors():
     model = HalfSpace(D)
     anchors = torch.randn(10, D, generator=torch.Generator().manual_seed(0))
-    est = cm_dimension(model, anchors, zeros(10), classes=[1], dims=[1, 2], anchors_per_target=4)
+    est = cm_dimension(model, anchors, zeros(10), classes=[1], dims=[1, 2], anchors_per_target=4, settings=UNBOUNDED)
     assert int((est.anchor_index >= 0).sum()) == 4
 
 
@@ -198,7 +208,7 @@ def test_boundary_of_three_classes_uses_outside_anchors():
     model = nn.Linear(D, 4)
     anchors = torch.randn(12, D, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(12) % 4
-    est = boundary_dimension(model, anchors, labels, pairs=[(0, 1, 2)], dims=[1, 8, 64])
+    est = boundary_dimension(model, anchors, labels, pairs=[(0, 1, 2)], dims=[1, 8, 64], settings=UNBOUNDED)
     used = est.anchor_index[0][est.anchor_index[0] >= 0]
     assert bool((labels[used] == 3).all()) and used.numel() == 3
     assert est.targets == [(0, 1, 2)]
@@ -210,34 +220,6 @@ def test_default_grid_is_log_spaced_and_ends_at_d():
     assert default_dims(1) == [1]
 
 
-def _digits():
-    from sklearn.datasets import load_digits
-
-    X, y = load_digits(return_X_y=True)
-    X, y = torch.tensor(X, dtype=torch.float32) / 16.0, torch.tensor(y)
-    perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(0))
-    return X[perm[:1400]], y[perm[:1400]], X[perm[1400:]], y[perm[1400:]]
-
-
-def test_trained_mlp_on_digits_has_higher_cm_dimension_than_at_init():
-    Xtr, ytr, Xte, yte = _digits()
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-    anchors = torch.cat([Xte[yte == c][:3] for c in range(10)])
-    labels = torch.cat([yte[yte == c][:3] for c in range(10)])
-    kw = dict(anchors_per_target=6, generator=1)
-    before = cm_dimension(model, anchors, labels, **kw)
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(300):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(Xtr), ytr).backward()
-        opt.step()
-    assert float((model(Xte).argmax(1) == yte).float().mean()) > 0.9
-    after = cm_dimension(model, anchors, labels, **kw)
-    assert after.mean_dimension > before.mean_dimension + 3 * max(after.mean_dimension_std, before.mean_dimension_std)
-    assert 0 < after.mean_dimension <= 64
-
-
 def test_plane_seeds_are_fixed_numbers():
     """Saved seeds must give the same planes on every Python version: the hash is our own."""
     from cm_monitor.planes import nested_bases, plane_seed
@@ -247,3 +229,128 @@ def test_plane_seeds_are_fixed_numbers():
     assert plane_seed(0, (1,), 0) == 8837795482129047433
     q = nested_bases([plane_seed(0, (1,), 0)], 16, 4)
     torch.testing.assert_close(q[0].T @ q[0], torch.eye(4), atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------- locality
+
+
+def _anchors_at_distance(n, h, norm, seed=1):  # seed 0 would draw the weight vector itself
+    """Anchors of class 0 of the HalfSpace at distance ``h`` from its hyperplane, each of norm ``norm``."""
+    model = HalfSpace(D)
+    w = model.linear.weight.detach()[0]
+    n_hat = w / w.norm()
+    z = torch.randn(n, D, generator=torch.Generator().manual_seed(seed))
+    z = z - (z @ n_hat)[:, None] * n_hat  # orthogonal to the normal
+    z = z / z.norm(dim=1, keepdim=True) * (norm**2 - h**2) ** 0.5
+    return model, z - h * n_hat
+
+
+@pytest.mark.parametrize("ratio", [0.35, 0.5])
+def test_half_space_within_a_radius(ratio):
+    """A d-plane through x0 reaches the hyperplane within radius R iff R · ‖Q_dᵀ n‖ >= h, and
+    ‖Q_dᵀ n‖² of a random d-plane has mean d / D: half of the planes succeed at d* ≈ D (h / R)²."""
+    model, anchors = _anchors_at_distance(24, h=ratio, norm=1.0)
+    assert bool((model(anchors).argmax(1) == 0).all())
+    est = cm_dimension(model, anchors, zeros(24), classes=[1], settings=OptimizerSettings(max_radius=1.0))
+    expected = D * ratio**2
+    assert abs(float(est.cutting_dim[0]) - expected) <= 0.25 * expected + 1, est.cutting_dim
+    loc = est.locality()
+    assert loc["distance_p90"] <= 1.0 + 1e-4  # never beyond the radius
+    assert ratio - 1e-3 <= loc["distance_median"]  # the hyperplane is at least h away
+    # without the bound every line reaches it
+    assert cm_dimension(model, anchors, zeros(24), classes=[1], settings=UNBOUNDED).cutting_dim.tolist() == [1.0]
+
+
+def test_unbounded_planes_report_how_far_they_went():
+    model, anchors = _anchors_at_distance(8, h=0.5, norm=1.0)
+    est = cm_dimension(model, anchors, zeros(8), classes=[1], settings=UNBOUNDED, dims=[1, 8, 64])
+    loc = est.locality()
+    # a line through x0 meets the hyperplane at distance h / |cos|, far more than h for most lines
+    assert loc["distance_median"] > 1.0
+    assert 0.0 <= loc["outside_frac"] <= 1.0
+
+
+# ---------------------------------------------------------------------------------- calibration
+
+
+class Scaled(nn.Module):
+    def __init__(self, model, factor):
+        super().__init__()
+        self.model, self.factor = model, factor
+
+    def forward(self, x):
+        return self.factor * self.model(x)
+
+
+def _soft_half_space():
+    """A half-space whose anchors are labelled by sampling its own softmax at temperature 4."""
+    model = HalfSpace(D)
+    g = torch.Generator().manual_seed(5)
+    anchors = torch.randn(400, D, generator=g) * 0.5
+    with torch.no_grad():
+        p1 = (model(anchors) / 4).softmax(1)[:, 1]
+    labels = (torch.rand(400, generator=g) < p1).long()
+    return model, anchors, labels
+
+
+def test_calibrated_temperature_recovers_the_labels_temperature():
+    from cm_monitor.calibration import calibrate_temperature
+
+    model, anchors, labels = _soft_half_space()
+    with torch.no_grad():
+        t = calibrate_temperature(model(anchors), labels)
+    assert 3 < t < 5.5  # labels drawn at T = 4; 400 samples
+    assert calibrate_temperature(30 * model(anchors).detach(), labels) == pytest.approx(30 * t, rel=1e-3)
+
+
+@pytest.mark.parametrize("factor", [0.3, 30.0])
+def test_logit_scale_does_not_change_the_calibrated_dimension(factor):
+    model, anchors, labels = _soft_half_space()
+    kw = dict(classes=[1], dims=[1, 4, 16, 64], settings=OptimizerSettings(max_radius=2.0))
+    base = cm_dimension(model, anchors[labels == 0][:12], zeros(12), calibration=(anchors, labels), **kw)
+    scaled = cm_dimension(
+        Scaled(model, factor), anchors[labels == 0][:12], zeros(12), calibration=(anchors, labels), **kw
+    )
+    assert scaled.temperature == pytest.approx(factor * base.temperature, rel=1e-3)
+    torch.testing.assert_close(scaled.scores, base.scores, atol=2e-3, rtol=0)
+    # raw probabilities (T = 1) move with the scale
+    raw = dict(kw, settings=OptimizerSettings(max_radius=2.0, temperature=1.0, readoff="mean"))
+    a = cm_dimension(model, anchors[labels == 0][:12], zeros(12), **raw)
+    b = cm_dimension(Scaled(model, factor), anchors[labels == 0][:12], zeros(12), **raw)
+    assert not torch.allclose(a.scores, b.scores, atol=1e-2)
+
+
+# ---------------------------------------------------------------------------------- read-off
+
+
+def _estimate_with_scores(first_column, readoff="fraction"):
+    """A DimensionEstimate with given best scores at d = 1 (and 1.0 beyond), for read-off tests."""
+    from dataclasses import replace
+
+    model = HalfSpace(D)
+    anchors = torch.randn(len(first_column), D, generator=torch.Generator().manual_seed(0))
+    est = cm_dimension(model, anchors, zeros(len(first_column)), classes=[1], dims=[1, 2, 4], settings=UNBOUNDED)
+    scores = torch.ones_like(est.scores)
+    scores[0, :, 0] = torch.tensor(first_column)
+    scores[0, :, 1] = torch.tensor(first_column)
+    from cm_monitor.dimension import _read_off
+
+    return _read_off(replace(est, scores=scores, readoff=readoff))
+
+
+def test_fraction_readoff_follows_the_anchors_not_the_mean_probability():
+    # four anchors at p = 0.99 and six at p = 0.2: the mean (0.516) crosses 0.5 at d = 1, but only
+    # 40 % of the anchors succeed there
+    column = [0.99] * 4 + [0.2] * 6
+    mean = _estimate_with_scores(column, readoff="mean")
+    frac = _estimate_with_scores(column, readoff="fraction")
+    assert mean.cutting_dim.tolist() == [1.0] and bool(mean.saturated[0])
+    assert float(frac.cutting_dim[0]) > 2.0 and not bool(frac.saturated[0])
+    assert frac.curve[0].tolist() == pytest.approx([0.4, 0.4, 1.0])
+
+
+def test_saturated_targets_have_no_uncertainty():
+    est = _estimate_with_scores([0.99] * 10)
+    assert est.saturated.tolist() == [True]
+    assert est.cutting_dim.tolist() == [1.0]
+    assert torch.isnan(est.cutting_dim_std).all()  # never a made-up 0

@@ -112,18 +112,22 @@ def explain_inference_tensors(err: RuntimeError) -> RuntimeError:
     return err
 
 
-def ensemble_log_probs(members: list[nn.Module], x: Tensor, num_classes: int | None = None) -> tuple[Tensor, Tensor]:
+def ensemble_log_probs(
+    members: list[nn.Module], x: Tensor, num_classes: int | None = None, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
     """Forward ``x`` through the ensemble; return (mean log-softmax, mean softmax), both [N, C].
 
-    For one member both are that member's log-softmax and softmax. The output of every member
-    is checked to be ``[N, C]`` logits (with ``C == num_classes`` when given).
+    For one member both are that member's log-softmax and softmax of ``logits / temperature``.
+    The output of every member is checked to be ``[N, C]`` logits (with ``C == num_classes``
+    when given).
     """
     logp_sum: Tensor | None = None
     p_sum: Tensor | None = None
     for i, m in enumerate(members):
         out = m(x)
         check_logits(out, x.shape[0], num_classes, f"model[{i}]" if len(members) > 1 else "model")
-        logp = torch.log_softmax(out if out.dtype == torch.float64 else out.float(), dim=1)
+        logits = out if out.dtype == torch.float64 else out.float()
+        logp = torch.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=1)
         logp_sum = logp if logp_sum is None else logp_sum + logp
         p_sum = logp.exp() if p_sum is None else p_sum + logp.exp()
         num_classes = out.shape[1]

@@ -34,7 +34,7 @@ MAX_BASIS_ELEMENTS = 2**27
 
 @dataclass(frozen=True)
 class OptimizerSettings:
-    """How each cutting-plane problem is optimized (see ``docs/method.md``).
+    """How each cutting-plane problem is set up, optimized and read (see ``docs/method.md``).
 
     Attributes:
         lr: Adam step size in units of the data scale ``s``: a coordinate of ``θ`` moves the input
@@ -49,9 +49,24 @@ class OptimizerSettings:
             most ``plateau_tol`` (checked after ``plateau_window + 1`` steps).
         plateau_window: number of recent losses for the plateau test.
         dimension_scaled: scale the coordinates of a ``d``-plane by ``sqrt(D / d)``, so that one
-            step moves the input by about ``lr · s · sqrt(D)`` (the typical distance between inputs)
-            whatever ``d`` is (ours). Without it a step moves by ``lr · s · sqrt(d)``, and a line
-            (``d = 1``) crawls: its answer depends on the step budget. The reference has ``False``.
+            step moves the input by about ``lr · s · sqrt(D)`` whatever ``d`` is. Off by default: it
+            lets a line travel tens of anchor norms within the budget, far from the data, which
+            inflates the dimension of untrained models (see ``docs/method.md``).
+        temperature: the probabilities are ``softmax(logits / T)``. ``"calibrate"`` (default) fits
+            ``T`` on the labelled anchors by minimizing their cross-entropy (temperature scaling,
+            Guo et al. 2017), so the threshold means calibrated confidence and a constant factor on
+            the logits changes nothing; a number fixes ``T`` (the reference: 1).
+        max_radius: locality: the plane point stays within ``max_radius`` anchor norms of its anchor,
+            ``‖x - x0‖ <= max_radius · ‖x0‖`` (projected after every step); ``None`` for no bound.
+        clip: clamp the plane point to the anchors' range ``[min, max]`` of all their elements.
+        readoff: ``"fraction"`` (default): ``d*`` is where the fraction of anchors that reach the
+            threshold crosses one half (the median anchor); ``"mean"``: where the mean best score
+            over anchors crosses the threshold (the reference).
+        optimizer: ``"isotropic"`` (default): Adam whose second moment is one number per problem
+            (the mean square of its gradient), so each step follows the gradient's direction and a
+            step that the radius bound projects back ends at the constrained optimum; ``"adam"``:
+            :class:`torch.optim.Adam` (the reference), whose per-coordinate scaling makes projected
+            steps stall short of it.
     """
 
     lr: float = 0.1
@@ -60,30 +75,49 @@ class OptimizerSettings:
     tol: float = 0.01
     plateau_tol: float = 1e-3
     plateau_window: int = 5
-    dimension_scaled: bool = True
+    dimension_scaled: bool = False
+    temperature: float | str = "calibrate"
+    max_radius: float | None = 1.0
+    clip: bool = False
+    readoff: str = "fraction"
+    optimizer: str = "isotropic"
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"`lr` must be a positive finite number, got {self.lr!r}.")
+        _check_positive(self.lr, "lr")
         if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps < 1:
             raise ValueError(f"`max_steps` must be a positive integer, got {self.max_steps!r}.")
-        if isinstance(self.scale, str):
-            if self.scale != "auto":
-                raise ValueError(f"`scale` must be 'auto' or a positive number, got {self.scale!r}.")
-        elif not (isinstance(self.scale, int | float) and math.isfinite(self.scale) and self.scale > 0):
-            raise ValueError(f"`scale` must be 'auto' or a positive number, got {self.scale!r}.")
+        if self.scale != "auto":
+            _check_positive(self.scale, "scale", "'auto' or a positive number")
+        if self.temperature != "calibrate":
+            _check_positive(self.temperature, "temperature", "'calibrate' or a positive number")
+        if self.max_radius is not None:
+            _check_positive(self.max_radius, "max_radius", "None or a positive number (anchor norms)")
         if not (isinstance(self.tol, int | float) and self.tol >= 0):
             raise ValueError(f"`tol` must be a non-negative number, got {self.tol!r}.")
         if not (isinstance(self.plateau_tol, int | float) and self.plateau_tol >= 0):
             raise ValueError(f"`plateau_tol` must be a non-negative number, got {self.plateau_tol!r}.")
-        if not isinstance(self.dimension_scaled, bool):
-            raise TypeError(f"`dimension_scaled` must be a bool, got {self.dimension_scaled!r}.")
+        for name in ("dimension_scaled", "clip"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"`{name}` must be a bool, got {getattr(self, name)!r}.")
+        if self.readoff not in ("fraction", "mean"):
+            raise ValueError(f"`readoff` must be 'fraction' or 'mean', got {self.readoff!r}.")
+        if self.optimizer not in ("isotropic", "adam"):
+            raise ValueError(f"`optimizer` must be 'isotropic' or 'adam', got {self.optimizer!r}.")
         if isinstance(self.plateau_window, bool) or not isinstance(self.plateau_window, int) or self.plateau_window < 2:
             raise ValueError(f"`plateau_window` must be an integer >= 2, got {self.plateau_window!r}.")
 
 
-#: The reference notebook's optimizer: raw learning rate 0.05, 300 steps, no rescaling.
-REFERENCE_SETTINGS = OptimizerSettings(lr=0.05, max_steps=300, scale=1.0, dimension_scaled=False)
+def _check_positive(value: object, name: str, expected: str = "a positive finite number") -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not ok:
+        raise ValueError(f"`{name}` must be {expected}, got {value!r}.")
+
+
+#: The reference notebook: raw learning rate 0.05, 300 steps, no rescaling, raw logits (T = 1), no
+#: bound on the distance, d* read from the mean best probability over anchors.
+REFERENCE_SETTINGS = OptimizerSettings(
+    lr=0.05, max_steps=300, scale=1.0, temperature=1.0, max_radius=None, readoff="mean", optimizer="adam"
+)
 
 
 @dataclass
@@ -97,6 +131,28 @@ class CuttingOutcome:
     loss: Tensor  # [G, K] lowest loss reached (NaN likewise)
     steps: Tensor  # [G, K] Adam steps taken
     nonfinite: Tensor  # [G, K] bool: a NaN/inf loss or probability appeared
+    distance: Tensor  # [G, K] ‖x - x0‖ / ‖x0‖ at the best point
+    outside: Tensor  # [G, K] fraction of the input's elements outside the anchors' range there
+
+
+@dataclass(frozen=True)
+class PlaneSpace:
+    """Where plane points live: the data scale, temperature, locality bound and data range.
+
+    Attributes:
+        scale: the data scale ``s`` (plane coordinates are in units of ``s``).
+        temperature: ``T`` dividing the logits.
+        radius_norms: ``max_radius`` in anchor norms, or ``None``.
+        low, high: the anchors' range (smallest and largest element).
+        clip: clamp plane points to ``[low, high]``.
+    """
+
+    scale: float
+    temperature: float
+    radius_norms: float | None
+    low: float
+    high: float
+    clip: bool
 
 
 def data_scale(anchors: Tensor) -> float:
@@ -118,7 +174,7 @@ def optimize_planes(
     group_seeds: list[int],
     dims: list[int],
     settings: OptimizerSettings,
-    scale: float,
+    space: PlaneSpace,
     *,
     chunk_size: int,
     num_classes: int,
@@ -133,42 +189,81 @@ def optimize_planes(
         group_targets: ``[G, k]`` target classes of each group.
         group_seeds: basis seed of each group.
         dims: ``K`` plane dimensions (sorted).
+        space: scale, temperature, locality and range of the plane points.
         chunk_size: at most this many problems per forward pass (at least one group of ``K``);
             also at most :data:`MAX_BASIS_ELEMENTS` basis elements per chunk (at least one group).
     """
     device = anchors.device
-    shape = anchors.shape[1:]
     D = anchors[0].numel()
     K = len(dims)
     G = group_anchor.shape[0]
-    k = group_targets.shape[1]
-    min_loss = math.log(k)
     flat = anchors.reshape(anchors.shape[0], D).to(torch.float32 if anchors.dtype != torch.float64 else torch.float64)
-
-    score = torch.full((G, K), float("nan"), device=device)
-    loss_best = torch.full((G, K), float("nan"), device=device)
-    steps = torch.zeros((G, K), dtype=torch.long, device=device)
-    nonfinite = torch.zeros((G, K), dtype=torch.bool, device=device)
+    fields = ("score", "loss", "steps", "nonfinite", "distance", "outside")
+    out = {f: torch.full((G, K), math.nan, device=device) for f in fields}
+    out["steps"] = torch.zeros((G, K), dtype=torch.long, device=device)
+    out["nonfinite"] = torch.zeros((G, K), dtype=torch.bool, device=device)
 
     # each group's basis is drawn from its own seed, so how groups are chunked changes nothing
     groups_per_chunk = max(1, min(chunk_size // K, MAX_BASIS_ELEMENTS // (D * dims[-1])))
     for start in range(0, G, groups_per_chunk):
         sl = slice(start, min(G, start + groups_per_chunk))
-        out = _optimize_chunk(
+        chunk = _optimize_chunk(
             members,
             flat[group_anchor[sl]],
             group_targets[sl],
             group_seeds[sl],
             dims,
             settings,
-            scale,
-            shape=shape,
-            min_loss=min_loss,
+            space,
+            shape=anchors.shape[1:],
             num_classes=num_classes,
             model_dtype=model_dtype,
         )
-        score[sl], loss_best[sl], steps[sl], nonfinite[sl] = out
-    return CuttingOutcome(score=score.cpu(), loss=loss_best.cpu(), steps=steps.cpu(), nonfinite=nonfinite.cpu())
+        for f, v in zip(fields, chunk, strict=True):
+            out[f][sl] = v
+    return CuttingOutcome(**{f: v.cpu() for f, v in out.items()})
+
+
+def _plane_mask(
+    dims: list[int], settings: OptimizerSettings, D: int, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """``[K, max_dim]``: the d-plane uses the first d basis columns only (the rest are zero)."""
+    dim_t = torch.tensor(dims, device=device)
+    mask = (torch.arange(dims[-1], device=device)[None, :] < dim_t[:, None]).to(dtype)
+    if settings.dimension_scaled:  # one Adam step moves the input by about lr · s · sqrt(D) for any d
+        mask = mask * (D / dim_t.to(dtype)).sqrt()[:, None]
+    return mask
+
+
+class IsotropicAdam:
+    """Adam with one second-moment value per problem: ``v`` tracks the mean square of the problem's
+    gradient over its ``d`` plane coordinates, so the step is ``lr · m̂ / sqrt(v̂)``, parallel to the
+    (momentum-averaged) gradient, with Adam's step length (about ``lr`` per coordinate)."""
+
+    def __init__(self, theta: Tensor, mask: Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> None:
+        self.theta, self.lr, self.betas = theta, lr, betas
+        self.coords = (mask != 0).to(theta.dtype)  # [K, max_dim]
+        self.m = torch.zeros_like(theta)
+        self.v = torch.zeros(theta.shape[:-1], dtype=theta.dtype, device=theta.device)
+        self.t = 0
+
+    def step(self, grad: Tensor) -> None:
+        b1, b2 = self.betas
+        self.t += 1
+        grad = grad * self.coords
+        self.m.mul_(b1).add_(grad, alpha=1 - b1)
+        self.v.mul_(b2).add_(grad.pow(2).sum(-1) / self.coords.sum(-1), alpha=1 - b2)
+        m_hat = self.m / (1 - b1**self.t)
+        v_hat = self.v / (1 - b2**self.t)
+        with torch.no_grad():
+            self.theta.sub_(self.lr * m_hat / (v_hat.sqrt()[..., None] + 1e-8))
+
+
+def _project(theta: Tensor, mask: Tensor, limit: Tensor) -> None:
+    """Scale each problem's coordinates back so that ``‖(θ ⊙ mask)‖ <= limit`` (in place)."""
+    with torch.no_grad():
+        norm = (theta * mask).norm(dim=-1)  # [Gc, K]; ‖Q (θ ⊙ mask)‖ for orthonormal Q
+        theta.mul_((limit[:, None] / norm.clamp_min(1e-30)).clamp(max=1.0)[..., None])
 
 
 def _optimize_chunk(
@@ -178,34 +273,35 @@ def _optimize_chunk(
     seeds: list[int],
     dims: list[int],
     settings: OptimizerSettings,
-    scale: float,
+    space: PlaneSpace,
     *,
     shape: torch.Size,
-    min_loss: float,
     num_classes: int,
     model_dtype: torch.dtype,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, ...]:
     device = x0.device
     Gc, D = x0.shape
     K = len(dims)
     k = targets.shape[1]
-    max_dim = dims[-1]
-    basis = nested_bases(seeds, D, max_dim, device=device, dtype=x0.dtype)  # [Gc, D, max_dim]
-    basis_t = basis.transpose(1, 2).contiguous()  # [Gc, max_dim, D]
-    # the d-plane uses the first d basis columns only: coordinates beyond d are masked to zero
-    dim_t = torch.tensor(dims, device=device)
-    mask = (torch.arange(max_dim, device=device)[None, :] < dim_t[:, None]).to(x0.dtype)
-    # each coordinate is scaled by sqrt(D / d): one Adam step moves the input by about lr · s · sqrt(D)
-    # whatever d is, so a line (d = 1) can travel as far as the full space (ours)
-    if settings.dimension_scaled:
-        mask = mask * (D / dim_t.to(x0.dtype)).sqrt()[:, None]
-    theta = torch.zeros(Gc, K, max_dim, device=device, dtype=x0.dtype, requires_grad=True)
-    optimizer = torch.optim.Adam([theta], lr=settings.lr)
+    min_loss = math.log(k)
+    basis_t = nested_bases(seeds, D, dims[-1], device=device, dtype=x0.dtype).transpose(1, 2).contiguous()
+    mask = _plane_mask(dims, settings, D, device, x0.dtype)
+    x0_norm = x0.norm(dim=1).clamp_min(1e-30)  # [Gc]
+    limit = None if space.radius_norms is None else space.radius_norms * x0_norm / space.scale
+    theta = torch.zeros(Gc, K, dims[-1], device=device, dtype=x0.dtype, requires_grad=True)
+    if settings.optimizer == "adam":
+        optimizer = torch.optim.Adam([theta], lr=settings.lr)
+    else:
+        iso = IsotropicAdam(theta, mask, settings.lr)
 
     P = Gc * K
     problem_targets = targets.repeat_interleave(K, dim=0)  # [P, k]
+    row_norm = x0_norm.repeat_interleave(K)  # [P]
+    x0_rows = x0.repeat_interleave(K, dim=0)  # [P, D]
     best_score = torch.full((P,), -math.inf, device=device)
     best_loss = torch.full((P,), math.inf, device=device)
+    best_dist = torch.full((P,), math.nan, device=device)
+    best_out = torch.full((P,), math.nan, device=device)
     steps = torch.zeros(P, dtype=torch.long, device=device)
     nonfinite = torch.zeros(P, dtype=torch.bool, device=device)
     active = torch.ones(P, dtype=torch.bool, device=device)
@@ -217,10 +313,13 @@ def _optimize_chunk(
         if idx.numel() == 0:
             break
         # x(θ) for every problem of the chunk, in one batched product
-        delta = torch.bmm(theta * mask, basis_t)  # [Gc, K, D]
-        x = (x0[:, None, :] + scale * delta).reshape(P, D)[idx]
+        delta = (space.scale * torch.bmm(theta * mask, basis_t)).reshape(P, D)[idx]
+        raw = x0_rows[idx] + delta
+        x = raw.clamp(space.low, space.high) if space.clip else raw
         try:
-            logp, p = ensemble_log_probs(members, x.to(model_dtype).reshape(idx.numel(), *shape), num_classes)
+            logp, p = ensemble_log_probs(
+                members, x.to(model_dtype).reshape(idx.numel(), *shape), num_classes, space.temperature
+            )
         except RuntimeError as err:
             raise explain_inference_tensors(err) from err
         tg = problem_targets[idx]
@@ -231,7 +330,13 @@ def _optimize_chunk(
         nonfinite[idx[~ok]] = True
         active[idx[~ok]] = False
         lv, sv = loss.detach().to(best_loss.dtype), sc.detach().to(best_score.dtype)
-        best_score[idx] = torch.where(ok, torch.maximum(best_score[idx], sv), best_score[idx])
+        better = ok & (sv > best_score[idx])
+        with torch.no_grad():
+            dist = ((x.detach() - x0_rows[idx]).norm(dim=1) / row_norm[idx]).to(best_dist.dtype)
+            outside = ((raw.detach() < space.low) | (raw.detach() > space.high)).to(best_out.dtype).mean(1)
+        best_dist[idx] = torch.where(better, dist, best_dist[idx])
+        best_out[idx] = torch.where(better, outside, best_out[idx])
+        best_score[idx] = torch.where(better, sv, best_score[idx])
         best_loss[idx] = torch.where(ok, torch.minimum(best_loss[idx], lv), best_loss[idx])
         steps[idx] = step
 
@@ -243,11 +348,16 @@ def _optimize_chunk(
             break
         if bool(ok.any()):
             (grad,) = torch.autograd.grad(loss[ok].sum(), theta)
-            theta.grad = grad
-            optimizer.step()
-            theta.grad = None
+            if settings.optimizer == "adam":
+                theta.grad = grad
+                optimizer.step()
+                theta.grad = None
+            else:
+                iso.step(grad)
+            if limit is not None:
+                _project(theta, mask, limit)
         active[idx[done & ok]] = False
 
-    best_score = torch.where(nonfinite, math.nan, best_score)
-    best_loss = torch.where(nonfinite, math.nan, best_loss)
-    return best_score.view(Gc, K), best_loss.view(Gc, K), steps.view(Gc, K), nonfinite.view(Gc, K)
+    nan_if_bad = [torch.where(nonfinite, math.nan, v) for v in (best_score, best_loss, best_dist, best_out)]
+    score, loss_, dist_, out_ = (v.view(Gc, K) for v in nan_if_bad)
+    return score, loss_, steps.view(Gc, K), nonfinite.view(Gc, K), dist_, out_

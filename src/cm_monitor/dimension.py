@@ -19,14 +19,15 @@ from cm_monitor._model import (
     ModelLike,
     as_members,
     check_float_inputs,
-    ensemble_log_probs,
+    check_logits,
     explain_inference_tensors,
     make_generator,
     measuring,
     model_device,
     model_float_dtype,
 )
-from cm_monitor.cutting import OptimizerSettings, data_scale, optimize_planes
+from cm_monitor.calibration import calibrate_temperature
+from cm_monitor.cutting import OptimizerSettings, PlaneSpace, data_scale, optimize_planes
 from cm_monitor.planes import check_dims, plane_seed
 
 
@@ -53,13 +54,21 @@ class DimensionEstimate:
         steps: ``[T, A, K]`` Adam steps taken.
         nonfinite: ``[T, A, K]`` True where a NaN/inf appeared during the optimization.
         anchor_index: ``[T, A]`` index into the anchors passed in for each slot, ``-1`` if unused.
-        curve: ``[T, K]`` mean over anchors of the best score, made monotone in ``d`` (planes are
-            nested, so the best over a plane can only grow with ``d``).
-        cutting_dim: ``[T]`` ``d*``: where ``curve`` crosses ``threshold``, interpolated linearly in
-            ``log d`` between grid points. NaN when the curve never reaches the threshold or when
-            the optimization produced NaN/inf for the target (see :attr:`failed`); ``dims[0]`` when
-            it is reached already there (see :attr:`censored`).
-        cutting_dim_std: ``[T]`` bootstrap standard deviation of ``d*`` over resampled anchors.
+        distance: ``[T, A, K]`` distance of the best point from its anchor, ``‖x - x0‖ / ‖x0‖``
+            (anchor norms).
+        outside: ``[T, A, K]`` fraction of the best point's elements outside the anchors' range.
+        temperature: ``T`` that divided the logits (calibrated on the anchors by default).
+        readoff: ``"fraction"`` or ``"mean"``: what :attr:`curve` holds (see below).
+        curve: ``[T, K]`` the curve ``d*`` is read from, monotone in ``d`` (planes are nested, so the
+            best over a plane can only grow with ``d``): with ``readoff="fraction"`` the fraction of
+            anchors whose best score reaches ``threshold``, with ``"mean"`` the mean best score.
+        cutting_dim: ``[T]`` ``d*``: where ``curve`` crosses its :attr:`level` (one half of the
+            anchors, or ``threshold``), interpolated linearly in ``log d`` between grid points. NaN
+            when the curve never reaches it or when the optimization produced NaN/inf for the
+            target (see :attr:`failed`); ``dims[0]`` when it is reached already there (see
+            :attr:`saturated`).
+        cutting_dim_std: ``[T]`` bootstrap standard deviation of ``d*`` over resampled anchors; NaN
+            for a saturated target (``d*`` is then only bounded).
         dimension: ``[T]`` effective dimension ``D - d*``.
         dimension_frac: ``[T]`` ``(D - d*) / D``.
         num_bootstrap: number of bootstrap resamples; ``bootstrap_seed`` makes them reproducible.
@@ -78,6 +87,10 @@ class DimensionEstimate:
     steps: Tensor
     nonfinite: Tensor
     anchor_index: Tensor
+    distance: Tensor
+    outside: Tensor
+    temperature: float
+    readoff: str
     curve: Tensor
     cutting_dim: Tensor
     cutting_dim_std: Tensor
@@ -113,13 +126,39 @@ class DimensionEstimate:
         return self.nonfinite.flatten(1).any(1)
 
     @property
-    def censored(self) -> Tensor:
-        """``[T]`` True where the curve reaches the threshold already at the first grid point while
-        ``dims[0] > 1``: then ``d* <= dims[0]`` is only bounded, ``cutting_dim`` holds ``dims[0]``
-        and ``dimension`` is a lower bound. Start the grid at 1 to measure such targets."""
-        if int(self.dims[0]) <= 1:
-            return torch.zeros(len(self.targets), dtype=torch.bool)
-        return (self.curve[:, 0] >= self.threshold) & torch.isfinite(self.cutting_dim)
+    def level(self) -> float:
+        """The level :attr:`curve` is read at: 0.5 (half the anchors) or :attr:`threshold`."""
+        return 0.5 if self.readoff == "fraction" else self.threshold
+
+    @property
+    def saturated(self) -> Tensor:
+        """``[T]`` True where the curve is at or above its level already at the first grid point
+        (``d = 1`` included): then ``d* <= dims[0]`` is only bounded, ``cutting_dim`` holds
+        ``dims[0]``, ``dimension`` is a lower bound and no uncertainty is given. A saturated
+        measurement does not resolve differences between models: raise the threshold, lower
+        ``max_radius``, or start the grid at 1."""
+        return (self.curve[:, 0] >= self.level) & torch.isfinite(self.cutting_dim)
+
+    @property
+    def mean_cutting_dim(self) -> float:
+        """Mean of :attr:`cutting_dim` over targets (``d*`` varies over decades where ``D - d*`` does not)."""
+        return float(self.cutting_dim.mean())
+
+    def locality(self, threshold: float | None = None) -> dict[str, float]:
+        """Where the successes lie: over the (target, anchor) pairs that reach ``threshold``, at the
+        smallest plane dimension that does, the median and 90th percentile of the distance from the
+        anchor (``distance_median``, ``distance_p90``, in anchor norms) and the mean fraction of
+        input elements outside the anchors' range (``outside_frac``); NaN when nothing succeeds."""
+        thr = self.threshold if threshold is None else _check_threshold(threshold, "threshold", self.max_threshold)
+        hit = (_monotone(self.scores) >= thr) & (self.anchor_index >= 0)[..., None]  # [T, A, K]
+        first = hit.to(torch.int64).argmax(-1, keepdim=True)
+        reached = hit.any(-1)
+        dist = self.distance.gather(-1, first).squeeze(-1)[reached].double()
+        out = self.outside.gather(-1, first).squeeze(-1)[reached].double()
+        if dist.numel() == 0:
+            return {"distance_median": math.nan, "distance_p90": math.nan, "outside_frac": math.nan}
+        q = torch.quantile(dist, torch.tensor([0.5, 0.9], dtype=torch.float64)).tolist()
+        return {"distance_median": q[0], "distance_p90": q[1], "outside_frac": float(out.mean())}
 
     def success_rate(self, threshold: float | None = None) -> Tensor:
         """``[T, K]`` fraction of anchors whose (monotone) best score reaches ``threshold``."""
@@ -165,6 +204,7 @@ def cm_dimension(
     anchors_per_target: int | None = None,
     chunk_size: int = 2048,
     num_bootstrap: int = 200,
+    calibration: tuple[Tensor, Tensor] | None = None,
     settings: OptimizerSettings | None = None,
     lr: float | None = None,
     max_steps: int | None = None,
@@ -189,6 +229,9 @@ def cm_dimension(
         anchors_per_target: use at most this many anchors per target (a random subset).
         chunk_size: at most this many problems (``anchor × d``) in one forward pass: bounds memory.
         num_bootstrap: bootstrap resamples of the anchors for the uncertainty.
+        calibration: ``(inputs, labels)`` held-out labelled data to calibrate the temperature on
+            (with ``settings.temperature="calibrate"``, the default); default: the anchors. A few
+            hundred examples give a stable temperature; the anchors alone (tens) are noisy.
         settings: optimizer settings (:class:`~cm_monitor.OptimizerSettings`); ``lr``,
             ``max_steps`` and ``scale`` override its fields.
 
@@ -217,6 +260,7 @@ def cm_dimension(
         anchors_per_target=anchors_per_target,
         chunk_size=chunk_size,
         num_bootstrap=num_bootstrap,
+        calibration=calibration,
         settings=_settings(settings, lr, max_steps, scale),
         k=1,
     )
@@ -234,6 +278,7 @@ def boundary_dimension(
     anchors_per_target: int | None = None,
     chunk_size: int = 2048,
     num_bootstrap: int = 200,
+    calibration: tuple[Tensor, Tensor] | None = None,
     settings: OptimizerSettings | None = None,
     lr: float | None = None,
     max_steps: int | None = None,
@@ -276,6 +321,7 @@ def boundary_dimension(
         anchors_per_target=anchors_per_target,
         chunk_size=chunk_size,
         num_bootstrap=num_bootstrap,
+        calibration=calibration,
         settings=_settings(settings, lr, max_steps, scale),
         k=k,
     )
@@ -327,16 +373,16 @@ def _check_positive_int(value: object, name: str, minimum: int = 1) -> int:
     return value
 
 
-def _check_labels(labels: Tensor | Sequence[int], num_anchors: int) -> Tensor:
+def _check_labels(labels: Tensor | Sequence[int], num_anchors: int, name: str = "labels") -> Tensor:
     if not isinstance(labels, Tensor):
         try:
             labels = torch.as_tensor(labels)
         except (TypeError, ValueError, RuntimeError) as err:
-            raise TypeError(f"`labels` could not be read as integer class ids: {err}") from err
+            raise TypeError(f"`{name}` could not be read as integer class ids: {err}") from err
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"`labels` has dtype {labels.dtype}; expected integer class ids.")
+        raise TypeError(f"`{name}` has dtype {labels.dtype}; expected integer class ids.")
     if labels.dim() != 1 or labels.shape[0] != num_anchors:
-        raise ValueError(f"`labels` has shape {tuple(labels.shape)}; expected [{num_anchors}], one class per anchor.")
+        raise ValueError(f"`{name}` has shape {tuple(labels.shape)}; expected [{num_anchors}], one class per input.")
     return labels.detach().to("cpu", torch.long)
 
 
@@ -353,6 +399,7 @@ def _estimate(
     anchors_per_target: int | None,
     chunk_size: int,
     num_bootstrap: int,
+    calibration: tuple[Tensor, Tensor] | None,
     settings: OptimizerSettings,
     k: int,
 ) -> DimensionEstimate:
@@ -376,15 +423,28 @@ def _estimate(
         x = anchors.detach().to(device).clone()  # a normal tensor even if made in inference mode
         with torch.no_grad():
             try:
-                logp, _ = ensemble_log_probs(members, x.to(dtype))
+                logits = [m(x.to(dtype)) for m in members]
             except RuntimeError as err:
                 raise explain_inference_tensors(err) from err
-        num_classes = logp.shape[1]
+        num_classes: int | None = None
+        for i, z in enumerate(logits):
+            check_logits(z, x.shape[0], num_classes, f"model[{i}]" if len(members) > 1 else "model")
+            num_classes = z.shape[1]
+        assert num_classes is not None
         if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
             raise ValueError(
                 f"`labels` must be class ids in [0, {num_classes - 1}] (the model has {num_classes} classes), got values in [{int(labels.min())}, {int(labels.max())}]."
             )
         targets = _check_targets(kind, targets, num_classes, k)
+        temperature = _temperature(settings, members, logits, labels, calibration, dtype)
+        space = PlaneSpace(
+            scale=scale,
+            temperature=temperature,
+            radius_norms=settings.max_radius,
+            low=float(x.min()),
+            high=float(x.max()),
+            clip=settings.clip,
+        )
 
         base_seed = int(torch.randint(0, 2**62, (1,), generator=gen))
         bootstrap_seed = int(torch.randint(0, 2**62, (1,), generator=gen))
@@ -414,7 +474,7 @@ def _estimate(
             seeds,
             dim_grid,
             settings,
-            scale,
+            space,
             chunk_size=chunk_size,
             num_classes=num_classes,
             model_dtype=dtype,
@@ -425,14 +485,16 @@ def _estimate(
     losses = torch.full((T, A, K), math.nan)
     steps = torch.zeros((T, A, K), dtype=torch.long)
     nonfinite = torch.zeros((T, A, K), dtype=torch.bool)
+    distance = torch.full((T, A, K), math.nan)
+    outside = torch.full((T, A, K), math.nan)
     anchor_index = torch.full((T, A), -1, dtype=torch.long)
     start = 0
     for i, u in enumerate(per_target):
         n = u.numel()
-        scores[i, :n] = outcome.score[start : start + n]
-        losses[i, :n] = outcome.loss[start : start + n]
-        steps[i, :n] = outcome.steps[start : start + n]
-        nonfinite[i, :n] = outcome.nonfinite[start : start + n]
+        rows = slice(start, start + n)
+        scores[i, :n], losses[i, :n] = outcome.score[rows], outcome.loss[rows]
+        steps[i, :n], nonfinite[i, :n] = outcome.steps[rows], outcome.nonfinite[rows]
+        distance[i, :n], outside[i, :n] = outcome.distance[rows], outcome.outside[rows]
         anchor_index[i, :n] = u
         start += n
 
@@ -448,6 +510,10 @@ def _estimate(
         steps=steps,
         nonfinite=nonfinite,
         anchor_index=anchor_index,
+        distance=distance,
+        outside=outside,
+        temperature=temperature,
+        readoff=settings.readoff,
         curve=torch.full((T, K), math.nan),
         cutting_dim=nan,
         cutting_dim_std=nan,
@@ -467,6 +533,31 @@ def _estimate(
             stacklevel=3,
         )
     return est
+
+
+def _temperature(
+    settings: OptimizerSettings,
+    members: list[torch.nn.Module],
+    anchor_logits: list[Tensor],
+    labels: Tensor,
+    calibration: tuple[Tensor, Tensor] | None,
+    dtype: torch.dtype,
+) -> float:
+    """``settings.temperature``, or the one calibrated on ``calibration`` (default: the anchors)."""
+    if settings.temperature != "calibrate":
+        return float(settings.temperature)
+    if calibration is None:
+        return calibrate_temperature(anchor_logits, labels)
+    inputs, targets = calibration
+    check_float_inputs(inputs, "calibration[0]")
+    targets = _check_labels(targets, inputs.shape[0], "calibration[1]")
+    device = model_device(members, inputs.device)
+    with torch.no_grad():
+        logits = [m(inputs.to(device, dtype)) for m in members]
+    C = anchor_logits[0].shape[1]
+    if int(targets.min()) < 0 or int(targets.max()) >= C:
+        raise ValueError(f"`calibration[1]` must hold class ids in [0, {C - 1}] (the model has {C} classes).")
+    return calibrate_temperature(logits, targets)
 
 
 def _check_targets(kind: str, targets: list[tuple[int, ...]] | None, num_classes: int, k: int) -> list[tuple[int, ...]]:
@@ -524,8 +615,11 @@ def _crossing(curves: Tensor, log_dims: Tensor, threshold: float) -> Tensor:
 def _read_off(est: DimensionEstimate) -> DimensionEstimate:
     """Fill curve, d*, its bootstrap uncertainty and the dimensions from the raw scores."""
     mono = _monotone(est.scores)  # [T, A, K]
+    if est.readoff == "fraction":  # per anchor: 1 where its best score reaches the threshold (NaN kept)
+        mono = torch.where(torch.isnan(mono), mono, (mono >= est.threshold).to(mono.dtype))
     valid = est.anchor_index >= 0
     log_dims = est.dims.double().log()
+    level = est.level
     T = mono.shape[0]
     curve = torch.full((T, mono.shape[2]), math.nan, dtype=torch.float64)
     d_star = torch.full((T,), math.nan, dtype=torch.float64)
@@ -534,12 +628,12 @@ def _read_off(est: DimensionEstimate) -> DimensionEstimate:
     for i in range(T):
         s = mono[i, valid[i]].double()  # [A_i, K]
         curve[i] = s.mean(0)
-        d_star[i] = _crossing(curve[i], log_dims, est.threshold)
+        d_star[i] = _crossing(curve[i], log_dims, level)
         if est.num_bootstrap > 0 and s.shape[0] > 1:
             idx = torch.randint(0, s.shape[0], (est.num_bootstrap, s.shape[0]), generator=gen)
-            boot = _crossing(s[idx].mean(1), log_dims, est.threshold)
-            if torch.isfinite(d_star[i]):
-                # resamples that never reach the threshold count as d* = D (the largest possible)
+            boot = _crossing(s[idx].mean(1), log_dims, level)
+            if torch.isfinite(d_star[i]) and not curve[i, 0] >= level:  # saturated: d* only bounded
+                # resamples that never reach the level count as d* = D (the largest possible)
                 boot = torch.where(torch.isfinite(boot), boot, float(est.input_dim))
                 d_std[i] = boot.std()
     D = est.input_dim

@@ -384,12 +384,14 @@ def _read(est: DimensionEstimate, what: str, notes: list[str]) -> tuple[dict[Any
         notes.append(
             f"{what} {unreached} never reached the threshold {est.threshold:g} even at {at}; logged as dimension 0."
         )
-    censored = [t for t, c in zip(est.targets, est.censored.tolist(), strict=True) if c]
-    if censored:
+    saturated = [t for t, c in zip(est.targets, est.saturated.tolist(), strict=True) if c]
+    if saturated:
         low = int(est.dims[0])
+        hint = "start `dims` at 1" if low > 1 else "a smaller `max_radius` or a higher threshold resolves them"
         notes.append(
-            f"{what} {censored} reached the threshold {est.threshold:g} already at the smallest plane dimension "
-            f"d = {low}: their dimension is at least {est.input_dim - low} and is logged as that; start `dims` at 1."
+            f"{what} {saturated} are saturated: they reached the threshold {est.threshold:g} already at the smallest "
+            f"plane dimension d = {low}, so their dimension is at least {est.input_dim - low}, logged as that, "
+            f"without uncertainty ({hint})."
         )
     if bad:  # a mean over the other targets would not be comparable with earlier ones
         notes.append(f"NaN/inf during the optimization for {what} {bad}: no value for them nor for the mean.")

@@ -1,0 +1,78 @@
+"""Temperature scaling (Guo et al. 2017): the temperature that calibrates a model's probabilities.
+
+The cutting-plane threshold (``p_c >= 0.5``) is a statement about confidence. Raw softmax
+probabilities are not calibrated: multiplying the logits by a constant changes every probability
+and so the measured dimension, although the geometry of the decision regions is the same. Dividing
+the logits by the temperature ``T`` that minimizes the cross-entropy on labelled held-out data
+removes that: ``T`` scales with the logits, so ``logits / T`` does not depend on their scale.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+#: Temperatures are searched in ``[RANGE[0], RANGE[1]]`` times the logits' standard deviation.
+RANGE = (1e-3, 1e4)
+
+
+def ensemble_nll(logits: Sequence[Tensor], labels: Tensor, temperature: float) -> float:
+    """Mean cross-entropy of the ensemble's mean ``softmax(logits_i / T)`` against ``labels``."""
+    logp = torch.stack([torch.log_softmax(z.double() / temperature, dim=1) for z in logits])
+    mean_logp = torch.logsumexp(logp, dim=0) - math.log(len(logits))
+    return float(-mean_logp.gather(1, labels[:, None]).mean())
+
+
+def calibrate_temperature(logits: Tensor | Sequence[Tensor], labels: Tensor, *, refine_steps: int = 40) -> float:
+    """The temperature ``T > 0`` that minimizes the cross-entropy of ``softmax(logits / T)``.
+
+    Args:
+        logits: ``[N, C]`` logits, or a list of them (an ensemble: mean of the members' softmax).
+        labels: ``[N]`` integer classes.
+        refine_steps: golden-section steps after a log-spaced grid search.
+
+    Returns:
+        ``T``. A model whose logits carry no information about the labels (chance accuracy, or
+        worse than uniform) gets the top of the search range, ``1e4`` times the logits' standard
+        deviation: its calibrated probabilities are about uniform. A constant model gets 1.
+
+    Example::
+
+        >>> import torch
+        >>> from cm_monitor.calibration import calibrate_temperature
+        >>> logits, labels = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0]]), torch.tensor([0, 1, 1])
+        >>> round(calibrate_temperature(30 * logits, labels) / calibrate_temperature(logits, labels), 3)
+        30.0
+    """
+    members = [logits] if isinstance(logits, Tensor) else list(logits)
+    labels = labels.to(members[0].device, torch.long)
+    sigma = float(torch.stack([z.detach().double().std() for z in members]).mean()) if members[0].numel() > 1 else 0.0
+    if not math.isfinite(sigma) or sigma <= 0:
+        return 1.0
+    grid = torch.logspace(math.log10(RANGE[0]), math.log10(RANGE[1]), 281, dtype=torch.float64) * sigma
+    nll = torch.tensor([ensemble_nll(members, labels, float(t)) for t in grid])
+    i = int(torch.nan_to_num(nll, nan=math.inf).argmin())
+    if i == len(grid) - 1:
+        return float(grid[-1])
+    lo, hi = math.log(float(grid[max(i - 1, 0)])), math.log(float(grid[i + 1]))
+    return math.exp(_golden_min(lambda u: ensemble_nll(members, labels, math.exp(u)), lo, hi, refine_steps))
+
+
+def _golden_min(f, lo: float, hi: float, steps: int) -> float:  # type: ignore[no-untyped-def]
+    """Minimum of a unimodal ``f`` on ``[lo, hi]`` by golden-section search."""
+    r = (math.sqrt(5) - 1) / 2
+    a, b = hi - r * (hi - lo), lo + r * (hi - lo)
+    fa, fb = f(a), f(b)
+    for _ in range(steps):
+        if fa <= fb:
+            hi, b, fb = b, a, fa
+            a = hi - r * (hi - lo)
+            fa = f(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + r * (hi - lo)
+            fb = f(b)
+    return (lo + hi) / 2
