@@ -28,10 +28,11 @@ def _target_name(t: object) -> str:
 
 
 def plot_curves(ax, est: DimensionEstimate, *, title: str | None = None, legend: bool = True) -> None:
-    """Draw ``est.curve`` (mean best score reached) against the plane dimension on ``ax``.
+    """Draw ``est.curve`` against the plane dimension ``d`` on ``ax``.
 
-    One line per target, a log-scaled ``d`` axis, the success threshold as a dashed line and
-    ``d*`` (where the curve crosses it) as a dot on that line.
+    One line per target with a dot at every probed ``d`` on a log axis (``d*`` varies over decades
+    where ``D - d*`` does not), the level the curve is read at as a dashed line and ``d*`` as a ringed
+    dot on it; the title gives both the mean dimension ``D - d*`` and the mean ``d*``.
     """
     import matplotlib as mpl
 
@@ -42,20 +43,24 @@ def plot_curves(ax, est: DimensionEstimate, *, title: str | None = None, legend:
         ax.plot(dims, est.curve[i].tolist(), marker=".", lw=1.4, color=color, label=_target_name(t))
         d = float(est.cutting_dim[i])
         if math.isfinite(d):
-            ax.plot([d], [est.threshold], "o", ms=5, color=color, mec="black", mew=0.5)
-    ax.axhline(est.threshold, color="black", ls="--", lw=0.8)
+            ax.plot([d], [est.level], "o", ms=5, color=color, mec="black", mew=0.5)
+    ax.axhline(est.level, color="black", ls="--", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlim(min(dims) * 0.9, est.input_dim * 1.1)
     ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("plane dimension d")
-    if est.kind == "cm":
-        ax.set_ylabel("reached probability of the class (mean over anchors)")
+    ax.set_xlabel("plane dimension d (log)")
+    score = "p of the class" if est.kind == "cm" else "k · min p of the set"
+    if est.readoff == "fraction":
+        ax.set_ylabel(f"fraction of anchors reaching {score} >= {est.threshold:g}")
     else:
-        ax.set_ylabel("reached k · min probability of the pair (mean)")
+        ax.set_ylabel(f"reached {score} (mean over anchors)")
     ax.grid(True, which="both", alpha=0.3)
     if title is None:
         what = "class manifolds" if est.kind == "cm" else "boundaries"
-        title = f"{what}: mean dimension {est.mean_dimension:.1f} of D = {est.input_dim}"
+        title = (
+            f"{what}: mean D − d* = {est.mean_dimension:.1f}, mean d* = {est.mean_cutting_dim:.1f} "
+            f"(D = {est.input_dim}, T = {est.temperature:.3g})"
+        )
     ax.set_title(title, fontsize=10)
     if legend:
         ax.legend(

@@ -87,6 +87,13 @@ class CMDimensionMonitor(GeometryMonitor):
       ``num_bootstrap=0``, nor, with a warning at the first measurement, when a class or pair has
       fewer than two anchors).
     * ``cm/dim_frac``: ``cm/dim / D``.
+    * ``cm/cutting_dim``: mean over the measured classes of ``d*`` (``D - cm/dim``; it varies over
+      decades where ``cm/dim`` moves by a few units).
+    * ``cm/temperature``: the temperature ``T`` the logits were divided by (calibrated on the
+      anchors by default: large when the model is no better than chance on them).
+    * ``cm/success_dist_median``, ``cm/success_dist_p90``: distance of the successful plane points
+      from their anchors, in anchor norms (median, 90th percentile); ``cm/outside_frac``: mean
+      fraction of their elements outside the anchors' range. Not logged when nothing succeeded.
     * ``cm/dim_class_{c}``: ``D - d*`` of class ``c``.
     * ``cm/dim_p{100 p}``: ``cm/dim`` read at each level of ``extra_thresholds``.
     * ``cm/boundary_dim``, ``cm/boundary_dim_std``, ``cm/boundary_dim_frac``: the same for the
@@ -325,6 +332,10 @@ class CMDimensionMonitor(GeometryMonitor):
         for c, v in per_class.items():
             values[f"dim_class_{c}"] = v
         values["dim"], values["dim_frac"] = mean, mean / D
+        values["cutting_dim"] = D - mean  # mean d* (a class never reached counts as d* = D)
+        values["temperature"] = cm.temperature
+        # where the successes lie; nothing to say when no anchor reached any class
+        values.update({k: v for k, v in _locality(cm).items() if math.isfinite(v)})
         # an uncertainty needs a bootstrap and at least two anchors per target; else no *_std keys
         single = [
             t
@@ -358,6 +369,15 @@ class CMDimensionMonitor(GeometryMonitor):
             return curves_figure(cm, boundary, suptitle=f"epoch {epoch}")
 
         return Measurement(values=values, figures={"curves": figure}, notes=notes)
+
+
+def _locality(est: DimensionEstimate) -> dict[str, float]:
+    loc = est.locality()
+    return {
+        "success_dist_median": loc["distance_median"],
+        "success_dist_p90": loc["distance_p90"],
+        "outside_frac": loc["outside_frac"],
+    }
 
 
 def _read(est: DimensionEstimate, what: str, notes: list[str]) -> tuple[dict[Any, float], float, float]:
