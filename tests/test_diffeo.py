@@ -1,6 +1,7 @@
 """Maximum-entropy diffeomorphisms and the relative stability R_f (methods.md section 2)."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -72,10 +73,24 @@ def test_measured_displacement_matches_the_formula(cutoff):
 
 def test_temperature_helpers():
     t_min, t_max = temperature_range(32, 3)
-    assert t_min == pytest.approx((0.5 / (0.28 * math.log(3) + 0.7)) ** 2)
     assert t_max == pytest.approx((0.4 * 32 * 3**-1.1) ** 2)
-    assert approximate_displacement(t_min, 3) == pytest.approx(0.5)
+    assert displacement_for_temperature(t_min, 3) == pytest.approx(0.5, rel=1e-12)  # exact, not the approximation
+    assert t_min < (0.5 / (0.28 * math.log(3) + 0.7)) ** 2  # the reference's T_min moves the centre by 0.59 px
     assert temperature_from_paper(0.01, 32) == pytest.approx(10.24)
+
+
+@pytest.mark.parametrize("cutoff, size", [(3, 8), (3, 28), (5, 32), (2.5, 16)])
+def test_half_a_pixel_is_reachable_and_less_is_clipped_to_it(cutoff, size):
+    """T_min is exactly 0.5 pixel: delta=0.5 is not clipped, delta=0.4 is clipped up to 0.5."""
+    images = torch.rand(4, 1, size, size, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no clipping warning (nor any other)
+        est = relative_stability(nn.Flatten(), images, delta=0.5, cutoff=cutoff, num_bootstrap=0)
+    assert est.delta == pytest.approx(0.5, rel=1e-12)
+    assert est.temperature == temperature_range(size, cutoff)[0]
+    with pytest.warns(UserWarning, match=r"clipped"):
+        low = relative_stability(nn.Flatten(), images, delta=0.4, cutoff=cutoff, num_bootstrap=0)
+    assert low.delta == pytest.approx(0.5, rel=1e-12)
 
 
 @pytest.mark.parametrize("shape", [(3, 1, 8, 8), (2, 3, 17, 29)])

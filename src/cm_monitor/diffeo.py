@@ -74,14 +74,22 @@ def approximate_displacement(temperature: float, cutoff: float = 3) -> float:
     return math.sqrt(temperature) * (0.28 * math.log(_check_cutoff(cutoff)) + 0.7)
 
 
+#: Centre displacement (pixels) of the smallest natural deformation, ``T_min``.
+MIN_DISPLACEMENT = 0.5
+
+
 def temperature_range(size: int, cutoff: float = 3) -> tuple[float, float]:
     """``(T_min, T_max)`` of natural deformations of an ``size × size`` image (pixel convention).
 
-    ``T_min`` displaces the centre by about half a pixel; above ``T_max`` deformations start to fold.
-    For non-square images pass the smaller side.
+    ``T_min`` displaces the centre by exactly half a pixel (:data:`MIN_DISPLACEMENT`, with the exact
+    :func:`temperature_for_displacement`, so ``delta=0.5`` is never clipped); the reference code's
+    ``(0.5 / (0.28 ln c + 0.7))²`` uses the large-``c`` approximation and displaces the centre by
+    0.59 pixel at ``c = 3``. ``T_max = (0.4 · size · c^-1.1)²`` is the reference's; many
+    deformations fold there already (see ``docs/diffeo.md``). For non-square images pass the
+    smaller side.
     """
     c = _check_cutoff(cutoff)
-    return (0.5 / (0.28 * math.log(c) + 0.7)) ** 2, (0.4 * size * c ** (-1.1)) ** 2
+    return temperature_for_displacement(MIN_DISPLACEMENT, c), (0.4 * size * c ** (-1.1)) ** 2
 
 
 def temperature_from_paper(temperature: float, size: int) -> float:
