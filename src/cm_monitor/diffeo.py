@@ -207,7 +207,13 @@ class StabilityEstimate:
         num_images, num_deformations: probe images and deformations per image.
         fold_fraction: fraction of the deformations used that fold over (not diffeomorphisms);
             more than 5 % gives a warning: use a smaller ``delta``.
-        failed: the model returned NaN/inf; every value is then NaN (and a RuntimeWarning was issued).
+        identity_rf: ``R_f`` of the identity map ``f(x) = x`` on the same images, deformations and
+            noise, with the same reduction: 1 with ``"mean"`` (exactly, up to round-off); with
+            ``"median"`` it shows how much the median alone moves ``R_f`` on these images (far
+            below 1 on sparse images, see :func:`relative_stability`). NaN when the deformations
+            change nothing (zero temperature).
+        failed: the model returned NaN/inf; every value that depends on the model is then NaN (and a
+            RuntimeWarning was issued).
     """
 
     rf: float
@@ -223,6 +229,7 @@ class StabilityEstimate:
     num_images: int
     num_deformations: int
     fold_fraction: float = 0.0
+    identity_rf: float = math.nan
     failed: bool = False
 
     def as_dict(self) -> dict[str, float]:
@@ -267,6 +274,43 @@ def resolve_temperature(size: int, delta: float | None, temperature: float | Non
     return float(temperature)
 
 
+#: ``reduction="median"`` warns when it moves the identity map's ``R_f`` by more than this factor.
+MEDIAN_BIAS_FACTOR = 2.0
+#: A warning is issued when more than this fraction of the deformations fold over.
+MAX_FOLD_FRACTION = 0.05
+
+
+def _warn_folds(fold_fraction: float, temperature: float, cutoff: float, h: int, w: int) -> None:
+    if fold_fraction > MAX_FOLD_FRACTION:
+        warnings.warn(
+            f"{fold_fraction:.0%} of the deformations fold over at {displacement_for_temperature(temperature, cutoff):.2g} "
+            f"pixels on {h} × {w} images: they are not diffeomorphisms. Use a smaller `delta`.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _identity_rf(change: Tensor, eta: Tensor, reduction: str) -> float:
+    """``R_f`` of ``f(x) = x`` from the input changes ``[M, D]`` (the pair denominators cancel)."""
+    if reduction == "mean":
+        return float(change.pow(2).sum() / eta.pow(2).sum())
+    return float(change.pow(2).median(0).values.sum() / eta.pow(2).median(0).values.sum())
+
+
+def _warn_median_bias(identity_rf: float) -> None:
+    if not math.isfinite(identity_rf) or 1 / MEDIAN_BIAS_FACTOR <= identity_rf <= MEDIAN_BIAS_FACTOR:
+        return  # NaN: the deformations change nothing (zero temperature)
+    warnings.warn(
+        f"reduction='median' is biased by these images: the identity map f(x) = x gets R_f = {identity_rf:.2g} "
+        "on them (same deformations and noise) instead of 1. In sparse images (a digit on a blank background) "
+        "most pixels are background in most images, so the median over images of their squared change under a "
+        "deformation is 0, while noise changes every pixel. Compare R_f with StabilityEstimate.identity_rf, or "
+        "use reduction='mean' (the identity map then gets exactly 1).",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
 def relative_stability(
     model: ModelLike,
     images: Tensor,
@@ -307,6 +351,15 @@ def relative_stability(
         generator: CPU ``torch.Generator`` or int seed (default 0) for deformations and noise.
         num_bootstrap: bootstrap resamples of the images for ``rf_std``.
         chunk_size: images per forward pass.
+
+    Warns:
+        UserWarning: when the temperature is clipped; when more than 5 % of the deformations fold
+            over; with ``reduction="median"``, when the median moves the identity map's ``R_f`` by
+            more than a factor 2 (``identity_rf`` outside ``[0.5, 2]``): on sparse images, such as
+            MNIST digits on a blank background, the median of a pixel's squared change under a
+            deformation is 0 for the many pixels that are background in most images, and the
+            identity map gets ``R_f ≈ 0.1`` instead of 1.
+        RuntimeWarning: when the model returns NaN/inf.
     """
     members = as_members(model)
     check_images(images)
@@ -338,13 +391,7 @@ def relative_stability(
     z = torch.randn(xr.shape, generator=gen, dtype=torch.float64).to(device)
     boot_seed = int(torch.randint(0, 2**62, (1,), generator=gen))
     fold_fraction = float((min_jacobian_determinant(coeffs, h, w) <= 0).double().mean())
-    if fold_fraction > 0.05:
-        warnings.warn(
-            f"{fold_fraction:.0%} of the deformations fold over at {displacement_for_temperature(temperature, cutoff):.2g} "
-            f"pixels on {h} × {w} images: they are not diffeomorphisms. Use a smaller `delta`.",
-            UserWarning,
-            stacklevel=2,
-        )
+    _warn_folds(fold_fraction, temperature, cutoff, h, w)
 
     def f(batch: Tensor) -> Tensor:
         outs = []
@@ -365,7 +412,10 @@ def relative_stability(
         zf = z.flatten(1)
         eta = (zf / zf.norm(dim=1, keepdim=True) * sigma[:, None]).view_as(xr)
         noisy = (xr.double() + eta).to(dtype)
+        identity_rf = _identity_rf(change, eta.flatten(1), reduction)
         fx, ftau, feta = f(x), f(deformed), f(noisy)
+    if reduction == "median":
+        _warn_median_bias(identity_rf)
 
     if not all(bool(torch.isfinite(t).all()) for t in (fx, ftau, feta)):
         warnings.warn(
@@ -388,6 +438,8 @@ def relative_stability(
             reduction,
             n,
             reps,
+            fold_fraction=fold_fraction,
+            identity_rf=identity_rf,
             failed=True,
         )
     fxr = fx.repeat_interleave(reps, 0)
@@ -444,4 +496,5 @@ def relative_stability(
         num_images=n,
         num_deformations=reps,
         fold_fraction=fold_fraction,
+        identity_rf=identity_rf,
     )
