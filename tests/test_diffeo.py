@@ -264,6 +264,27 @@ def test_real_mnist_median_warning_and_filters(mnist):
     assert relative_stability(fixed_filter(LAPLACIAN), mnist, num_bootstrap=0).rf < 0.5
 
 
+# ---------------------------------------------------------------------------------------------
+# the fold check
+
+
+def test_a_known_fold_fraction_skips_the_check(monkeypatch):
+    import cm_monitor.diffeo as module
+
+    images = digits()
+    with pytest.warns(UserWarning, match=r"fold over"):  # 1 pixel on 8 x 8 images folds often
+        computed = relative_stability(nn.Flatten(), images, delta=1.0, generator=5)
+    assert 0.2 < computed.fold_fraction < 0.6
+    calls = []
+    monkeypatch.setattr(module, "min_jacobian_determinant", lambda *a, **k: calls.append(a) or torch.zeros(1))
+    with pytest.warns(UserWarning, match=r"fold over"):  # the warning still follows the value
+        given = relative_stability(nn.Flatten(), images, delta=1.0, generator=5, fold_fraction=computed.fold_fraction)
+    assert calls == [] and given == computed
+    for bad in (-0.1, 1.5, "0.2", True):
+        with pytest.raises(ValueError, match=r"`fold_fraction` must be None or a fraction in \[0, 1\]"):
+            relative_stability(nn.Flatten(), images, fold_fraction=bad)
+
+
 def test_median_reduction_and_probabilities_output():
     images = torch.rand(12, 1, 16, 16)
     torch.manual_seed(0)

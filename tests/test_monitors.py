@@ -111,6 +111,37 @@ def test_probes_deformations_and_noise_stay_fixed_for_the_run(tmp_path):
     assert diffeo.num_measurements == elastic.num_measurements == 3
 
 
+def test_the_fold_check_runs_once_per_run(tmp_path, monkeypatch):
+    """The deformations are the same at every measurement: their fold fraction is computed once."""
+    import cm_monitor.callbacks.diffeo as callback_module
+    import cm_monitor.diffeo as core
+
+    calls, folds = [], []
+    check, measure = core.min_jacobian_determinant, callback_module.relative_stability
+    monkeypatch.setattr(core, "min_jacobian_determinant", lambda *a, **k: calls.append(1) or check(*a, **k))
+
+    def recording(*args, **kwargs):
+        est = measure(*args, **kwargs)
+        folds.append(est.fold_fraction)
+        return est
+
+    monkeypatch.setattr(callback_module, "relative_stability", recording)
+    monitor = DiffeoStabilityMonitor(num_anchors=3, delta=1.0, num_bootstrap=0)  # 1 pixel on 8 x 8 folds often
+    with pytest.warns(RuntimeWarning, match=r"fold over"):
+        trainer(tmp_path, [monitor], max_epochs=3).fit(Frozen(), *loaders())
+    assert monitor.num_measurements == 3 and len(calls) == 1
+    with pytest.warns(UserWarning, match=r"fold over"):  # a one-off call computes it itself
+        one_off = core.relative_stability(
+            nn.Flatten(), monitor.anchors, delta=1.0, generator=monitor.seed, num_bootstrap=0
+        )
+    assert len(calls) == 2 and one_off.fold_fraction > 0.1
+    assert folds == [one_off.fold_fraction] * 3
+    monitor.seed = 1  # other deformations: checked again
+    with pytest.warns(RuntimeWarning, match=r"fold over"):
+        trainer(tmp_path, [monitor], max_epochs=1).fit(Frozen(), *loaders())
+    assert len(calls) == 3 and folds[-1] != folds[0]
+
+
 def test_early_stopping_on_log10_rf_with_every_n_epochs(tmp_path):
     stopper = EarlyStopping(monitor="diffeo/log10_rf", mode="min", patience=100, strict=True)
     _, t = fit(tmp_path, [DiffeoStabilityMonitor(every_n_epochs=2, **DIFFEO_FAST), stopper], max_epochs=3)

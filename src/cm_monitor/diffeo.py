@@ -280,6 +280,16 @@ MEDIAN_BIAS_FACTOR = 2.0
 MAX_FOLD_FRACTION = 0.05
 
 
+def fold_fraction_of(coefficients: Tensor, height: int, width: int) -> float:
+    """Fraction of the deformations of ``coefficients`` that fold over (:func:`min_jacobian_determinant` <= 0)."""
+    return float((min_jacobian_determinant(coefficients, height, width) <= 0).double().mean())
+
+
+def _check_fold_fraction(value: float | None) -> None:
+    if value is not None and not (isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1):
+        raise ValueError(f"`fold_fraction` must be None or a fraction in [0, 1], got {value!r}.")
+
+
 def _warn_folds(fold_fraction: float, temperature: float, cutoff: float, h: int, w: int) -> None:
     if fold_fraction > MAX_FOLD_FRACTION:
         warnings.warn(
@@ -325,6 +335,7 @@ def relative_stability(
     generator: torch.Generator | int | None = None,
     num_bootstrap: int = 200,
     chunk_size: int = 1024,
+    fold_fraction: float | None = None,
 ) -> StabilityEstimate:
     """Relative stability ``R_f`` of a model's output to small diffeomorphisms vs matched noise.
 
@@ -351,6 +362,13 @@ def relative_stability(
         generator: CPU ``torch.Generator`` or int seed (default 0) for deformations and noise.
         num_bootstrap: bootstrap resamples of the images for ``rf_std``.
         chunk_size: images per forward pass.
+        fold_fraction: the fold fraction of these deformations, when it is already known: the
+            fold check (:func:`min_jacobian_determinant` on a grid 4 × finer than the pixels, the
+            costliest step for small models) is skipped and this value reported. The deformations
+            depend only on ``generator`` (its seed or state), the number of images, ``num_deformations``,
+            the temperature, ``cutoff`` and the image size, so the value of an earlier call with all
+            of these equal is exact (:class:`~cm_monitor.DiffeoStabilityMonitor` does this).
+            ``None`` (default): computed.
 
     Warns:
         UserWarning: when the temperature is clipped; when more than 5 % of the deformations fold
@@ -376,6 +394,7 @@ def relative_stability(
             raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
     if reduction not in ("mean", "median"):
         raise ValueError(f"`reduction` must be 'mean' or 'median', got {reduction!r}.")
+    _check_fold_fraction(fold_fraction)
     fn = _output_fn(output)
     cutoff = _check_cutoff(cutoff)
     n, _, h, w = images.shape
@@ -390,7 +409,9 @@ def relative_stability(
     coeffs = sample_coefficients(n * reps, temperature, cutoff, generator=gen, dtype=torch.float64)
     z = torch.randn(xr.shape, generator=gen, dtype=torch.float64).to(device)
     boot_seed = int(torch.randint(0, 2**62, (1,), generator=gen))
-    fold_fraction = float((min_jacobian_determinant(coeffs, h, w) <= 0).double().mean())
+    if fold_fraction is None:
+        fold_fraction = fold_fraction_of(coeffs, h, w)
+    fold_fraction = float(fold_fraction)
     _warn_folds(fold_fraction, temperature, cutoff, h, w)
 
     def f(batch: Tensor) -> Tensor:

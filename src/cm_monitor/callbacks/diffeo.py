@@ -28,7 +28,7 @@ class DiffeoStabilityMonitor(GeometryMonitor):
     The probe images are ``num_anchors`` validation images per class, drawn once at the start of
     fit (like :class:`~cm_monitor.CMDimensionMonitor`'s anchors), and the deformations and noise are
     drawn from ``seed``: both stay fixed for the run, so a change in the curve is a change in the
-    model. Scheduling, logging at validations without a measurement (the last values again),
+    model (and the deformations' fold check runs once per run, at the first measurement). Scheduling, logging at validations without a measurement (the last values again),
     checkpointing and cost reporting are those of :class:`~cm_monitor.CMDimensionMonitor`.
 
     Args:
@@ -145,6 +145,30 @@ class DiffeoStabilityMonitor(GeometryMonitor):
             raise ValueError("`num_bootstrap` must be 0 (no uncertainties) or at least 2, got 1.")
         self.chunk_size = check_int(chunk_size, "chunk_size")
         self.last_estimate: StabilityEstimate | None = None
+        # (what the deformations depend on, their fold fraction), from the first measurement of a
+        # run: the deformations are the same at every measurement (common random numbers)
+        self._folds: tuple[tuple[Any, ...], float] | None = None
+
+    def _deformation_key(self) -> tuple[Any, ...]:
+        """Everything the deformations, so their fold fraction, depend on (not the anchors' values)."""
+        assert self.anchors is not None
+        n, _, height, width = self.anchors.shape
+        return (
+            self.seed,
+            n,
+            height,
+            width,
+            self.num_deformations,
+            self.delta,
+            self.temperature,
+            self.cutoff,
+            self.clip,
+        )
+
+    def _known_fold_fraction(self) -> float | None:
+        if self._folds is not None and self._folds[0] == self._deformation_key():
+            return self._folds[1]
+        return None
 
     def _config(self) -> dict[str, Any]:
         return {
@@ -193,9 +217,11 @@ class DiffeoStabilityMonitor(GeometryMonitor):
                 generator=self.seed,  # the same deformations and noise at every evaluation
                 num_bootstrap=self.num_bootstrap,
                 chunk_size=self.chunk_size,
+                fold_fraction=self._known_fold_fraction(),  # checked once per run, not at every measurement
             )
         notes.extend(sorted({str(w.message) for w in caught}))
         self.last_estimate = est
+        self._folds = (self._deformation_key(), est.fold_fraction)
         values = {
             "rf": est.rf,
             "log10_rf": est.log10_rf,
