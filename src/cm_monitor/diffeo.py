@@ -56,7 +56,18 @@ def _modes(cutoff: float) -> Tensor:
 
 
 def displacement_for_temperature(temperature: float, cutoff: float = 3) -> float:
-    """Exact root-mean-square length (pixels) of the displacement vector at the image centre."""
+    """Exact root-mean-square length (pixels) of the displacement vector at the image centre.
+
+    ``δ² = 2 T Σ sin²(iπ/2) sin²(jπ/2) / (i² + j²)`` over the allowed modes (both axes): at
+    ``c = 3`` the sum is ``1/2 + 1/10 + 1/10 = 0.7``, so ``δ = sqrt(1.4 T)``, whatever the image size
+    (``temperature`` is in the pixel convention).
+
+    Example::
+
+        >>> from cm_monitor.diffeo import displacement_for_temperature
+        >>> round(displacement_for_temperature(1.0, cutoff=3) ** 2, 12)
+        1.4
+    """
     w = _modes(_check_cutoff(cutoff))
     i = torch.arange(1, w.shape[0] + 1, dtype=torch.float64)
     s = torch.sin(i * math.pi / 2) ** 2
@@ -65,7 +76,17 @@ def displacement_for_temperature(temperature: float, cutoff: float = 3) -> float
 
 
 def temperature_for_displacement(delta: float, cutoff: float = 3) -> float:
-    """The temperature (pixel convention) whose exact centre displacement is ``delta`` pixels."""
+    """The temperature (pixel convention) whose exact centre displacement is ``delta`` pixels.
+
+    At ``c = 3``, ``T = δ² / 1.4`` for any image size; the paper's unit-square temperature of an
+    ``n × n`` image is ``T / n²`` (``docs/diffeo.md`` has a table).
+
+    Example::
+
+        >>> from cm_monitor.diffeo import temperature_for_displacement
+        >>> [round(temperature_for_displacement(d, cutoff=3), 4) for d in (0.5, 1.0, 2.0)]
+        [0.1786, 0.7143, 2.8571]
+    """
     return float(delta) ** 2 / displacement_for_temperature(1.0, cutoff) ** 2
 
 
@@ -93,7 +114,18 @@ def temperature_range(size: int, cutoff: float = 3) -> tuple[float, float]:
 
 
 def temperature_from_paper(temperature: float, size: int) -> float:
-    """Convert a temperature of the paper's unit-square convention to the pixel convention."""
+    """Convert a temperature of the paper's unit-square convention to the pixel convention.
+
+    The paper (and an older version of the reference code) puts the coefficients in unit-square
+    coordinates, ``C_ij ~ N(0, T_paper / (i² + j²))``, so the displacement in pixels is ``size``
+    times larger: ``T = size² · T_paper``.
+
+    Example::
+
+        >>> from cm_monitor.diffeo import temperature_from_paper
+        >>> temperature_from_paper(0.01, 32)  # 32 x 32 images (CIFAR-10)
+        10.24
+    """
     return temperature * size**2
 
 
@@ -351,8 +383,12 @@ def relative_stability(
     Args:
         model: an ``nn.Module`` (or a list: the mean of the members' outputs) taking ``[N, C, H, W]``.
         images: ``[N, C, H, W]`` probe images, ``N >= 2``; any size, not only square.
-        delta: typical displacement in pixels (exact centre RMS); default 1 pixel.
-        temperature: alternatively the temperature (pixel convention); pass ``delta=None`` with it.
+        delta: typical displacement in pixels (exact centre RMS); default 1 pixel. It maps to the
+            temperature ``temperature_for_displacement(delta, cutoff)``: ``T = δ² / 1.4`` at
+            ``c = 3`` (``delta=1``: ``T = 0.714``), for any image size.
+        temperature: alternatively the temperature, in the pixel convention of the authors'
+            current code (``T = size² · T_paper`` for the paper's unit-square convention, see
+            :func:`temperature_from_paper`); pass ``delta=None`` with it.
         cutoff: highest mode frequency ``c`` (default 3).
         num_deformations: deformations (and noise draws) per image.
         reduction: ``"mean"`` (default; the identity map gives exactly 1) or ``"median"``.

@@ -35,8 +35,10 @@ class DiffeoStabilityMonitor(GeometryMonitor):
         every_n_epochs: measure every this many epochs (the first validation is always measured).
         num_anchors: probe images per class.
         delta: typical displacement of the deformations at the image centre, in pixels (default 1;
-            for 8 × 8 images use about 0.6: larger deformations fold, see ``docs/diffeo.md``).
-        temperature: alternatively the temperature (pixel convention); pass ``delta=None`` with it.
+            for 8 × 8 images use 0.5 or 0.6: larger deformations fold, see ``docs/diffeo.md``). At
+            ``cutoff=3`` it is the temperature ``T = δ² / 1.4`` (pixel convention), for any image size.
+        temperature: alternatively the temperature, in the pixel convention (``T = n² · T_paper``
+            for the paper's unit-square convention on ``n × n`` images); pass ``delta=None`` with it.
         cutoff: highest mode frequency of the deformations (default 3).
         num_deformations: deformations (and noise draws) per probe image.
         reduction: ``"mean"`` or ``"median"`` (the reference code's robust averages).
