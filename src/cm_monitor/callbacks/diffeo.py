@@ -41,7 +41,8 @@ class DiffeoStabilityMonitor(GeometryMonitor):
             for the paper's unit-square convention on ``n × n`` images); pass ``delta=None`` with it.
         cutoff: highest mode frequency of the deformations (default 3).
         num_deformations: deformations (and noise draws) per probe image.
-        reduction: ``"mean"`` or ``"median"`` (the reference code's robust averages).
+        reduction: ``"mean"`` or ``"median"`` (the reference code's robust averages; on sparse
+            images such as MNIST the median is biased far low, and a warning says so: use the mean).
         output: ``"logits"`` (default), ``"probabilities"`` or a callable on the model's output.
         clip: clip the temperature into the natural range of the image size (with a warning).
         num_bootstrap: bootstrap resamples of the images for the uncertainty; 0 for none (the
