@@ -232,7 +232,7 @@ def test_diffeo_monitor_needs_images(tmp_path):
         (ElasticityMonitor, {"loss_fn": "ce"}, r"`loss_fn` must be callable"),
         (ElasticityMonitor, {"every_n_epochs": 0}, r"`every_n_epochs` must be an integer >= 1"),
         (ElasticityMonitor, {"groups": "digits"}, r"`groups` must be None, a function"),
-        (ElasticityMonitor, {"groups": [0.5, 1.5]}, r"`groups` must be \[N\] = \[2\] integer group ids"),
+        (ElasticityMonitor, {"groups": [0.5, 1.5]}, r"`groups` as a label map must be a sequence of integer"),
     ],
 )
 def test_invalid_arguments(cls, kwargs, match):

@@ -174,7 +174,7 @@ def local_elasticity(
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"`chunk_size` must be an integer >= 1, got {chunk_size!r}.")
     gen = make_generator(generator)
-    problem = group_problem(groups.cpu())
+    problem = _group_problem(groups.cpu())
     if problem is not None:
         warnings.warn(f"local_elasticity: {problem}", UserWarning, stacklevel=2)
 
@@ -316,7 +316,7 @@ def check_groups(groups: object, n: int, name: str = "groups") -> Tensor:
     return t
 
 
-def group_problem(groups: Tensor) -> str | None:
+def _group_problem(groups: Tensor) -> str | None:
     """Why pairs within and across ``groups`` cannot be compared, or ``None`` when they can."""
     counts = torch.unique(groups, return_counts=True)[1]
     if counts.numel() < 2:
@@ -393,7 +393,7 @@ def class_contrast(matrix: Tensor, groups: Tensor) -> tuple[float, float, float]
         [0.8, 0.2, 4.0]
     """
     matrix, groups = _check_matrix(matrix, groups, "matrix")
-    problem = group_problem(groups)
+    problem = _group_problem(groups)
     if problem is not None:
         warnings.warn(f"class_contrast: {problem}", UserWarning, stacklevel=2)
         return math.nan, math.nan, math.nan
@@ -436,7 +436,7 @@ def spectral_cluster_score(affinity: Tensor, groups: Tensor, *, seed: int = 0) -
     from sklearn.metrics import adjusted_rand_score
 
     affinity, groups = _check_matrix(affinity, groups, "affinity")
-    problem = group_problem(groups)
+    problem = _group_problem(groups)
     if problem is not None:
         warnings.warn(f"spectral_cluster_score: {problem}", UserWarning, stacklevel=2)
         return math.nan, torch.zeros_like(groups)

@@ -30,7 +30,12 @@ def _check_groups_spec(groups: GroupsSpec | None) -> Callable[[Tensor, Tensor], 
             f"(a sequence of group ids indexed by class), got {type(groups).__name__}."
         )
     table = torch.as_tensor(groups)
-    return check_groups(table, table.numel(), "groups").cpu()
+    if table.dim() != 1 or table.is_floating_point() or table.is_complex() or table.dtype == torch.bool:
+        raise ValueError(
+            f"`groups` as a label map must be a sequence of integer group ids (groups[c] is the group of "
+            f"class c), got {table.dtype} {tuple(table.shape)}."
+        )
+    return table.cpu()
 
 
 class ElasticityMonitor(GeometryMonitor):
