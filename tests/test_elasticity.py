@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from cm_monitor.elasticity import class_contrast, local_elasticity, spectral_cluster_score
+from cm_monitor import class_contrast, linear_baseline_similarity, local_elasticity, spectral_cluster_score
 
 
 def data(n=12, d=5, classes=3, seed=0):
@@ -123,6 +123,81 @@ def test_trained_mlp_on_digits_is_locally_elastic():
     assert est.linearity_error < 0.05
     assert est.ratio > 1.5
     assert est.cluster_ari > 0.5
+
+
+def test_a_linear_model_sits_exactly_on_the_input_space_baseline():
+    """A linear softmax classifier's S_rel is the baseline |<x, x'> + 1| / (|x|^2 + 1): same summaries."""
+    x, y = data(12)
+    torch.manual_seed(0)
+    est = local_elasticity(nn.Linear(5, 3).double(), x, y)
+    torch.testing.assert_close(est.baseline_similarity, linear_baseline_similarity(x))
+    torch.testing.assert_close(est.similarity, est.baseline_similarity, rtol=1e-9, atol=1e-9)
+    assert est.ratio == pytest.approx(est.ratio_baseline, rel=1e-9)
+    assert est.cluster_ari == pytest.approx(est.cluster_ari_baseline)
+    assert est.as_dict()["ratio_baseline"] == est.ratio_baseline
+    assert math.isnan(local_elasticity(nn.Linear(5, 3).double(), x, y, cluster=False).cluster_ari_baseline)
+
+
+def digits_mlp(digits, merged, steps=200):
+    """An MLP trained on scikit-learn digits with the training labels ``merged[digit]``; held-out probes."""
+    from sklearn.datasets import load_digits
+
+    X, d = load_digits(return_X_y=True)
+    X, d = torch.tensor(X, dtype=torch.float32) / 16, torch.tensor(d)
+    keep = torch.isin(d, torch.tensor(digits))
+    X, d = X[keep], d[keep]
+    labels = torch.tensor([merged[int(v)] for v in d])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, max(merged.values()) + 1))
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X[:300]), labels[:300]).backward()
+        opt.step()
+    probe = torch.cat([torch.nonzero(d[300:] == v).squeeze(1)[:10] + 300 for v in digits])
+    return model, X[probe], labels[probe], d[probe]
+
+
+def test_merged_labels_summaries_are_computed_on_the_groups():
+    """He & Su's setting: digits 3 and 5 trained under one label; the summaries compare the digits.
+
+    Measured (not a law): ratio 1.45 on the digits against 1.25 for the input-space baseline,
+    cluster ARI 0.73 for both (untrained: ratio 1.24, ARI 0.90).
+    """
+    model, x, labels, digit = digits_mlp([0, 3, 5], {0: 0, 3: 1, 5: 1})
+    est = local_elasticity(model, x, labels, groups=digit)
+    assert torch.equal(est.groups, digit) and torch.equal(est.labels, labels)
+    sym = est.symmetric_similarity
+    assert (est.intra, est.inter, est.ratio) == pytest.approx(class_contrast(sym, digit))
+    assert est.ratio != pytest.approx(class_contrast(sym, labels)[2])
+    base = linear_baseline_similarity(x)
+    assert est.ratio_baseline == pytest.approx(class_contrast((base + base.T) / 2, digit)[2])
+    values = est.as_dict()
+    assert all(math.isfinite(v) for v in values.values()), values
+    assert est.ratio > est.ratio_baseline > 1
+    assert est.cluster_ari > 0.5 and est.cluster_ari_baseline > 0.5
+    assert len(set(est.cluster_labels.tolist())) == 3  # as many clusters as groups, not labels
+    with pytest.raises(ValueError, match=r"`groups` must be \[N\] = \[30\] integer group ids"):
+        local_elasticity(model, x, labels, groups=digit[:5])
+    with pytest.raises(ValueError, match=r"`groups` must be"):
+        local_elasticity(model, x, labels, groups=digit.double())
+
+
+def test_one_group_warns_instead_of_silent_nan():
+    x, y = data(8, classes=2)
+    model = nn.Linear(5, 2).double()
+    with pytest.warns(UserWarning, match=r"all 8 inputs are in one group"):
+        est = local_elasticity(model, x, torch.zeros(8, dtype=torch.long))
+    assert math.isnan(est.ratio) and math.isnan(est.cluster_ari) and math.isnan(est.ratio_baseline)
+    assert torch.isfinite(est.similarity).all()  # the matrix itself is measured
+    with pytest.warns(UserWarning, match=r"all 8 inputs are in one group"):
+        local_elasticity(model, x, y, groups=torch.ones(8, dtype=torch.long))  # two labels, one group
+    with pytest.warns(UserWarning, match=r"no two of the 8 inputs share a group"):
+        local_elasticity(model, x, y, groups=torch.arange(8))
+    with pytest.warns(UserWarning, match=r"class_contrast: all 8 inputs are in one group"):
+        assert all(math.isnan(v) for v in class_contrast(est.similarity, torch.zeros(8, dtype=torch.long)))
+    with pytest.warns(UserWarning, match=r"spectral_cluster_score: all 8 inputs"):
+        assert math.isnan(spectral_cluster_score(est.similarity, torch.zeros(8, dtype=torch.long))[0])
 
 
 def test_errors():

@@ -61,6 +61,9 @@ def test_logged_values_in_tensorboard(tmp_path):
         assert rf == pytest.approx(df / gf, rel=1e-5)
     for key in ("elasticity/intra", "elasticity/inter", "elasticity/ratio", "elasticity/cluster_ari"):
         assert len(s[key]) == 2, key
+    for key in ("elasticity/ratio_baseline", "elasticity/cluster_ari_baseline"):  # the probes' own: constant
+        assert len(s[key]) == 2 and s[key][0][1] == s[key][1][1], key
+    assert s["elasticity/ratio_baseline"][0][1] > 1
     for (_, ratio), (_, intra), (_, inter) in zip(
         s["elasticity/ratio"], s["elasticity/intra"], s["elasticity/inter"], strict=True
     ):
@@ -111,6 +114,87 @@ def test_probes_deformations_and_noise_stay_fixed_for_the_run(tmp_path):
     assert diffeo.num_measurements == elastic.num_measurements == 3
 
 
+def test_the_fold_check_runs_once_per_run(tmp_path, monkeypatch):
+    """The deformations are the same at every measurement: their fold fraction is computed once."""
+    import cm_monitor.callbacks.diffeo as callback_module
+    import cm_monitor.diffeo as core
+
+    calls, folds = [], []
+    check, measure = core.min_jacobian_determinant, callback_module.relative_stability
+    monkeypatch.setattr(core, "min_jacobian_determinant", lambda *a, **k: calls.append(1) or check(*a, **k))
+
+    def recording(*args, **kwargs):
+        est = measure(*args, **kwargs)
+        folds.append(est.fold_fraction)
+        return est
+
+    monkeypatch.setattr(callback_module, "relative_stability", recording)
+    monitor = DiffeoStabilityMonitor(num_anchors=3, delta=1.0, num_bootstrap=0)  # 1 pixel on 8 x 8 folds often
+    with pytest.warns(RuntimeWarning, match=r"fold over"):
+        trainer(tmp_path, [monitor], max_epochs=3).fit(Frozen(), *loaders())
+    assert monitor.num_measurements == 3 and len(calls) == 1
+    with pytest.warns(UserWarning, match=r"fold over"):  # a one-off call computes it itself
+        one_off = core.relative_stability(
+            nn.Flatten(), monitor.anchors, delta=1.0, generator=monitor.seed, num_bootstrap=0
+        )
+    assert len(calls) == 2 and one_off.fold_fraction > 0.1
+    assert folds == [one_off.fold_fraction] * 3
+    monitor.seed = 1  # other deformations: checked again
+    with pytest.warns(RuntimeWarning, match=r"fold over"):
+        trainer(tmp_path, [monitor], max_epochs=1).fit(Frozen(), *loaders())
+    assert len(calls) == 3 and folds[-1] != folds[0]
+
+
+@pytest.mark.parametrize("kind", ["map", "function"])
+def test_elasticity_groups(tmp_path, kind):
+    """The summaries compare the groups (here digits < 5 against >= 5); the steps still use the labels."""
+    from cm_monitor import class_contrast, linear_baseline_similarity
+
+    table = [0] * 5 + [1] * 5
+
+    def below_five(inputs, labels):
+        return (labels >= 5).long()
+
+    monitor = ElasticityMonitor(groups=table if kind == "map" else below_five, **ELASTIC_FAST)
+    t = trainer(tmp_path, [monitor], max_epochs=1)
+    t.fit(DigitsCNN(), *loaders())
+    est = monitor.last_estimate
+    assert torch.equal(est.groups, (monitor.anchor_labels.cpu() >= 5).long())
+    assert torch.equal(est.labels, monitor.anchor_labels.cpu())
+    assert t.callback_metrics["elasticity/ratio"].item() == pytest.approx(
+        class_contrast(est.symmetric_similarity, est.groups)[2], rel=1e-5
+    )
+    base = linear_baseline_similarity(monitor.anchors)
+    assert t.callback_metrics["elasticity/ratio_baseline"].item() == pytest.approx(
+        class_contrast((base + base.T) / 2, est.groups)[2], rel=1e-5
+    )
+    assert ElasticityMonitor(groups=table).state_key != ElasticityMonitor().state_key
+
+
+@pytest.mark.parametrize(
+    "groups, error, match",
+    [
+        ([0, 1, 0], ValueError, r"`groups` maps 3 classes, but the model has 10"),
+        (lambda x, y: y[:3], ValueError, r"`groups\(inputs, labels\)` must be \[N\] = \[30\] integer group ids"),
+        (lambda x, y: y.double(), ValueError, r"`groups\(inputs, labels\)` must be"),
+    ],
+)
+def test_elasticity_groups_errors_at_the_start_of_fit(tmp_path, groups, error, match):
+    t = trainer(tmp_path, [ElasticityMonitor(groups=groups, **ELASTIC_FAST)], max_epochs=1)
+    with pytest.raises(error, match=match):
+        t.fit(DigitsCNN(), *loaders())
+
+
+def test_elasticity_one_group_is_a_warning_not_silent_nan(tmp_path):
+    monitor = ElasticityMonitor(groups=lambda x, y: torch.zeros_like(y), **ELASTIC_FAST)
+    t = trainer(tmp_path, [monitor], max_epochs=1)
+    with pytest.warns(RuntimeWarning, match=r"all 30 inputs are in one group"):
+        t.fit(DigitsCNN(), *loaders())
+    for key in ("intra", "inter", "ratio", "cluster_ari", "ratio_baseline", "cluster_ari_baseline"):
+        assert f"elasticity/{key}" not in t.callback_metrics, key  # NaN is not logged
+    assert "elasticity/linearity_error" in t.callback_metrics  # the measurement itself ran
+
+
 def test_early_stopping_on_log10_rf_with_every_n_epochs(tmp_path):
     stopper = EarlyStopping(monitor="diffeo/log10_rf", mode="min", patience=100, strict=True)
     _, t = fit(tmp_path, [DiffeoStabilityMonitor(every_n_epochs=2, **DIFFEO_FAST), stopper], max_epochs=3)
@@ -147,6 +231,8 @@ def test_diffeo_monitor_needs_images(tmp_path):
         (ElasticityMonitor, {"relative_step": 2.0}, r"`relative_step` must be in \(0, 1\)"),
         (ElasticityMonitor, {"loss_fn": "ce"}, r"`loss_fn` must be callable"),
         (ElasticityMonitor, {"every_n_epochs": 0}, r"`every_n_epochs` must be an integer >= 1"),
+        (ElasticityMonitor, {"groups": "digits"}, r"`groups` must be None, a function"),
+        (ElasticityMonitor, {"groups": [0.5, 1.5]}, r"`groups` as a label map must be a sequence of integer"),
     ],
 )
 def test_invalid_arguments(cls, kwargs, match):

@@ -10,7 +10,13 @@ from cm_monitor.callbacks import CMDimensionMonitor, DiffeoStabilityMonitor, Ela
 from cm_monitor.cutting import REFERENCE_SETTINGS, OptimizerSettings
 from cm_monitor.diffeo import StabilityEstimate, relative_stability
 from cm_monitor.dimension import DimensionEstimate, boundary_dimension, cm_dimension
-from cm_monitor.elasticity import ElasticityEstimate, local_elasticity
+from cm_monitor.elasticity import (
+    ElasticityEstimate,
+    class_contrast,
+    linear_baseline_similarity,
+    local_elasticity,
+    spectral_cluster_score,
+)
 from cm_monitor.planes import default_dims, reference_dims
 
 __version__ = "0.1.0"
@@ -26,9 +32,12 @@ __all__ = [
     "StabilityEstimate",
     "__version__",
     "boundary_dimension",
+    "class_contrast",
     "cm_dimension",
     "default_dims",
+    "linear_baseline_similarity",
     "local_elasticity",
     "reference_dims",
     "relative_stability",
+    "spectral_cluster_score",
 ]

@@ -56,7 +56,18 @@ def _modes(cutoff: float) -> Tensor:
 
 
 def displacement_for_temperature(temperature: float, cutoff: float = 3) -> float:
-    """Exact root-mean-square length (pixels) of the displacement vector at the image centre."""
+    """Exact root-mean-square length (pixels) of the displacement vector at the image centre.
+
+    ``δ² = 2 T Σ sin²(iπ/2) sin²(jπ/2) / (i² + j²)`` over the allowed modes (both axes): at
+    ``c = 3`` the sum is ``1/2 + 1/10 + 1/10 = 0.7``, so ``δ = sqrt(1.4 T)``, whatever the image size
+    (``temperature`` is in the pixel convention).
+
+    Example::
+
+        >>> from cm_monitor.diffeo import displacement_for_temperature
+        >>> round(displacement_for_temperature(1.0, cutoff=3) ** 2, 12)
+        1.4
+    """
     w = _modes(_check_cutoff(cutoff))
     i = torch.arange(1, w.shape[0] + 1, dtype=torch.float64)
     s = torch.sin(i * math.pi / 2) ** 2
@@ -65,7 +76,17 @@ def displacement_for_temperature(temperature: float, cutoff: float = 3) -> float
 
 
 def temperature_for_displacement(delta: float, cutoff: float = 3) -> float:
-    """The temperature (pixel convention) whose exact centre displacement is ``delta`` pixels."""
+    """The temperature (pixel convention) whose exact centre displacement is ``delta`` pixels.
+
+    At ``c = 3``, ``T = δ² / 1.4`` for any image size; the paper's unit-square temperature of an
+    ``n × n`` image is ``T / n²`` (``docs/diffeo.md`` has a table).
+
+    Example::
+
+        >>> from cm_monitor.diffeo import temperature_for_displacement
+        >>> [round(temperature_for_displacement(d, cutoff=3), 4) for d in (0.5, 1.0, 2.0)]
+        [0.1786, 0.7143, 2.8571]
+    """
     return float(delta) ** 2 / displacement_for_temperature(1.0, cutoff) ** 2
 
 
@@ -74,18 +95,37 @@ def approximate_displacement(temperature: float, cutoff: float = 3) -> float:
     return math.sqrt(temperature) * (0.28 * math.log(_check_cutoff(cutoff)) + 0.7)
 
 
+#: Centre displacement (pixels) of the smallest natural deformation, ``T_min``.
+MIN_DISPLACEMENT = 0.5
+
+
 def temperature_range(size: int, cutoff: float = 3) -> tuple[float, float]:
     """``(T_min, T_max)`` of natural deformations of an ``size × size`` image (pixel convention).
 
-    ``T_min`` displaces the centre by about half a pixel; above ``T_max`` deformations start to fold.
-    For non-square images pass the smaller side.
+    ``T_min`` displaces the centre by exactly half a pixel (:data:`MIN_DISPLACEMENT`, with the exact
+    :func:`temperature_for_displacement`, so ``delta=0.5`` is never clipped); the reference code's
+    ``(0.5 / (0.28 ln c + 0.7))²`` uses the large-``c`` approximation and displaces the centre by
+    0.59 pixel at ``c = 3``. ``T_max = (0.4 · size · c^-1.1)²`` is the reference's; many
+    deformations fold there already (see ``docs/diffeo.md``). For non-square images pass the
+    smaller side.
     """
     c = _check_cutoff(cutoff)
-    return (0.5 / (0.28 * math.log(c) + 0.7)) ** 2, (0.4 * size * c ** (-1.1)) ** 2
+    return temperature_for_displacement(MIN_DISPLACEMENT, c), (0.4 * size * c ** (-1.1)) ** 2
 
 
 def temperature_from_paper(temperature: float, size: int) -> float:
-    """Convert a temperature of the paper's unit-square convention to the pixel convention."""
+    """Convert a temperature of the paper's unit-square convention to the pixel convention.
+
+    The paper (and an older version of the reference code) puts the coefficients in unit-square
+    coordinates, ``C_ij ~ N(0, T_paper / (i² + j²))``, so the displacement in pixels is ``size``
+    times larger: ``T = size² · T_paper``.
+
+    Example::
+
+        >>> from cm_monitor.diffeo import temperature_from_paper
+        >>> temperature_from_paper(0.01, 32)  # 32 x 32 images (CIFAR-10)
+        10.24
+    """
     return temperature * size**2
 
 
@@ -199,7 +239,13 @@ class StabilityEstimate:
         num_images, num_deformations: probe images and deformations per image.
         fold_fraction: fraction of the deformations used that fold over (not diffeomorphisms);
             more than 5 % gives a warning: use a smaller ``delta``.
-        failed: the model returned NaN/inf; every value is then NaN (and a RuntimeWarning was issued).
+        identity_rf: ``R_f`` of the identity map ``f(x) = x`` on the same images, deformations and
+            noise, with the same reduction: 1 with ``"mean"`` (exactly, up to round-off); with
+            ``"median"`` it shows how much the median alone moves ``R_f`` on these images (far
+            below 1 on sparse images, see :func:`relative_stability`). NaN when the deformations
+            change nothing (zero temperature).
+        failed: the model returned NaN/inf; every value that depends on the model is then NaN (and a
+            RuntimeWarning was issued).
     """
 
     rf: float
@@ -215,6 +261,7 @@ class StabilityEstimate:
     num_images: int
     num_deformations: int
     fold_fraction: float = 0.0
+    identity_rf: float = math.nan
     failed: bool = False
 
     def as_dict(self) -> dict[str, float]:
@@ -259,6 +306,53 @@ def resolve_temperature(size: int, delta: float | None, temperature: float | Non
     return float(temperature)
 
 
+#: ``reduction="median"`` warns when it moves the identity map's ``R_f`` by more than this factor.
+MEDIAN_BIAS_FACTOR = 2.0
+#: A warning is issued when more than this fraction of the deformations fold over.
+MAX_FOLD_FRACTION = 0.05
+
+
+def fold_fraction_of(coefficients: Tensor, height: int, width: int) -> float:
+    """Fraction of the deformations of ``coefficients`` that fold over (:func:`min_jacobian_determinant` <= 0)."""
+    return float((min_jacobian_determinant(coefficients, height, width) <= 0).double().mean())
+
+
+def _check_fold_fraction(value: float | None) -> None:
+    if value is not None and not (isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1):
+        raise ValueError(f"`fold_fraction` must be None or a fraction in [0, 1], got {value!r}.")
+
+
+def _warn_folds(fold_fraction: float, temperature: float, cutoff: float, h: int, w: int) -> None:
+    if fold_fraction > MAX_FOLD_FRACTION:
+        warnings.warn(
+            f"{fold_fraction:.0%} of the deformations fold over at {displacement_for_temperature(temperature, cutoff):.2g} "
+            f"pixels on {h} × {w} images: they are not diffeomorphisms. Use a smaller `delta`.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _identity_rf(change: Tensor, eta: Tensor, reduction: str) -> float:
+    """``R_f`` of ``f(x) = x`` from the input changes ``[M, D]`` (the pair denominators cancel)."""
+    if reduction == "mean":
+        return float(change.pow(2).sum() / eta.pow(2).sum())
+    return float(change.pow(2).median(0).values.sum() / eta.pow(2).median(0).values.sum())
+
+
+def _warn_median_bias(identity_rf: float) -> None:
+    if not math.isfinite(identity_rf) or 1 / MEDIAN_BIAS_FACTOR <= identity_rf <= MEDIAN_BIAS_FACTOR:
+        return  # NaN: the deformations change nothing (zero temperature)
+    warnings.warn(
+        f"reduction='median' is biased by these images: the identity map f(x) = x gets R_f = {identity_rf:.2g} "
+        "on them (same deformations and noise) instead of 1. In sparse images (a digit on a blank background) "
+        "most pixels are background in most images, so the median over images of their squared change under a "
+        "deformation is 0, while noise changes every pixel. Compare R_f with StabilityEstimate.identity_rf, or "
+        "use reduction='mean' (the identity map then gets exactly 1).",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
 def relative_stability(
     model: ModelLike,
     images: Tensor,
@@ -273,6 +367,7 @@ def relative_stability(
     generator: torch.Generator | int | None = None,
     num_bootstrap: int = 200,
     chunk_size: int = 1024,
+    fold_fraction: float | None = None,
 ) -> StabilityEstimate:
     """Relative stability ``R_f`` of a model's output to small diffeomorphisms vs matched noise.
 
@@ -288,8 +383,12 @@ def relative_stability(
     Args:
         model: an ``nn.Module`` (or a list: the mean of the members' outputs) taking ``[N, C, H, W]``.
         images: ``[N, C, H, W]`` probe images, ``N >= 2``; any size, not only square.
-        delta: typical displacement in pixels (exact centre RMS); default 1 pixel.
-        temperature: alternatively the temperature (pixel convention); pass ``delta=None`` with it.
+        delta: typical displacement in pixels (exact centre RMS); default 1 pixel. It maps to the
+            temperature ``temperature_for_displacement(delta, cutoff)``: ``T = δ² / 1.4`` at
+            ``c = 3`` (``delta=1``: ``T = 0.714``), for any image size.
+        temperature: alternatively the temperature, in the pixel convention of the authors'
+            current code (``T = size² · T_paper`` for the paper's unit-square convention, see
+            :func:`temperature_from_paper`); pass ``delta=None`` with it.
         cutoff: highest mode frequency ``c`` (default 3).
         num_deformations: deformations (and noise draws) per image.
         reduction: ``"mean"`` (default; the identity map gives exactly 1) or ``"median"``.
@@ -299,6 +398,22 @@ def relative_stability(
         generator: CPU ``torch.Generator`` or int seed (default 0) for deformations and noise.
         num_bootstrap: bootstrap resamples of the images for ``rf_std``.
         chunk_size: images per forward pass.
+        fold_fraction: the fold fraction of these deformations, when it is already known: the
+            fold check (:func:`min_jacobian_determinant` on a grid 4 × finer than the pixels, the
+            costliest step for small models) is skipped and this value reported. The deformations
+            depend only on ``generator`` (its seed or state), the number of images, ``num_deformations``,
+            the temperature, ``cutoff`` and the image size, so the value of an earlier call with all
+            of these equal is exact (:class:`~cm_monitor.DiffeoStabilityMonitor` does this).
+            ``None`` (default): computed.
+
+    Warns:
+        UserWarning: when the temperature is clipped; when more than 5 % of the deformations fold
+            over; with ``reduction="median"``, when the median moves the identity map's ``R_f`` by
+            more than a factor 2 (``identity_rf`` outside ``[0.5, 2]``): on sparse images, such as
+            MNIST digits on a blank background, the median of a pixel's squared change under a
+            deformation is 0 for the many pixels that are background in most images, and the
+            identity map gets ``R_f ≈ 0.1`` instead of 1.
+        RuntimeWarning: when the model returns NaN/inf.
     """
     members = as_members(model)
     check_images(images)
@@ -315,6 +430,7 @@ def relative_stability(
             raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
     if reduction not in ("mean", "median"):
         raise ValueError(f"`reduction` must be 'mean' or 'median', got {reduction!r}.")
+    _check_fold_fraction(fold_fraction)
     fn = _output_fn(output)
     cutoff = _check_cutoff(cutoff)
     n, _, h, w = images.shape
@@ -329,14 +445,10 @@ def relative_stability(
     coeffs = sample_coefficients(n * reps, temperature, cutoff, generator=gen, dtype=torch.float64)
     z = torch.randn(xr.shape, generator=gen, dtype=torch.float64).to(device)
     boot_seed = int(torch.randint(0, 2**62, (1,), generator=gen))
-    fold_fraction = float((min_jacobian_determinant(coeffs, h, w) <= 0).double().mean())
-    if fold_fraction > 0.05:
-        warnings.warn(
-            f"{fold_fraction:.0%} of the deformations fold over at {displacement_for_temperature(temperature, cutoff):.2g} "
-            f"pixels on {h} × {w} images: they are not diffeomorphisms. Use a smaller `delta`.",
-            UserWarning,
-            stacklevel=2,
-        )
+    if fold_fraction is None:
+        fold_fraction = fold_fraction_of(coeffs, h, w)
+    fold_fraction = float(fold_fraction)
+    _warn_folds(fold_fraction, temperature, cutoff, h, w)
 
     def f(batch: Tensor) -> Tensor:
         outs = []
@@ -357,7 +469,10 @@ def relative_stability(
         zf = z.flatten(1)
         eta = (zf / zf.norm(dim=1, keepdim=True) * sigma[:, None]).view_as(xr)
         noisy = (xr.double() + eta).to(dtype)
+        identity_rf = _identity_rf(change, eta.flatten(1), reduction)
         fx, ftau, feta = f(x), f(deformed), f(noisy)
+    if reduction == "median":
+        _warn_median_bias(identity_rf)
 
     if not all(bool(torch.isfinite(t).all()) for t in (fx, ftau, feta)):
         warnings.warn(
@@ -380,6 +495,8 @@ def relative_stability(
             reduction,
             n,
             reps,
+            fold_fraction=fold_fraction,
+            identity_rf=identity_rf,
             failed=True,
         )
     fxr = fx.repeat_interleave(reps, 0)
@@ -436,4 +553,5 @@ def relative_stability(
         num_images=n,
         num_deformations=reps,
         fold_fraction=fold_fraction,
+        identity_rf=identity_rf,
     )

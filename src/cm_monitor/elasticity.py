@@ -19,6 +19,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -44,15 +45,20 @@ class ElasticityEstimate:
     Attributes:
         similarity: ``[N, N]`` relative similarity ``S_rel``; row ``i`` is the step at ``inputs[i]``.
         kernel: ``[N, N]`` kernelized similarity ``S_ker`` (tangent kernel along the loss gradient).
-        labels: ``[N]`` labels of the inputs.
+        labels: ``[N]`` labels of the inputs (the targets of the loss).
         lr: ``[N]`` the step size ``η_i`` used for the step at each input.
         linearity_error: ``max |S_ker(η) − S_ker(η/2)| / max |S_ker(η)|`` (NaN if not checked):
             small means the step is in the linear regime.
-        intra, inter, ratio: mean symmetrized ``S_rel`` over pairs of the same class, of different
-            classes, and ``intra / inter`` (NaN when a kind of pair is missing).
+        intra, inter, ratio: mean symmetrized ``S_rel`` over pairs of the same group, of different
+            groups, and ``intra / inter`` (NaN, with a warning, when a kind of pair is missing).
         cluster_ari: adjusted Rand index of spectral clustering of the symmetrized ``S_rel`` against
-            the labels (NaN if not computed).
+            the groups (NaN if not computed).
         cluster_labels: ``[N]`` cluster of each input (``None`` if not computed).
+        groups: ``[N]`` the groups the summaries compare: ``groups=`` if given, else the labels.
+        ratio_baseline, cluster_ari_baseline: ``ratio`` and ``cluster_ari`` of the input-space
+            baseline :func:`linear_baseline_similarity` (NaN for non-float inputs, or when not
+            computed): what a linear softmax classifier with bias gives on the same inputs.
+        baseline_similarity: ``[N, N]`` that baseline similarity (``None`` for non-float inputs).
     """
 
     similarity: Tensor
@@ -65,6 +71,10 @@ class ElasticityEstimate:
     ratio: float
     cluster_ari: float
     cluster_labels: Tensor | None
+    groups: Tensor | None = None
+    ratio_baseline: float = math.nan
+    cluster_ari_baseline: float = math.nan
+    baseline_similarity: Tensor | None = None
 
     @property
     def symmetric_similarity(self) -> Tensor:
@@ -73,7 +83,14 @@ class ElasticityEstimate:
 
     def as_dict(self) -> dict[str, float]:
         """The summaries as plain floats, keyed like the callback's metrics."""
-        return {"intra": self.intra, "inter": self.inter, "ratio": self.ratio, "cluster_ari": self.cluster_ari}
+        return {
+            "intra": self.intra,
+            "inter": self.inter,
+            "ratio": self.ratio,
+            "cluster_ari": self.cluster_ari,
+            "ratio_baseline": self.ratio_baseline,
+            "cluster_ari_baseline": self.cluster_ari_baseline,
+        }
 
 
 def local_elasticity(
@@ -81,6 +98,7 @@ def local_elasticity(
     inputs: Tensor,
     labels: Tensor,
     *,
+    groups: Tensor | None = None,
     lr: float | None = None,
     relative_step: float = 1e-3,
     loss_fn: LossFn = F.cross_entropy,
@@ -97,6 +115,11 @@ def local_elasticity(
         inputs: ``[N, ...]`` probe inputs (any dtype the model takes, token ids included;
             floating-point inputs are cast to the dtype of the model's parameters).
         labels: ``[N]`` their classes (targets of the loss).
+        groups: ``[N]`` integer groups that the summaries (``intra``, ``inter``, ``ratio``,
+            ``cluster_ari`` and their baselines) compare, when they are not the labels. He & Su's
+            main experiment trains two classes under one label and asks whether the similarity
+            still separates them: pass the training labels as ``labels`` and the original classes
+            as ``groups``. Default: the labels.
         lr: the SGD step size ``η``, the same for every input. Default (ours): a step size per input,
             ``η_i = relative_step · ‖w‖ / ‖∇_w L_i‖``, so that every step changes the parameters by
             ``relative_step`` of their norm: in the linear regime, where the similarities do not
@@ -106,10 +129,20 @@ def local_elasticity(
         check_linearity: also take the step with ``η / 2`` and report ``linearity_error`` (twice the
             cost); a warning is issued when it exceeds 5 %.
         cluster: spectral clustering of the symmetrized similarity, scored by the adjusted Rand index
-            against ``labels`` (scikit-learn).
+            against the groups (scikit-learn); the same for the baseline.
         generator: CPU ``torch.Generator`` or int seed (default 0) for the clustering's initialization.
         chunk_size: SGD steps evaluated together, and per-example gradients computed together (memory:
             about ``2 · chunk_size`` copies of the parameters).
+
+    The input-space baseline (``ratio_baseline``, ``cluster_ari_baseline``) summarizes
+    :func:`linear_baseline_similarity` of the inputs the same way: a network's ``ratio`` near it
+    says no more than the inputs' own similarity does.
+
+    Warns:
+        UserWarning: when the groups have fewer than two distinct values, or no two inputs share a
+            group: the summaries compare pairs within groups with pairs across groups, so they are
+            NaN; when the step is not in the linear regime (``linearity_error`` above 5 %).
+        RuntimeWarning: NaN/inf similarities (the summaries are then NaN).
 
     Example::
 
@@ -133,6 +166,7 @@ def local_elasticity(
         labels = torch.as_tensor(labels)
     if labels.dim() != 1 or labels.shape[0] != n or labels.is_floating_point():
         raise ValueError(f"`labels` must be [N] = [{n}] integer classes, got {labels.dtype} {tuple(labels.shape)}.")
+    groups = labels if groups is None else check_groups(groups, n)
     if lr is not None and not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"`lr` must be a positive number or None, got {lr!r}.")
     if not (isinstance(relative_step, int | float) and 0 < relative_step < 1):
@@ -140,6 +174,9 @@ def local_elasticity(
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"`chunk_size` must be an integer >= 1, got {chunk_size!r}.")
     gen = make_generator(generator)
+    problem = _group_problem(groups.cpu())
+    if problem is not None:
+        warnings.warn(f"local_elasticity: {problem}", UserWarning, stacklevel=2)
 
     device = model_device([model], inputs.device)
     params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
@@ -227,56 +264,186 @@ def local_elasticity(
                 UserWarning,
                 stacklevel=2,
             )
+    nan = math.nan
+    base = linear_baseline_similarity(inputs) if inputs.is_floating_point() else None
+    estimate = partial(
+        ElasticityEstimate,
+        similarity=similarity.cpu(),
+        kernel=kernel.cpu(),
+        labels=labels.cpu(),
+        lr=eta.cpu(),
+        linearity_error=linearity_error,
+        groups=groups.cpu(),
+        baseline_similarity=base,
+    )
     if not (bool(torch.isfinite(similarity).all()) and bool(torch.isfinite(kernel).all())):
         warnings.warn(
             "NaN/inf in the elasticity similarities (an SGD step did not move its own prediction, or the model returned NaN/inf); the summaries are NaN.",
             RuntimeWarning,
             stacklevel=2,
         )
-        nan = math.nan
-        return ElasticityEstimate(
-            similarity.cpu(), kernel.cpu(), labels.cpu(), eta.cpu(), linearity_error, nan, nan, nan, nan, None
-        )
-
-    similarity, kernel, labels_cpu = similarity.cpu(), kernel.cpu(), labels.cpu()
-    intra, inter, ratio = class_contrast((similarity + similarity.T) / 2, labels_cpu)
-    ari, clusters = math.nan, None
-    if cluster:
-        ari, clusters = spectral_cluster_score(
-            (similarity + similarity.T) / 2, labels_cpu, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
-        )
-    return ElasticityEstimate(
-        similarity, kernel, labels_cpu, eta.cpu(), linearity_error, intra, inter, ratio, ari, clusters
+        return estimate(intra=nan, inter=nan, ratio=nan, cluster_ari=nan, cluster_labels=None)
+    if problem is not None:  # warned above
+        return estimate(intra=nan, inter=nan, ratio=nan, cluster_ari=nan, cluster_labels=None)
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    sym = (similarity + similarity.T).cpu() / 2
+    intra, inter, ratio = class_contrast(sym, groups.cpu())
+    ari, clusters = spectral_cluster_score(sym, groups.cpu(), seed=seed) if cluster else (nan, None)
+    ratio_base = ari_base = nan
+    if base is not None:
+        base_sym = (base + base.T) / 2
+        ratio_base = class_contrast(base_sym, groups.cpu())[2]
+        ari_base = spectral_cluster_score(base_sym, groups.cpu(), seed=seed)[0] if cluster else nan
+    return estimate(
+        intra=intra,
+        inter=inter,
+        ratio=ratio,
+        cluster_ari=ari,
+        cluster_labels=clusters,
+        ratio_baseline=ratio_base,
+        cluster_ari_baseline=ari_base,
     )
 
 
-def class_contrast(matrix: Tensor, labels: Tensor) -> tuple[float, float, float]:
-    """Mean of ``matrix`` over off-diagonal pairs of the same class, of different classes, and their ratio."""
-    same = labels[:, None] == labels[None, :]
-    off = ~torch.eye(labels.numel(), dtype=torch.bool)
-    intra_mask, inter_mask = same & off, ~same
-    intra = float(matrix[intra_mask].mean()) if bool(intra_mask.any()) else math.nan
-    inter = float(matrix[inter_mask].mean()) if bool(inter_mask.any()) else math.nan
-    ratio = intra / inter if inter != 0 and not math.isnan(inter) else math.nan
-    return intra, inter, ratio
+def check_groups(groups: object, n: int, name: str = "groups") -> Tensor:
+    """``groups`` as an ``[n]`` integer tensor, or a clear error that names the argument."""
+    try:
+        t = groups if isinstance(groups, Tensor) else torch.as_tensor(groups)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"`{name}` must be [{n}] integer group ids, got {type(groups).__name__}.") from err
+    if t.dim() != 1 or t.shape[0] != n or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"`{name}` must be [N] = [{n}] integer group ids, got {t.dtype} {tuple(t.shape)}.")
+    return t
 
 
-def spectral_cluster_score(affinity: Tensor, labels: Tensor, *, seed: int = 0) -> tuple[float, Tensor]:
-    """Spectral clustering of a non-negative symmetric ``affinity`` into as many clusters as classes.
+def _group_problem(groups: Tensor) -> str | None:
+    """Why pairs within and across ``groups`` cannot be compared, or ``None`` when they can."""
+    counts = torch.unique(groups, return_counts=True)[1]
+    if counts.numel() < 2:
+        return (
+            f"all {groups.numel()} inputs are in one group (class), so there are no pairs of different "
+            "groups: intra, inter, ratio and cluster_ari (and their baselines) are NaN. Measure inputs of "
+            "at least two classes, or pass `groups=`."
+        )
+    if int(counts.max()) < 2:
+        return (
+            f"no two of the {groups.numel()} inputs share a group (class), so there are no pairs within a group: "
+            "intra, inter, ratio and cluster_ari (and their baselines) are NaN."
+        )
+    return None
 
-    Returns the adjusted Rand index against ``labels`` and the cluster of each input (scikit-learn's
-    ``SpectralClustering(affinity="precomputed")`` and ``adjusted_rand_score``).
+
+def linear_baseline_similarity(inputs: Tensor) -> Tensor:
+    """Input-space baseline ``S[i, j] = |⟨x_i, x_j⟩ + 1| / (‖x_i‖² + 1)`` of flattened ``inputs`` ``[N, ...]``.
+
+    It is exactly the relative similarity ``S_rel`` that :func:`local_elasticity` measures for a
+    linear softmax classifier with bias on these inputs, whatever its weights and step size
+    (methods.md section 3), so its summaries are what a model with no elasticity of its own gets.
+    It depends on the inputs' scale and centring, as a linear model's would: pass the inputs as
+    the model sees them.
+
+    Example::
+
+        >>> import torch
+        >>> from cm_monitor import linear_baseline_similarity
+        >>> linear_baseline_similarity(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+        tensor([[1.0000, 0.5000],
+                [0.2000, 1.0000]], dtype=torch.float64)
+    """
+    if not isinstance(inputs, Tensor) or not inputs.is_floating_point() or inputs.dim() < 1:
+        raise TypeError(
+            f"`inputs` must be a floating-point tensor [N, ...], got {getattr(inputs, 'dtype', type(inputs).__name__)}."
+        )
+    x = inputs.detach().reshape(inputs.shape[0], -1).double().cpu()
+    gram = x @ x.T + 1
+    return gram.abs() / gram.diagonal()[:, None]
+
+
+def _check_matrix(matrix: object, groups: object, name: str) -> tuple[Tensor, Tensor]:
+    if not isinstance(matrix, Tensor) or matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(
+            f"`{name}` must be a square tensor [N, N], got {getattr(matrix, 'shape', type(matrix).__name__)}."
+        )
+    return matrix.detach().double().cpu(), check_groups(groups, matrix.shape[0]).cpu()
+
+
+def class_contrast(matrix: Tensor, groups: Tensor) -> tuple[float, float, float]:
+    """Mean of a similarity ``matrix`` over pairs within a group, over pairs across groups, and their ratio.
+
+    ``intra`` is the mean of ``matrix[i, j]`` over ``i != j`` with ``groups[i] == groups[j]``,
+    ``inter`` over ``groups[i] != groups[j]``, and ``ratio = intra / inter``: above 1 when inputs of
+    one group are more similar to each other than to the others. :func:`local_elasticity` passes
+    the symmetrized similarity and its groups (by default the labels).
+
+    Args:
+        matrix: ``[N, N]`` similarities (any real values; the diagonal is not used).
+        groups: ``[N]`` integer group (class) of each input.
+
+    Returns:
+        ``(intra, inter, ratio)``; NaN, with a ``UserWarning``, when there are fewer than two groups
+        or no two inputs share a group.
+
+    Example::
+
+        >>> import torch
+        >>> from cm_monitor import class_contrast
+        >>> groups = torch.tensor([0, 0, 1, 1])
+        >>> matrix = 0.2 + 0.6 * (groups[:, None] == groups[None, :]).double()  # 0.8 within, 0.2 across
+        >>> [round(v, 6) for v in class_contrast(matrix, groups)]
+        [0.8, 0.2, 4.0]
+    """
+    matrix, groups = _check_matrix(matrix, groups, "matrix")
+    problem = _group_problem(groups)
+    if problem is not None:
+        warnings.warn(f"class_contrast: {problem}", UserWarning, stacklevel=2)
+        return math.nan, math.nan, math.nan
+    same = groups[:, None] == groups[None, :]
+    off = ~torch.eye(groups.numel(), dtype=torch.bool)
+    intra, inter = float(matrix[same & off].mean()), float(matrix[~same].mean())
+    return intra, inter, intra / inter if inter != 0 else math.nan
+
+
+def spectral_cluster_score(affinity: Tensor, groups: Tensor, *, seed: int = 0) -> tuple[float, Tensor]:
+    """Spectral clustering of a similarity into as many clusters as groups, scored against the groups.
+
+    scikit-learn's ``SpectralClustering(affinity="precomputed", assign_labels="kmeans")`` on
+    ``affinity`` (negative entries are set to 0; pass a symmetric matrix, e.g. the symmetrized
+    similarity), then ``adjusted_rand_score`` of the clusters against ``groups``: 1 when the
+    clusters are the groups, about 0 for chance.
+
+    Args:
+        affinity: ``[N, N]`` non-negative symmetric similarities.
+        groups: ``[N]`` integer group (class) of each input; their number of distinct values is the
+            number of clusters.
+        seed: random state of the clustering.
+
+    Returns:
+        ``(ari, clusters)``: the adjusted Rand index and the ``[N]`` cluster of each input; NaN and
+        zeros, with a ``UserWarning``, when there are fewer than two groups or no two inputs share
+        a group.
+
+    Example::
+
+        >>> import torch
+        >>> from cm_monitor import spectral_cluster_score
+        >>> groups = torch.tensor([0, 0, 0, 1, 1, 1])
+        >>> affinity = 0.1 + 0.8 * (groups[:, None] == groups[None, :]).double()
+        >>> ari, clusters = spectral_cluster_score(affinity, groups)
+        >>> round(ari, 6)
+        1.0
     """
     from sklearn.cluster import SpectralClustering
     from sklearn.metrics import adjusted_rand_score
 
-    k = int(labels.unique().numel())
-    if k < 2:
-        return math.nan, torch.zeros_like(labels)
-    a = affinity.double().clamp_min(0).numpy()
+    affinity, groups = _check_matrix(affinity, groups, "affinity")
+    problem = _group_problem(groups)
+    if problem is not None:
+        warnings.warn(f"spectral_cluster_score: {problem}", UserWarning, stacklevel=2)
+        return math.nan, torch.zeros_like(groups)
+    k = int(groups.unique().numel())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "graph is not fully connected" on tiny inputs
         pred = SpectralClustering(
             n_clusters=k, affinity="precomputed", random_state=seed, assign_labels="kmeans"
-        ).fit_predict(a)
-    return float(adjusted_rand_score(labels.numpy(), pred)), torch.as_tensor(pred)
+        ).fit_predict(affinity.clamp_min(0).numpy())
+    return float(adjusted_rand_score(groups.numpy(), pred)), torch.as_tensor(pred)

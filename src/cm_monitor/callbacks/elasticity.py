@@ -4,16 +4,38 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cm_monitor.anchors import BatchReader
 from cm_monitor.callbacks.base import GeometryMonitor, Measurement, check_int
-from cm_monitor.elasticity import ElasticityEstimate, local_elasticity
+from cm_monitor.elasticity import ElasticityEstimate, check_groups, local_elasticity
+
+#: ``groups=`` of :class:`ElasticityMonitor`: a function ``(inputs, labels) -> [N] group ids`` or a
+#: label map (``groups[label]`` is the group of that class).
+GroupsSpec = Callable[[Tensor, Tensor], Tensor] | Sequence[int] | Tensor
+
+
+def _check_groups_spec(groups: GroupsSpec | None) -> Callable[[Tensor, Tensor], Tensor] | Tensor | None:
+    if groups is None or callable(groups):
+        return groups
+    if isinstance(groups, str | bytes) or not isinstance(groups, Sequence | Tensor):
+        raise TypeError(
+            f"`groups` must be None, a function (inputs, labels) -> [N] group ids, or a label map "
+            f"(a sequence of group ids indexed by class), got {type(groups).__name__}."
+        )
+    table = torch.as_tensor(groups)
+    if table.dim() != 1 or table.is_floating_point() or table.is_complex() or table.dtype == torch.bool:
+        raise ValueError(
+            f"`groups` as a label map must be a sequence of integer group ids (groups[c] is the group of "
+            f"class c), got {table.dtype} {tuple(table.shape)}."
+        )
+    return table.cpu()
 
 
 class ElasticityMonitor(GeometryMonitor):
@@ -23,7 +45,8 @@ class ElasticityMonitor(GeometryMonitor):
     weights are never touched) and the change of the logits is read at every probe input. The
     relative similarity ``S[i, j]`` (change at ``x_j`` over change at ``x_i``) is summarized by its
     mean over pairs of the same class and of different classes, their ratio, and how well spectral
-    clustering of the similarity recovers the classes. He & Su (2020, arXiv 1910.06943) find trained
+    clustering of the similarity recovers the classes (or the ``groups``), next to the same
+    summaries of an input-space baseline. He & Su (2020, arXiv 1910.06943) find trained
     nonlinear networks *locally elastic*: steps move same-class predictions much more. See
     ``docs/elasticity.md``.
 
@@ -40,6 +63,13 @@ class ElasticityMonitor(GeometryMonitor):
         loss_fn: the training loss ``loss_fn(logits, labels) -> scalar`` (cross-entropy by default).
         check_linearity: also step with half the size and log ``elasticity/linearity_error``.
         chunk_size: SGD steps evaluated together (memory: that many copies of the parameters).
+        groups: what the summaries compare, when not the classes: a label map (``groups[c]`` is the
+            group of class ``c``, e.g. ``[0, 0, 1, 1]`` to compare two pairs of classes) or a
+            function ``(inputs, labels) -> [N]`` integer group ids, applied to the probe inputs once
+            per run. The SGD steps still use the labels. For He & Su's merged-label setting (two
+            classes trained under one label, groups finer than the labels) the groups must be
+            recoverable from the probe inputs, e.g. by looking them up in the validation set: the
+            probes carry only the inputs and the training labels.
         seed: seeds the probe inputs and the clustering.
         max_cost_frac, batch_to_inputs, input_key, label_key, dataloader_idx, max_scan_batches, get_model,
         prefix, log_figures, prog_bar, verbose: see :class:`~cm_monitor.callbacks.base.GeometryMonitor`.
@@ -48,11 +78,15 @@ class ElasticityMonitor(GeometryMonitor):
     Logged metrics (through ``LightningModule.log``, at every validation of ``trainer.fit`` after
     the sanity check):
 
-    * ``elasticity/intra``: mean symmetrized similarity over pairs of the same class.
-    * ``elasticity/inter``: the same over pairs of different classes.
+    * ``elasticity/intra``: mean symmetrized similarity over pairs of the same class (group).
+    * ``elasticity/inter``: the same over pairs of different classes (groups).
     * ``elasticity/ratio``: ``intra / inter`` (above 1: locally elastic).
     * ``elasticity/cluster_ari``: adjusted Rand index of spectral clustering of the similarity
-      against the labels (1: the classes are recovered, 0: chance).
+      against the labels, or the groups (1: the classes are recovered, 0: chance).
+    * ``elasticity/ratio_baseline``, ``elasticity/cluster_ari_baseline``: the same two summaries
+      of the input-space baseline ``|⟨x, x'⟩ + 1| / (‖x‖² + 1)`` of the probe inputs (what a linear
+      softmax classifier gives, :func:`~cm_monitor.linear_baseline_similarity`); constant over a
+      run. A ``ratio`` near ``ratio_baseline`` says no more than the inputs' own similarity.
     * ``elasticity/linearity_error``: relative change of the kernelized similarity when the step is
       halved (with ``check_linearity``).
     * ``elasticity/seconds``, ``elasticity/cost_frac``, ``elasticity/measured``: cost, as for ``cm/``.
@@ -82,6 +116,7 @@ class ElasticityMonitor(GeometryMonitor):
         loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
         check_linearity: bool = True,
         chunk_size: int = 64,
+        groups: GroupsSpec | None = None,
         max_cost_frac: float | None = None,
         seed: int = 0,
         batch_to_inputs: BatchReader | None = None,
@@ -121,6 +156,8 @@ class ElasticityMonitor(GeometryMonitor):
             raise TypeError(f"`check_linearity` must be a bool, got {check_linearity!r}.")
         self.lr, self.relative_step, self.loss_fn, self.check_linearity = lr, relative_step, loss_fn, check_linearity
         self.chunk_size = check_int(chunk_size, "chunk_size")
+        self.groups = _check_groups_spec(groups)
+        self.anchor_groups: Tensor | None = None  # the probes' groups (set with the probes)
         self.last_estimate: ElasticityEstimate | None = None
 
     def _config(self) -> dict[str, Any]:
@@ -128,14 +165,39 @@ class ElasticityMonitor(GeometryMonitor):
             "lr": self.lr,
             "relative_step": self.relative_step,
             "loss_fn": getattr(self.loss_fn, "__name__", "callable"),
+            "groups": self._groups_name(),
         }
+
+    def _groups_name(self) -> str | None:
+        if self.groups is None:
+            return None
+        if isinstance(self.groups, Tensor):
+            return f"map{tuple(self.groups.tolist())}"
+        return getattr(self.groups, "__name__", "callable")
+
+    def _check_targets(self, num_classes: int) -> None:
+        """Compute the probes' groups (errors at the start of fit, naming ``groups``)."""
+        assert self.anchors is not None and self.anchor_labels is not None
+        if self.groups is None:
+            self.anchor_groups = None
+        elif isinstance(self.groups, Tensor):
+            if self.groups.numel() < num_classes:
+                raise ValueError(
+                    f"`groups` maps {self.groups.numel()} classes, but the model has {num_classes}: "
+                    "give a group to every class."
+                )
+            self.anchor_groups = self.groups.to(self.anchor_labels.device)[self.anchor_labels]
+        else:
+            found = self.groups(self.anchors, self.anchor_labels)
+            self.anchor_groups = check_groups(found, self.anchors.shape[0], "groups(inputs, labels)")
 
     def _summary(self, values: Mapping[str, float]) -> str:
         if "ratio" not in values:
             return "no value"
         return (
             f"{self.prefix}/ratio = {values['ratio']:.3g} (intra {values.get('intra', math.nan):.3g}, "
-            f"inter {values.get('inter', math.nan):.3g}), cluster ARI = {values.get('cluster_ari', math.nan):.2f}"
+            f"inter {values.get('inter', math.nan):.3g}; input baseline {values.get('ratio_baseline', math.nan):.3g}), "
+            f"cluster ARI = {values.get('cluster_ari', math.nan):.2f} (baseline {values.get('cluster_ari_baseline', math.nan):.2f})"
         )
 
     def _measure(
@@ -151,6 +213,7 @@ class ElasticityMonitor(GeometryMonitor):
                     model,
                     self.anchors,
                     self.anchor_labels,
+                    groups=self.anchor_groups,
                     lr=self.lr,
                     relative_step=self.relative_step,
                     loss_fn=self.loss_fn,
@@ -166,6 +229,8 @@ class ElasticityMonitor(GeometryMonitor):
             "inter": est.inter,
             "ratio": est.ratio,
             "cluster_ari": est.cluster_ari,
+            "ratio_baseline": est.ratio_baseline,
+            "cluster_ari_baseline": est.cluster_ari_baseline,
         }
         if self.check_linearity:
             values["linearity_error"] = est.linearity_error
@@ -174,7 +239,7 @@ class ElasticityMonitor(GeometryMonitor):
         def figure() -> Any:
             from cm_monitor.plotting import similarity_figure
 
-            return similarity_figure(est.symmetric_similarity, est.labels, title=f"local elasticity, epoch {epoch}")
+            return similarity_figure(est.symmetric_similarity, est.groups, title=f"local elasticity, epoch {epoch}")
 
         return Measurement(
             values=values, figures={"similarity": figure}, notes=sorted({str(w.message) for w in caught})
