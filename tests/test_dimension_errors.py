@@ -144,7 +144,7 @@ def test_nan_during_optimization_is_reported_not_turned_into_a_number():
     anchors = anchors / anchors.norm(dim=1, keepdim=True) * 2.5  # inside the ball
     labels = model(anchors).argmax(1)
     with pytest.warns(RuntimeWarning, match=r"NaN/inf appeared"):
-        est = cm_dimension(model, anchors, labels, **KW)
+        est = cm_dimension(model, anchors, labels, settings=OptimizerSettings(max_radius=None), **KW)
     assert bool(est.failed.any())
     assert all(math.isnan(d) for d, f in zip(est.dimension.tolist(), est.failed.tolist(), strict=True) if f)
     assert bool(est.nonfinite.any())

@@ -335,7 +335,7 @@ def _estimate_with_scores(first_column, readoff="fraction"):
     scores[0, :, 1] = torch.tensor(first_column)
     from cm_monitor.dimension import _read_off
 
-    return _read_off(replace(est, scores=scores, readoff=readoff))
+    return _read_off(replace(est, scores=scores, readoff=readoff, threshold=0.5))
 
 
 def test_fraction_readoff_follows_the_anchors_not_the_mean_probability():

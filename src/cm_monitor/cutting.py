@@ -77,7 +77,7 @@ class OptimizerSettings:
     plateau_window: int = 5
     dimension_scaled: bool = False
     temperature: float | str = "calibrate"
-    max_radius: float | None = 1.0
+    max_radius: float | None = 0.5
     clip: bool = False
     readoff: str = "fraction"
     optimizer: str = "isotropic"

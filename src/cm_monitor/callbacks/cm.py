@@ -54,13 +54,15 @@ class CMDimensionMonitor(GeometryMonitor):
     Args:
         every_n_epochs: measure every this many epochs (see above).
         num_anchors: anchors drawn per class. Every class needs at least this many validation
-            examples (else an error at the start of fit).
+            examples (else an error at the start of fit). All of them calibrate the temperature;
+            ``anchors_per_target`` of them per class anchor the planes.
         classes: the classes whose manifold is measured (default: all classes of the model).
         num_pairs: number of class pairs whose boundary is measured, chosen at random once (among
             the pairs of ``classes``); ``None`` for all pairs, ``0`` for none.
         pairs: explicit class pairs for the boundaries (instead of ``num_pairs``, which must then keep
             its default).
-        threshold: target probability that counts as reaching a class manifold (``p``).
+        threshold: calibrated target probability that counts as reaching a class manifold (``p``;
+            0.9 by default, chosen by the controls in ``docs/method.md``; the reference reads 0.5).
         boundary_threshold: ``τ``: a boundary between two classes is reached when both have
             probability ``>= τ / 2`` at one point.
         extra_thresholds: further levels ``p`` at which ``cm/dim`` is also read off (no extra
@@ -137,12 +139,12 @@ class CMDimensionMonitor(GeometryMonitor):
     def __init__(
         self,
         every_n_epochs: int = 1,
-        num_anchors: int = 4,
+        num_anchors: int = 10,
         *,
         classes: Sequence[int] | None = None,
         num_pairs: int | None = 5,
         pairs: Sequence[Sequence[int]] | None = None,
-        threshold: float = 0.5,
+        threshold: float = 0.9,
         boundary_threshold: float = 0.8,
         extra_thresholds: Sequence[float] = (),
         anchors_per_target: int | None = 8,
