@@ -354,3 +354,20 @@ def test_saturated_targets_have_no_uncertainty():
     assert est.saturated.tolist() == [True]
     assert est.cutting_dim.tolist() == [1.0]
     assert torch.isnan(est.cutting_dim_std).all()  # never a made-up 0
+
+
+def test_a_model_at_chance_gets_uniform_calibrated_probabilities():
+    """On a few dozen examples a chance-level model's cross-entropy has a finite minimum by luck;
+    unless it beats the uniform prediction by two standard errors it is treated as uninformative."""
+    from cm_monitor.calibration import RANGE, calibrate_temperature
+
+    g = torch.Generator().manual_seed(1)
+    logits, labels = 3 * torch.randn(90, 10, generator=g), torch.randint(0, 10, (90,), generator=g)
+    logits[torch.arange(90), labels] += 1.0  # a faint signal, not significant on 90 examples
+    lucky = calibrate_temperature(logits, labels, chance_z=0)
+    assert lucky < 100 * float(logits.std())  # the plain minimum is at a finite temperature
+    assert calibrate_temperature(logits, labels) == pytest.approx(RANGE[1] * float(logits.std()), rel=1e-6)
+    # an informative model keeps its best temperature
+    informative = logits.clone()
+    informative[torch.arange(90), labels] += 5.0
+    assert calibrate_temperature(informative, labels) == calibrate_temperature(informative, labels, chance_z=0)

@@ -19,19 +19,32 @@ from torch import Tensor
 RANGE = (1e-3, 1e4)
 
 
-def ensemble_nll(logits: Sequence[Tensor], labels: Tensor, temperature: float) -> float:
-    """Mean cross-entropy of the ensemble's mean ``softmax(logits_i / T)`` against ``labels``."""
+def example_nll(logits: Sequence[Tensor], labels: Tensor, temperature: float) -> Tensor:
+    """``[N]`` cross-entropy of the ensemble's mean ``softmax(logits_i / T)`` per example."""
     logp = torch.stack([torch.log_softmax(z.double() / temperature, dim=1) for z in logits])
     mean_logp = torch.logsumexp(logp, dim=0) - math.log(len(logits))
-    return float(-mean_logp.gather(1, labels[:, None]).mean())
+    return -mean_logp.gather(1, labels[:, None]).squeeze(1)
 
 
-def calibrate_temperature(logits: Tensor | Sequence[Tensor], labels: Tensor, *, refine_steps: int = 40) -> float:
+def ensemble_nll(logits: Sequence[Tensor], labels: Tensor, temperature: float) -> float:
+    """Mean cross-entropy of the ensemble's mean ``softmax(logits_i / T)`` against ``labels``."""
+    return float(example_nll(logits, labels, temperature).mean())
+
+
+def calibrate_temperature(
+    logits: Tensor | Sequence[Tensor], labels: Tensor, *, chance_z: float = 2.0, refine_steps: int = 40
+) -> float:
     """The temperature ``T > 0`` that minimizes the cross-entropy of ``softmax(logits / T)``.
 
     Args:
         logits: ``[N, C]`` logits, or a list of them (an ensemble: mean of the members' softmax).
         labels: ``[N]`` integer classes.
+        chance_z: on a few dozen examples the cross-entropy of a model at chance level has its
+            minimum at a finite ``T`` by luck, a little below that of the uniform prediction
+            (``log C``). Unless the calibrated cross-entropy is below ``log C`` by more than
+            ``chance_z`` standard errors (over the examples), the model is treated as
+            uninformative and gets the top of the search range (about uniform probabilities).
+            An informative model keeps its best ``T``. ``0`` turns the test off.
         refine_steps: golden-section steps after a log-spaced grid search.
 
     Returns:
@@ -54,11 +67,18 @@ def calibrate_temperature(logits: Tensor | Sequence[Tensor], labels: Tensor, *, 
         return 1.0
     grid = torch.logspace(math.log10(RANGE[0]), math.log10(RANGE[1]), 281, dtype=torch.float64) * sigma
     nll = torch.tensor([ensemble_nll(members, labels, float(t)) for t in grid])
-    i = int(torch.nan_to_num(nll, nan=math.inf).argmin())
+    nll = torch.nan_to_num(nll, nan=math.inf)
+    i = int(nll.argmin())
     if i == len(grid) - 1:
         return float(grid[-1])
     lo, hi = math.log(float(grid[max(i - 1, 0)])), math.log(float(grid[i + 1]))
-    return math.exp(_golden_min(lambda u: ensemble_nll(members, labels, math.exp(u)), lo, hi, refine_steps))
+    best = math.exp(_golden_min(lambda u: ensemble_nll(members, labels, math.exp(u)), lo, hi, refine_steps))
+    if chance_z <= 0 or labels.numel() < 2:
+        return best
+    gain = math.log(members[0].shape[1]) - example_nll(members, labels, best)  # vs the uniform prediction
+    if float(gain.mean()) <= chance_z * float(gain.std()) / math.sqrt(labels.numel()):
+        return float(grid[-1])
+    return best
 
 
 def _golden_min(f, lo: float, hi: float, steps: int) -> float:  # type: ignore[no-untyped-def]
