@@ -170,6 +170,6 @@ def test_thresholds_above_what_the_early_stop_reaches_are_refused():
         labels,
         threshold=0.999,
         dims=[1, 4, 16],
-        settings=OptimizerSettings(tol=1e-4, plateau_tol=1e-6, max_steps=2000, max_radius=None),
+        settings=OptimizerSettings(tol=1e-4, plateau_tol=1e-6, max_steps=2000, max_radius=None, temperature=0.1),
     )
     assert fine.dimension.tolist() == pytest.approx([D - 1, D - 1], abs=0.1)

@@ -10,9 +10,10 @@ from cm_monitor import OptimizerSettings, boundary_dimension, cm_dimension, defa
 from cm_monitor.synthetic import HalfSpace, Tube
 
 D = 64
-#: The geometry without the locality bound: the sanity cases of methods.md are about planes of any
-#: extent (a line always reaches a half-space, a (D - k)-plane a k-dimensional tube).
-UNBOUNDED = OptimizerSettings(max_radius=None)
+#: The geometry without the locality bound or calibration: the sanity cases of methods.md are about
+#: planes of any extent (a line always reaches a half-space, a (D - k)-plane a k-dimensional tube) and
+#: about the synthetic models' own probabilities (the tube is where its raw p_1 is high).
+UNBOUNDED = OptimizerSettings(max_radius=None, temperature=1.0)
 
 
 def zeros(n):
@@ -251,14 +252,18 @@ def test_half_space_within_a_radius(ratio):
     ‖Q_dᵀ n‖² of a random d-plane has mean d / D: half of the planes succeed at d* ≈ D (h / R)²."""
     model, anchors = _anchors_at_distance(24, h=ratio, norm=1.0)
     assert bool((model(anchors).argmax(1) == 0).all())
-    est = cm_dimension(model, anchors, zeros(24), classes=[1], settings=OptimizerSettings(max_radius=1.0))
+    # p_1 >= 0.5 exactly on the hyperplane's far side, whatever the temperature
+    est = cm_dimension(
+        model, anchors, zeros(24), classes=[1], threshold=0.5, settings=OptimizerSettings(max_radius=1.0)
+    )
     expected = D * ratio**2
     assert abs(float(est.cutting_dim[0]) - expected) <= 0.25 * expected + 1, est.cutting_dim
     loc = est.locality()
     assert loc["distance_p90"] <= 1.0 + 1e-4  # never beyond the radius
     assert ratio - 1e-3 <= loc["distance_median"]  # the hyperplane is at least h away
     # without the bound every line reaches it
-    assert cm_dimension(model, anchors, zeros(24), classes=[1], settings=UNBOUNDED).cutting_dim.tolist() == [1.0]
+    unbounded = cm_dimension(model, anchors, zeros(24), classes=[1], threshold=0.5, settings=UNBOUNDED)
+    assert unbounded.cutting_dim.tolist() == [1.0]
 
 
 def test_unbounded_planes_report_how_far_they_went():
@@ -301,6 +306,23 @@ def test_calibrated_temperature_recovers_the_labels_temperature():
         t = calibrate_temperature(model(anchors), labels)
     assert 3 < t < 5.5  # labels drawn at T = 4; 400 samples
     assert calibrate_temperature(30 * model(anchors).detach(), labels) == pytest.approx(30 * t, rel=1e-3)
+
+
+def test_a_calibration_set_without_errors_does_not_collapse_the_temperature():
+    """Without errors the cross-entropy falls all the way to T -> 0 (probabilities 0 or 1); the
+    temperature is raised until the mean confidence is (N + 1) / (N + 2) instead."""
+    from cm_monitor.calibration import RANGE, calibrate_temperature
+
+    model = HalfSpace(D)
+    anchors = torch.randn(40, D, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits = model(anchors)
+    labels = logits.argmax(1)  # every example right
+    t = calibrate_temperature(logits, labels)
+    assert t > 10 * RANGE[0] * float(logits.std())
+    confidence = float((logits / t).softmax(1).amax(1).mean())
+    assert confidence == pytest.approx(41 / 42, abs=1e-6)
+    assert math.isnan(calibrate_temperature(torch.full((4, 3), math.nan), torch.zeros(4, dtype=torch.long)))
 
 
 @pytest.mark.parametrize("factor", [0.3, 30.0])

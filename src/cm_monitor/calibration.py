@@ -1,6 +1,6 @@
 """Temperature scaling (Guo et al. 2017): the temperature that calibrates a model's probabilities.
 
-The cutting-plane threshold (``p_c >= 0.5``) is a statement about confidence. Raw softmax
+The cutting-plane threshold (``p_c >= 0.9`` by default) is a statement about confidence. Raw softmax
 probabilities are not calibrated: multiplying the logits by a constant changes every probability
 and so the measured dimension, although the geometry of the decision regions is the same. Dividing
 the logits by the temperature ``T`` that minimizes the cross-entropy on labelled held-out data
@@ -50,7 +50,9 @@ def calibrate_temperature(
     Returns:
         ``T``. A model whose logits carry no information about the labels (chance accuracy, or
         worse than uniform) gets the top of the search range, ``1e4`` times the logits' standard
-        deviation: its calibrated probabilities are about uniform. A constant model gets 1.
+        deviation: its calibrated probabilities are about uniform. On a set without errors, where
+        the cross-entropy has no minimum, ``T`` is raised until the mean top-class probability is
+        ``(N + 1) / (N + 2)`` instead of being driven to 0. A constant model gets 1; NaN/inf logits give NaN.
 
     Example::
 
@@ -62,6 +64,8 @@ def calibrate_temperature(
     """
     members = [logits] if isinstance(logits, Tensor) else list(logits)
     labels = labels.to(members[0].device, torch.long)
+    if not all(bool(torch.isfinite(z).all()) for z in members):
+        return math.nan  # the model is broken: the measurement reports NaN rather than a made-up T
     sigma = float(torch.stack([z.detach().double().std() for z in members]).mean()) if members[0].numel() > 1 else 0.0
     if not math.isfinite(sigma) or sigma <= 0:
         return 1.0
@@ -73,12 +77,38 @@ def calibrate_temperature(
         return float(grid[-1])
     lo, hi = math.log(float(grid[max(i - 1, 0)])), math.log(float(grid[i + 1]))
     best = math.exp(_golden_min(lambda u: ensemble_nll(members, labels, math.exp(u)), lo, hi, refine_steps))
-    if chance_z <= 0 or labels.numel() < 2:
-        return best
-    gain = math.log(members[0].shape[1]) - example_nll(members, labels, best)  # vs the uniform prediction
-    if float(gain.mean()) <= chance_z * float(gain.std()) / math.sqrt(labels.numel()):
-        return float(grid[-1])
-    return best
+    if chance_z > 0 and labels.numel() >= 2:
+        gain = math.log(members[0].shape[1]) - example_nll(members, labels, best)  # vs the uniform prediction
+        if float(gain.mean()) <= chance_z * float(gain.std()) / math.sqrt(labels.numel()):
+            return float(grid[-1])
+    return _cap_confidence(members, labels, best, float(grid[-1]))
+
+
+def _cap_confidence(members: list[Tensor], labels: Tensor, temperature: float, top: float) -> float:
+    """On a calibration set without errors, raise ``temperature`` until the mean top-class
+    probability is the accuracy estimate ``(N + 1) / (N + 2)`` (Laplace's rule of succession).
+
+    Without errors the cross-entropy falls all the way to ``T -> 0``, where every probability is 0
+    or 1 and no threshold means anything; ``N`` correct examples support a confidence of about that
+    estimate, not 1. With at least one error the cross-entropy has a finite minimum, which is kept.
+    """
+    p = torch.stack([torch.softmax(z.double(), dim=1) for z in members]).mean(0)
+    n = labels.numel()
+    if int((p.argmax(1) == labels).sum()) < n:
+        return temperature
+    cap = (n + 1) / (n + 2)
+
+    def confidence(t: float) -> float:
+        probs = torch.stack([torch.softmax(z.double() / t, dim=1) for z in members]).mean(0)
+        return float(probs.amax(1).mean())
+
+    if confidence(temperature) <= cap:
+        return temperature
+    lo, hi = math.log(temperature), math.log(top)
+    for _ in range(60):  # the confidence falls monotonically with T
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if confidence(math.exp(mid)) > cap else (lo, mid)
+    return math.exp(hi)
 
 
 def _golden_min(f, lo: float, hi: float, steps: int) -> float:  # type: ignore[no-untyped-def]
