@@ -211,6 +211,10 @@ def test_tensorboard_scalars(runs):
         "cm/cost_frac",
         "cm/measured",
         "cm/dim_p80",
+        "cm/cutting_dim",
+        "cm/temperature",
+        "cm/saturated",
+        "cm/unreached",
         *(f"cm/dim_class_{c}" for c in range(10)),
     }
     assert expected <= set(s)
@@ -226,6 +230,9 @@ def test_tensorboard_scalars(runs):
         assert all(0 <= v <= D for _, v in s[f"cm/dim_class_{c}"])
     means = [sum(s[f"cm/dim_class_{c}"][i][1] for c in range(10)) / 10 for i in range(2)]
     assert [v for _, v in s["cm/dim"]] == pytest.approx(means, rel=1e-5)
+    assert [v for _, v in s["cm/cutting_dim"]] == pytest.approx([D - m for m in means], rel=1e-5)
+    assert all(v > 0 for _, v in s["cm/temperature"])
+    assert all(float(v).is_integer() and 0 <= v <= 10 for _, v in s["cm/saturated"])  # counts of classes
     assert all(0 < v <= D for _, v in s["cm/boundary_dim"])
     # a higher level is harder to reach: a smaller manifold
     assert all(hi <= lo + 1e-4 for (_, hi), (_, lo) in zip(s["cm/dim_p80"], s["cm/dim"], strict=True))
@@ -1005,3 +1012,19 @@ def test_example_runs(example, tmp_path, capsys):
     assert "cm/dim" in out and "val_acc" in out and f"tensorboard --logdir {tmp_path / 'runs'}" in out
     s = scalars(next((tmp_path / "runs" / "digits").iterdir()))
     assert 0 < s["cm/dim"][0][1] <= D
+
+
+def test_default_settings_in_a_fit(tmp_path):
+    """The monitor's own defaults (calibrated 0.9, radius 0.5, fraction read-off), only the cost reduced."""
+    monitor = CMDimensionMonitor(num_pairs=0, anchors_per_target=4, num_bootstrap=20)
+    train, val = loaders()
+    trainer(tmp_path, [monitor], max_epochs=2).fit(DigitsCNN(), train, val)
+    values = monitor.last_values
+    assert monitor.anchors.shape[0] == 100  # 10 per class calibrate the temperature
+    assert 0 <= values["cm/dim"] <= D and values["cm/cutting_dim"] == pytest.approx(D - values["cm/dim"])
+    assert values["cm/temperature"] > 0
+    assert values["cm/saturated"] + values["cm/unreached"] <= 10
+    if "cm/success_dist_p90" in values:  # something succeeded: never beyond the radius
+        assert values["cm/success_dist_median"] <= values["cm/success_dist_p90"] <= 0.5 + 1e-4
+        assert 0 <= values["cm/outside_frac"] <= 1
+    assert monitor.last_cm.readoff == "fraction" and monitor.last_cm.threshold == 0.9

@@ -266,6 +266,16 @@ def test_half_space_within_a_radius(ratio):
     assert unbounded.cutting_dim.tolist() == [1.0]
 
 
+def test_distance_is_taken_where_the_threshold_is_first_reached():
+    # in the full space the optimizer heads straight for the hyperplane (0.5 away) and goes on to
+    # p = 0.985 at the radius (1.0): the success is where it crossed, not where it ended
+    model, anchors = _anchors_at_distance(12, h=0.5, norm=1.0)
+    settings = OptimizerSettings(max_radius=1.0, temperature=1.0)
+    est = cm_dimension(model, anchors, zeros(12), classes=[1], threshold=0.5, dims=[16, 64], settings=settings)
+    assert bool((est.scores[0, :, -1] > 0.95).all())
+    assert bool(((est.distance[0, :, -1] >= 0.5) & (est.distance[0, :, -1] < 0.7)).all())
+
+
 def test_unbounded_planes_report_how_far_they_went():
     model, anchors = _anchors_at_distance(8, h=0.5, norm=1.0)
     est = cm_dimension(model, anchors, zeros(8), classes=[1], settings=UNBOUNDED, dims=[1, 8, 64])

@@ -131,7 +131,7 @@ class CuttingOutcome:
     loss: Tensor  # [G, K] lowest loss reached (NaN likewise)
     steps: Tensor  # [G, K] Adam steps taken
     nonfinite: Tensor  # [G, K] bool: a NaN/inf loss or probability appeared
-    distance: Tensor  # [G, K] ‖x - x0‖ / ‖x0‖ at the best point
+    distance: Tensor  # [G, K] ‖x - x0‖ / ‖x0‖ where the score first reached the level (else at the best point)
     outside: Tensor  # [G, K] fraction of the input's elements outside the anchors' range there
 
 
@@ -145,6 +145,8 @@ class PlaneSpace:
         radius_norms: ``max_radius`` in anchor norms, or ``None``.
         low, high: the anchors' range (smallest and largest element).
         clip: clamp plane points to ``[low, high]``.
+        level: the score that counts as a success; distance and range are recorded where a problem
+            first reaches it (else at its best point).
     """
 
     scale: float
@@ -153,6 +155,7 @@ class PlaneSpace:
     low: float
     high: float
     clip: bool
+    level: float = 1.0
 
 
 def data_scale(anchors: Tensor) -> float:
@@ -304,6 +307,7 @@ def _optimize_chunk(
     best_out = torch.full((P,), math.nan, device=device)
     steps = torch.zeros(P, dtype=torch.long, device=device)
     nonfinite = torch.zeros(P, dtype=torch.bool, device=device)
+    crossed = torch.zeros(P, dtype=torch.bool, device=device)
     active = torch.ones(P, dtype=torch.bool, device=device)
     window = settings.plateau_window
     history = torch.full((P, window), math.nan, device=device)
@@ -330,13 +334,15 @@ def _optimize_chunk(
         nonfinite[idx[~ok]] = True
         active[idx[~ok]] = False
         lv, sv = loss.detach().to(best_loss.dtype), sc.detach().to(best_score.dtype)
-        better = ok & (sv > best_score[idx])
+        # where the point is: at the first success, else at the best score so far
+        record = ok & ~crossed[idx] & ((sv >= space.level) | (sv > best_score[idx]))
+        crossed[idx] |= ok & (sv >= space.level)
         with torch.no_grad():
             dist = ((x.detach() - x0_rows[idx]).norm(dim=1) / row_norm[idx]).to(best_dist.dtype)
             outside = ((raw.detach() < space.low) | (raw.detach() > space.high)).to(best_out.dtype).mean(1)
-        best_dist[idx] = torch.where(better, dist, best_dist[idx])
-        best_out[idx] = torch.where(better, outside, best_out[idx])
-        best_score[idx] = torch.where(better, sv, best_score[idx])
+        best_dist[idx] = torch.where(record, dist, best_dist[idx])
+        best_out[idx] = torch.where(record, outside, best_out[idx])
+        best_score[idx] = torch.where(ok & (sv > best_score[idx]), sv, best_score[idx])
         best_loss[idx] = torch.where(ok, torch.minimum(best_loss[idx], lv), best_loss[idx])
         steps[idx] = step
 

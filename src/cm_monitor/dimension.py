@@ -54,9 +54,10 @@ class DimensionEstimate:
         steps: ``[T, A, K]`` Adam steps taken.
         nonfinite: ``[T, A, K]`` True where a NaN/inf appeared during the optimization.
         anchor_index: ``[T, A]`` index into the anchors passed in for each slot, ``-1`` if unused.
-        distance: ``[T, A, K]`` distance of the best point from its anchor, ``‖x - x0‖ / ‖x0‖``
-            (anchor norms).
-        outside: ``[T, A, K]`` fraction of the best point's elements outside the anchors' range.
+        distance: ``[T, A, K]`` distance from the anchor, ``‖x - x0‖ / ‖x0‖`` (anchor norms), of the
+            first point that reached the measurement's threshold (of the best point if none did).
+        outside: ``[T, A, K]`` fraction of that point's elements outside the anchors' range (with
+            ``clip=True``: the fraction that was clipped).
         temperature: ``T`` that divided the logits (calibrated on the anchors by default).
         readoff: ``"fraction"`` or ``"mean"``: what :attr:`curve` holds (see below).
         curve: ``[T, K]`` the curve ``d*`` is read from, monotone in ``d`` (planes are nested, so the
@@ -144,12 +145,14 @@ class DimensionEstimate:
         """Mean of :attr:`cutting_dim` over targets (``d*`` varies over decades where ``D - d*`` does not)."""
         return float(self.cutting_dim.mean())
 
-    def locality(self, threshold: float | None = None) -> dict[str, float]:
-        """Where the successes lie: over the (target, anchor) pairs that reach ``threshold``, at the
-        smallest plane dimension that does, the median and 90th percentile of the distance from the
-        anchor (``distance_median``, ``distance_p90``, in anchor norms) and the mean fraction of
-        input elements outside the anchors' range (``outside_frac``); NaN when nothing succeeds."""
-        thr = self.threshold if threshold is None else _check_threshold(threshold, "threshold", self.max_threshold)
+    def locality(self) -> dict[str, float]:
+        """Where the successes lie: over the (target, anchor) pairs that reach :attr:`threshold`, at
+        the smallest plane dimension that does, the median and 90th percentile of the distance from
+        the anchor of the first point that succeeded (``distance_median``, ``distance_p90``, in anchor
+        norms) and the mean fraction of its elements outside the anchors' range (``outside_frac``);
+        NaN when nothing succeeds. The points are those of the threshold the measurement ran at; an
+        estimate re-read with :meth:`at` selects pairs by its new threshold but keeps those points."""
+        thr = self.threshold
         hit = (_monotone(self.scores) >= thr) & (self.anchor_index >= 0)[..., None]  # [T, A, K]
         first = hit.to(torch.int64).argmax(-1, keepdim=True)
         reached = hit.any(-1)
@@ -450,6 +453,7 @@ def _estimate(
             low=float(x.min()),
             high=float(x.max()),
             clip=settings.clip,
+            level=threshold,
         )
 
         base_seed = int(torch.randint(0, 2**62, (1,), generator=gen))

@@ -93,6 +93,9 @@ class CMDimensionMonitor(GeometryMonitor):
       decades where ``cm/dim`` moves by a few units).
     * ``cm/temperature``: the temperature ``T`` the logits were divided by (calibrated on the
       anchors by default: large when the model is no better than chance on them).
+    * ``cm/saturated``, ``cm/unreached``: how many classes were reached already at the first grid
+      point (their dimension is a bound) or never (logged as 0). Neither has an uncertainty:
+      ``cm/dim_std`` combines the other classes only.
     * ``cm/success_dist_median``, ``cm/success_dist_p90``: distance of the successful plane points
       from their anchors, in anchor norms (median, 90th percentile); ``cm/outside_frac``: mean
       fraction of their elements outside the anchors' range. Not logged when nothing succeeded.
@@ -336,6 +339,8 @@ class CMDimensionMonitor(GeometryMonitor):
         values["dim"], values["dim_frac"] = mean, mean / D
         values["cutting_dim"] = D - mean  # mean d* (a class never reached counts as d* = D)
         values["temperature"] = cm.temperature
+        values["saturated"] = float(cm.saturated.sum())
+        values["unreached"] = float((torch.isnan(cm.cutting_dim) & ~cm.failed).sum())
         # where the successes lie; nothing to say when no anchor reached any class
         values.update({k: v for k, v in _locality(cm).items() if math.isfinite(v)})
         # an uncertainty needs a bootstrap and at least two anchors per target; else no *_std keys
@@ -389,17 +394,20 @@ def _read(est: DimensionEstimate, what: str, notes: list[str]) -> tuple[dict[Any
     stds = est.dimension_std.tolist()
     per_target: dict[Any, float] = {}
     unreached, bad = [], []
-    var = 0.0
-    for t, d, s, f in zip(est.targets, dims, stds, failed, strict=True):
+    var, resolved = 0.0, 0
+    for t, d, s, f, sat in zip(est.targets, dims, stds, failed, est.saturated.tolist(), strict=True):
         if f:
             bad.append(t)
             per_target[t] = math.nan
             continue
         if not math.isfinite(d):  # the curve never reaches the threshold, even at d = D
             unreached.append(t)
-            d, s = 0.0, 0.0
+            per_target[t] = 0.0
+            continue  # a floor, with no uncertainty of its own
         per_target[t] = d
-        var += s * s  # NaN without a bootstrap (num_bootstrap = 0 or a single anchor): no std then
+        if not sat:  # a saturated target's d* is only a bound: it has no uncertainty either
+            var += s * s  # NaN without a bootstrap (num_bootstrap = 0 or a single anchor): no std then
+            resolved += 1
     top = int(est.dims[-1])
     if unreached:
         at = f"d = D = {top}" if top == est.input_dim else f"d = {top}, the largest of `dims`"
@@ -419,7 +427,8 @@ def _read(est: DimensionEstimate, what: str, notes: list[str]) -> tuple[dict[Any
         notes.append(f"NaN/inf during the optimization for {what} {bad}: no value for them nor for the mean.")
         return per_target, math.nan, math.nan
     n = len(per_target)
-    return per_target, sum(per_target.values()) / n, math.sqrt(var) / n
+    # the uncertainty of the mean from the targets that have one (none if no target has one)
+    return per_target, sum(per_target.values()) / n, math.sqrt(var) / n if resolved else math.nan
 
 
 def _check_classes(classes: Sequence[int] | None) -> list[int] | None:
