@@ -56,7 +56,7 @@ def main() -> None:
         idx = torch.cat([torch.nonzero(y == c).squeeze(1)[:n] for c in range(10)])
         return x[idx], y[idx]
 
-    cm_x, cm_y = per_class(4)
+    cm_x, cm_y = per_class(10)  # the monitor's default num_anchors; 4 per class manifold
     dims = default_dims(64, 8)
     pairs = [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
     d_x, _ = per_class(20)

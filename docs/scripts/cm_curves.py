@@ -7,7 +7,8 @@ measurement at every epoch and no early stopping) for 16 epochs, reads the logge
 the TensorBoard event files, and draws three panels:
 
 (a) ``cm/dim`` and ``cm/boundary_dim`` (± ``*_std``) against the epoch, with ``val_acc``;
-(b) the reached probability against the plane dimension, per class, at the first measurement;
+(b) the fraction of anchors reaching the threshold against the plane dimension, per class, at the
+    first measurement;
 (c) the same after the last epoch (the figure TensorBoard shows under ``cm/curves``).
 It prints the series and the measured cost.
 """
@@ -60,13 +61,18 @@ def main() -> None:
     D = monitor.anchors[0].numel()
 
     fig, axes = _new_figure(3, width=4.6, height=3.9)
+    steps = series["cm/dim"].step.tolist()
+
+    def aligned(tag: str) -> list[float]:
+        """The series of ``tag`` at the steps of ``cm/dim`` (NaN where it was not logged, e.g. a std
+        that no class had)."""
+        got = dict(zip(series[tag].step.tolist(), series[tag].value.tolist(), strict=True)) if tag in series else {}
+        return [got.get(step, float("nan")) for step in steps]
+
     history_figure(
         epochs,
-        {"cm/dim": series["cm/dim"].value.tolist(), "cm/boundary_dim": series["cm/boundary_dim"].value.tolist()},
-        stds={
-            "cm/dim": series["cm/dim_std"].value.tolist(),
-            "cm/boundary_dim": series["cm/boundary_dim_std"].value.tolist(),
-        },
+        {"cm/dim": aligned("cm/dim"), "cm/boundary_dim": aligned("cm/boundary_dim")},
+        stds={"cm/dim": aligned("cm/dim_std"), "cm/boundary_dim": aligned("cm/boundary_dim_std")},
         ylabel="effective dimension D − d*  (D = 64)",
         title="(a) logged while training (± bootstrap std)",
         ax=axes[0],
@@ -91,8 +97,8 @@ def main() -> None:
     fig.savefig(out, dpi=110)
 
     print(f"wrote {out}")
-    for tag in ("cm/dim", "cm/dim_std", "cm/boundary_dim", "val_acc", "cm/seconds", "cm/cost_frac"):
-        print(f"{tag:18s}", " ".join(f"{v:6.2f}" for v in series[tag].value.tolist()))
+    for tag in ("cm/dim", "cm/dim_std", "cm/cutting_dim", "cm/temperature", "cm/boundary_dim", "val_acc", "cm/seconds"):
+        print(f"{tag:18s}", " ".join(f"{v:6.2f}" for v in aligned(tag)))
     seconds = series["cm/seconds"].value
     print(f"measurement: {seconds.mean():.2f} s on average, {series['cm/cost_frac'].value.mean():.0%} of each epoch")
 
