@@ -167,9 +167,7 @@ def make_monitors(
                 monitors.append(CMDimensionMonitor(**common, anchors_per_target=4, dims=8, num_pairs=5))
             else:
                 # D = 3072: a finer grid; on a GPU the cost grows little with more anchors
-                monitors.append(
-                    CMDimensionMonitor(**common, anchors_per_target=16, dims=12, num_pairs=10)
-                )
+                monitors.append(CMDimensionMonitor(**common, anchors_per_target=16, dims=12, num_pairs=10))
         elif name == "diffeo":
             # 8 x 8 digits fold at 1 pixel (docs/diffeo.md): 0.6 pixel, about the smallest natural size
             delta = 0.6 if dataset == "digits" else 1.0
