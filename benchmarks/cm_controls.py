@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from cm_monitor import REFERENCE_SETTINGS, OptimizerSettings, cm_dimension, default_dims
+from cm_monitor.synthetic import ScaledLogits
 
 
 def load(dataset: str) -> tuple[torch.Tensor, ...]:
@@ -77,15 +78,6 @@ def train(dataset, X, y, Xv, yv, epochs, seed=0):  # type: ignore[no-untyped-def
     return kept, accs
 
 
-class Scaled(nn.Module):
-    def __init__(self, model: nn.Module, factor: float) -> None:
-        super().__init__()
-        self.model, self.factor = model, factor
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.factor * self.model(x)
-
-
 def spearman(a: list[float], b: list[float]) -> float:
     ra, rb = (torch.tensor(v, dtype=torch.float64).argsort().argsort().double() for v in (a, b))
     return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
@@ -135,8 +127,8 @@ def main() -> None:
         "1 epoch": kept[1],
         f"{args.epochs} epochs": kept[-1],
         "shuffled labels": shuffled[-1],
-        "trained, logits x0.3": Scaled(kept[-1], 0.3),
-        "trained, logits x30": Scaled(kept[-1], 30.0),
+        "trained, logits x0.3": ScaledLogits(kept[-1], 0.3),
+        "trained, logits x30": ScaledLogits(kept[-1], 30.0),
     }
     print(
         f"\n{'model':<22} {'val acc':>7} " + " ".join(f"{n:>22}" for n in configs) + f" {'defaults, T on anchors':>24}"

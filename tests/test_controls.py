@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from cm_monitor import REFERENCE_SETTINGS, OptimizerSettings, cm_dimension
+from cm_monitor.synthetic import ScaledLogits
 
 
 def _digits():
@@ -40,15 +41,6 @@ def _fit(model, X, y, steps, lr=1e-2):
 def _accuracy(model, X, y):
     with torch.no_grad():
         return float((model(X).argmax(1) == y).float().mean())
-
-
-class Scaled(nn.Module):
-    def __init__(self, model, factor):
-        super().__init__()
-        self.model, self.factor = model, factor
-
-    def forward(self, x):
-        return self.factor * self.model(x)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +98,7 @@ def test_shuffled_labels_score_clearly_below_trained(measured):
 def test_logit_scale_leaves_the_dimension_unchanged(controls, measured, factor):
     anchors, labels, models = controls
     base = measured["trained"]
-    scaled = measure(Scaled(models["trained"], factor), anchors, labels)
+    scaled = measure(ScaledLogits(models["trained"], factor), anchors, labels)
     assert scaled.temperature == pytest.approx(factor * base.temperature, rel=1e-3)
     assert abs(mean_dim(scaled) - mean_dim(base)) <= max(margin(scaled, base), 0.5)
 
@@ -116,7 +108,7 @@ def test_the_reference_settings_follow_logit_scale(controls):
     anchors, labels, models = controls
     kw = dict(classes=[0, 1, 2], dims=[1, 4, 16, 64], settings=REFERENCE_SETTINGS)
     plain = measure(models["init"], anchors, labels, **kw)
-    scaled = measure(Scaled(models["init"], 30.0), anchors, labels, **kw)
+    scaled = measure(ScaledLogits(models["init"], 30.0), anchors, labels, **kw)
     assert mean_dim(scaled) > mean_dim(plain) + margin(scaled, plain) + 2
 
 

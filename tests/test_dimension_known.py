@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from cm_monitor import OptimizerSettings, boundary_dimension, cm_dimension, default_dims
-from cm_monitor.synthetic import HalfSpace, Tube
+from cm_monitor.synthetic import HalfSpace, ScaledLogits, Tube
 
 D = 64
 #: The geometry without the locality bound or calibration: the sanity cases of methods.md are about
@@ -288,15 +288,6 @@ def test_unbounded_planes_report_how_far_they_went():
 # ---------------------------------------------------------------------------------- calibration
 
 
-class Scaled(nn.Module):
-    def __init__(self, model, factor):
-        super().__init__()
-        self.model, self.factor = model, factor
-
-    def forward(self, x):
-        return self.factor * self.model(x)
-
-
 def _soft_half_space():
     """A half-space whose anchors are labelled by sampling its own softmax at temperature 4."""
     model = HalfSpace(D)
@@ -341,14 +332,14 @@ def test_logit_scale_does_not_change_the_calibrated_dimension(factor):
     kw = dict(classes=[1], dims=[1, 4, 16, 64], settings=OptimizerSettings(max_radius=2.0))
     base = cm_dimension(model, anchors[labels == 0][:12], zeros(12), calibration=(anchors, labels), **kw)
     scaled = cm_dimension(
-        Scaled(model, factor), anchors[labels == 0][:12], zeros(12), calibration=(anchors, labels), **kw
+        ScaledLogits(model, factor), anchors[labels == 0][:12], zeros(12), calibration=(anchors, labels), **kw
     )
     assert scaled.temperature == pytest.approx(factor * base.temperature, rel=1e-3)
     torch.testing.assert_close(scaled.scores, base.scores, atol=2e-3, rtol=0)
     # raw probabilities (T = 1) move with the scale
     raw = dict(kw, settings=OptimizerSettings(max_radius=2.0, temperature=1.0, readoff="mean"))
     a = cm_dimension(model, anchors[labels == 0][:12], zeros(12), **raw)
-    b = cm_dimension(Scaled(model, factor), anchors[labels == 0][:12], zeros(12), **raw)
+    b = cm_dimension(ScaledLogits(model, factor), anchors[labels == 0][:12], zeros(12), **raw)
     assert not torch.allclose(a.scores, b.scores, atol=1e-2)
 
 

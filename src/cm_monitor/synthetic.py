@@ -59,3 +59,16 @@ class HalfSpace(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         z = self.linear(x.flatten(1)).squeeze(1)
         return torch.stack([torch.zeros_like(z), z], 1)
+
+
+class ScaledLogits(nn.Module):
+    """``model`` with its logits multiplied by ``factor``: the confidence control of
+    ``docs/method.md``. The decision regions are those of ``model``; only the confidence changes,
+    so a geometry signal should not move (the calibrated CM dimension does not)."""
+
+    def __init__(self, model: nn.Module, factor: float):
+        super().__init__()
+        self.model, self.factor = model, factor
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.factor * self.model(x)
