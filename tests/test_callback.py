@@ -1028,3 +1028,54 @@ def test_default_settings_in_a_fit(tmp_path):
         assert values["cm/success_dist_median"] <= values["cm/success_dist_p90"] <= 0.5 + 1e-4
         assert 0 <= values["cm/outside_frac"] <= 1
     assert monitor.last_cm.readoff == "fraction" and monitor.last_cm.threshold == 0.9
+
+
+class ManyClasses(pl.LightningModule):
+    """A linear model on 16-dimensional Gaussian blobs of 30 classes."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(16, 30)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def blobs(n_per_class=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centers = 3 * torch.randn(30, 16, generator=torch.Generator().manual_seed(99))
+    y = torch.arange(30).repeat_interleave(n_per_class)
+    return DataLoader(TensorDataset(centers[y] + torch.randn(len(y), 16, generator=g), y), batch_size=60)
+
+
+def test_many_classes_measure_a_fixed_subset(tmp_path):
+    kw = dict(FAST, max_classes=5, num_pairs=0, dims=[1, 4, 16])
+    runs = []
+    for _ in range(2):
+        monitor = CMDimensionMonitor(**kw)
+        trainer(tmp_path, [monitor], max_epochs=1).fit(ManyClasses(), blobs(seed=1), blobs())
+        runs.append(monitor)
+    first, second = runs
+    assert len(first.targets) == 5 and first.targets == second.targets  # the same subset: common random numbers
+    assert set(first.anchor_labels.tolist()) == set(first.targets)  # anchors of these classes only
+    assert first.anchors.shape[0] == 5 * FAST["num_anchors"]
+    per_class = {k for k in first.last_values if k.startswith("cm/dim_class_")}
+    assert per_class == {f"cm/dim_class_{c}" for c in first.targets}
+    mean = sum(first.last_values[k] for k in per_class) / 5
+    assert first.last_values["cm/dim"] == pytest.approx(mean, rel=1e-6)
+    # explicit classes are measured as given; no limit measures every class
+    explicit = CMDimensionMonitor(**{**kw, "classes": [0, 29]})
+    trainer(tmp_path, [explicit], max_epochs=1).fit(ManyClasses(), blobs(seed=1), blobs())
+    assert explicit.targets == [0, 29] and explicit.anchors.shape[0] == 30 * FAST["num_anchors"]
+    assert CMDimensionMonitor(**{**kw, "max_classes": None}).max_classes is None
+    with pytest.raises(ValueError, match="max_classes"):
+        CMDimensionMonitor(max_classes=1)

@@ -11,6 +11,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from cm_monitor.anchors import BatchReader
@@ -56,7 +57,12 @@ class CMDimensionMonitor(GeometryMonitor):
         num_anchors: anchors drawn per class. Every class needs at least this many validation
             examples (else an error at the start of fit). All of them calibrate the temperature;
             ``anchors_per_target`` of them per class anchor the planes.
-        classes: the classes whose manifold is measured (default: all classes of the model).
+        classes: the classes whose manifold is measured (default: all classes of the model, or a subset
+            of ``max_classes`` of them).
+        max_classes: for a model with more classes than this (and ``classes=None``), a fixed random
+            subset of ``max_classes`` classes is measured: drawn once with ``seed`` and saved in
+            checkpoints (common random numbers), anchors only of these classes, per-class keys only
+            for them, ``cm/dim`` the mean over them. ``None``: all classes, whatever their number.
         num_pairs: number of class pairs whose boundary is measured, chosen at random once (among
             the pairs of ``classes``); ``None`` for all pairs, ``0`` for none.
         pairs: explicit class pairs for the boundaries (instead of ``num_pairs``, which must then keep
@@ -84,7 +90,8 @@ class CMDimensionMonitor(GeometryMonitor):
     Logged metrics (through ``LightningModule.log``, at every validation of ``trainer.fit``
     after the sanity check; the same values on every rank):
 
-    * ``cm/dim``: mean over the measured classes of ``D - d*`` (higher: larger class manifolds).
+    * ``cm/dim``: mean over the measured classes of ``D - d*`` (higher: larger class manifolds); with
+      more than ``max_classes`` classes, the mean over the fixed subset.
     * ``cm/dim_std``: its bootstrap standard deviation over anchors (not logged with
       ``num_bootstrap=0``, nor, with a warning at the first measurement, when a class or pair has
       fewer than two anchors).
@@ -145,6 +152,7 @@ class CMDimensionMonitor(GeometryMonitor):
         num_anchors: int = 10,
         *,
         classes: Sequence[int] | None = None,
+        max_classes: int | None = 20,
         num_pairs: int | None = 5,
         pairs: Sequence[Sequence[int]] | None = None,
         threshold: float = 0.9,
@@ -186,6 +194,7 @@ class CMDimensionMonitor(GeometryMonitor):
             verbose=verbose,
         )
         self.classes = _check_classes(classes)
+        self.max_classes = check_int(max_classes, "max_classes", minimum=2, allow_none=True)
         self.num_pairs = check_int(num_pairs, "num_pairs", minimum=0, allow_none=True)
         self.pairs_arg = _check_pairs(pairs)
         if self.pairs_arg is not None and num_pairs != 5:
@@ -234,6 +243,7 @@ class CMDimensionMonitor(GeometryMonitor):
         # everything that changes the measured series (chunk_size only changes the batching)
         return {
             "classes": self.classes,
+            "max_classes": self.max_classes,
             "pairs": self.pairs_arg if self.pairs_arg is not None else self.num_pairs,
             "threshold": self.threshold,
             "boundary_threshold": self.boundary_threshold,
@@ -246,7 +256,7 @@ class CMDimensionMonitor(GeometryMonitor):
 
     def _setup_targets(self, num_classes: int, generator: torch.Generator) -> None:
         self._check_targets(num_classes)
-        self.targets = list(self.classes) if self.classes is not None else list(range(num_classes))
+        self.targets = list(self.classes) if self.classes is not None else self._class_subset(num_classes, generator)
         if self.pairs_arg is not None:
             self.pairs = list(self.pairs_arg)
         else:
@@ -254,6 +264,22 @@ class CMDimensionMonitor(GeometryMonitor):
             n = len(pool) if self.num_pairs is None else min(self.num_pairs, len(pool))
             pick = torch.randperm(len(pool), generator=generator)[:n].sort().values.tolist()
             self.pairs = [pool[i] for i in pick]
+
+    def _class_subset(self, num_classes: int, generator: torch.Generator) -> list[int]:
+        """All classes, or for a model with more than ``max_classes`` a fixed random subset of them;
+        the anchors are then reduced to those classes (fewer problems, a smaller checkpoint)."""
+        if self.max_classes is None or num_classes <= self.max_classes:
+            return list(range(num_classes))
+        subset = torch.randperm(num_classes, generator=generator)[: self.max_classes].sort().values
+        assert self.anchors is not None and self.anchor_labels is not None
+        keep = torch.isin(self.anchor_labels, subset.to(self.anchor_labels.device))
+        self.anchors, self.anchor_labels = self.anchors[keep], self.anchor_labels[keep]
+        if self.verbose:
+            rank_zero_info(
+                f"{type(self).__name__}: the model has {num_classes} classes, more than `max_classes` = "
+                f"{self.max_classes}: measuring the fixed random subset {subset.tolist()} (anchors of these classes only)."
+            )
+        return subset.tolist()
 
     def _check_targets(self, num_classes: int) -> None:
         name = type(self).__name__
