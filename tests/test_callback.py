@@ -1079,3 +1079,22 @@ def test_many_classes_measure_a_fixed_subset(tmp_path):
     assert CMDimensionMonitor(**{**kw, "max_classes": None}).max_classes is None
     with pytest.raises(ValueError, match="max_classes"):
         CMDimensionMonitor(max_classes=1)
+
+
+def test_cost_is_estimated_before_training_and_a_limit_refuses(tmp_path):
+    monitor = CMDimensionMonitor(**FAST)
+    train, val = loaders()
+    trainer(tmp_path, [monitor], max_epochs=1).fit(DigitsCNN(), train, val)
+    est = monitor.cost_estimate
+    # 10 classes and 2 pairs, 2 anchors each (of 20 anchors, none of the target's class), 4 plane dimensions
+    assert est.problems == (10 + 2) * 2 * 4
+    assert est.passes == FAST["max_steps"] + 1  # one chunk
+    assert est.seconds == pytest.approx(est.passes * est.seconds_per_pass) and est.seconds_per_pass > 0
+
+    model = DigitsCNN()
+    refusing = CMDimensionMonitor(**FAST, max_seconds=1e-6)
+    with pytest.raises(MisconfigurationException, match=r"up to .* above `max_seconds` = 1e-06.*nothing was trained"):
+        trainer(tmp_path, [refusing], max_epochs=1).fit(model, train, val)
+    assert model.train_steps == 0  # refused before the first training step
+    with pytest.raises(ValueError, match="max_seconds"):
+        CMDimensionMonitor(max_seconds=0)

@@ -101,3 +101,19 @@ def test_runs_on_the_models_device():
     anchors = model.sample_outside(4).cpu()  # anchors elsewhere are moved to the model's device
     est = cm_dimension(model, anchors, torch.zeros(4, dtype=torch.long), classes=[1])
     assert abs(float(est.dimension[0]) - 16) <= 5
+
+
+def test_cost_estimate_counts_passes_and_leaves_the_model_alone():
+    from cm_monitor.cost import estimate_cost
+
+    model = bn_model()
+    model.train()
+    before = snapshot(model)
+    est = estimate_cost(model, data()[0], problems=5000, chunk_size=2048, max_steps=99)
+    assert est.passes == 3 * 100 and est.problems == 5000
+    assert est.seconds == pytest.approx(est.passes * est.seconds_per_pass) and est.seconds_per_pass > 0
+    assert "at most" in str(est)
+    assert all(torch.equal(before[k], v) for k, v in snapshot(model).items())
+    assert model.training and all(p.grad is None for p in model.parameters())
+    with pytest.raises(ValueError, match="problems"):
+        estimate_cost(model, data()[0], problems=0, chunk_size=8, max_steps=1)

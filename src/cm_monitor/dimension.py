@@ -248,7 +248,7 @@ def cm_dimension(
         >>> from cm_monitor import OptimizerSettings, cm_dimension
         >>> from cm_monitor.synthetic import HalfSpace
         >>> model = HalfSpace(16)  # a linear two-class model
-        >>> anchors = torch.randn(8, 16)
+        >>> anchors = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
         >>> labels = model(anchors).argmax(1)
         >>> unbounded = OptimizerSettings(max_radius=None)  # planes of any extent
         >>> est = cm_dimension(model, anchors, labels, dims=[1, 4, 16], settings=unbounded)

@@ -211,6 +211,9 @@ class GeometryMonitor(Callback):
     def _setup_targets(self, num_classes: int, generator: torch.Generator) -> None:
         """Choose what to measure, once per run, when the anchors are first drawn (not on resume)."""
 
+    def _preflight(self, trainer: pl.Trainer, model: nn.Module | list[nn.Module]) -> None:
+        """Estimate (and possibly refuse) the cost of a measurement at the start of fit."""
+
     def _check_targets(self, num_classes: int) -> None:
         """Raise a clear error if the configured targets do not fit a model with ``num_classes`` classes."""
 
@@ -286,6 +289,7 @@ class GeometryMonitor(Callback):
                 )
             self.num_classes = num_classes
         self._check_targets(self.num_classes)
+        self._preflight(trainer, model)
         self._warn_budget_with_watchers(trainer)
 
     def _warn_budget_with_watchers(self, trainer: pl.Trainer) -> None:

@@ -12,10 +12,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
 
 from cm_monitor.anchors import BatchReader
 from cm_monitor.callbacks.base import GeometryMonitor, Measurement, check_int, check_probability
+from cm_monitor.cost import CostEstimate, estimate_cost
 from cm_monitor.cutting import OptimizerSettings
 from cm_monitor.dimension import DimensionEstimate, boundary_dimension, cm_dimension
 from cm_monitor.planes import default_dims
@@ -83,6 +86,11 @@ class CMDimensionMonitor(GeometryMonitor):
         chunk_size: at most this many problems in one forward pass (bounds memory).
         num_bootstrap: bootstrap resamples of the anchors for the uncertainties (``*_std``); 0 for
             none (the ``*_std`` keys are then not logged).
+        max_seconds: at the start of fit, before any training, a probe pass gives an upper bound on
+            the time of one measurement (every problem running its whole ``max_steps``; early
+            stopping usually makes it several times less). It is logged and kept as
+            :attr:`cost_estimate`; above ``max_seconds`` the fit stops there with an error that says
+            which settings to reduce. ``None``: no limit.
         seed: seeds the anchors, the pairs and the planes; fixed for the run.
         max_cost_frac, batch_to_inputs, input_key, label_key, dataloader_idx, max_scan_batches, get_model,
         prefix, log_figures, prog_bar, verbose: see :class:`~cm_monitor.callbacks.base.GeometryMonitor`.
@@ -164,6 +172,7 @@ class CMDimensionMonitor(GeometryMonitor):
         max_steps: int | None = None,
         chunk_size: int = 2048,
         num_bootstrap: int = 100,
+        max_seconds: float | None = None,
         max_cost_frac: float | None = None,
         seed: int = 0,
         batch_to_inputs: BatchReader | None = None,
@@ -228,6 +237,12 @@ class CMDimensionMonitor(GeometryMonitor):
                     "`settings` with smaller `tol` and `plateau_tol`."
                 )
         self.chunk_size = check_int(chunk_size, "chunk_size")
+        if max_seconds is not None and not (
+            isinstance(max_seconds, int | float) and not isinstance(max_seconds, bool) and max_seconds > 0
+        ):
+            raise ValueError(f"`max_seconds` must be None or a positive number of seconds, got {max_seconds!r}.")
+        self.max_seconds = max_seconds
+        self.cost_estimate: CostEstimate | None = None
         self.num_bootstrap = check_int(num_bootstrap, "num_bootstrap", minimum=0)
         if self.num_bootstrap == 1:
             raise ValueError("`num_bootstrap` must be 0 (no uncertainties) or at least 2, got 1.")
@@ -252,7 +267,7 @@ class CMDimensionMonitor(GeometryMonitor):
             "dims": self.dims,
             "settings": self.settings,
             "num_bootstrap": self.num_bootstrap,
-        }
+        }  # max_seconds only decides whether to run
 
     def _setup_targets(self, num_classes: int, generator: torch.Generator) -> None:
         self._check_targets(num_classes)
@@ -280,6 +295,36 @@ class CMDimensionMonitor(GeometryMonitor):
                 f"{self.max_classes}: measuring the fixed random subset {subset.tolist()} (anchors of these classes only)."
             )
         return subset.tolist()
+
+    def _num_problems(self) -> int:
+        """(target, anchor, plane dimension) problems of one measurement, classes and pairs."""
+        assert self.anchor_labels is not None and self.targets is not None
+        labels = self.anchor_labels.cpu()
+        cap = self.anchors_per_target or labels.numel()
+        sets = [(c,) for c in self.targets] + [tuple(p) for p in self.pairs or []]
+        usable = [int((~torch.isin(labels, torch.tensor(t))).sum()) for t in sets]
+        return sum(min(cap, n) for n in usable) * len(self.grid())
+
+    def _preflight(self, trainer: pl.Trainer, model: nn.Module | list[nn.Module]) -> None:
+        assert self.anchors is not None
+        with isolate_rng():
+            local = estimate_cost(
+                model,
+                self.anchors,
+                problems=self._num_problems(),
+                chunk_size=self.chunk_size,
+                max_steps=self.settings.max_steps,
+            )
+        self.cost_estimate = est = trainer.strategy.broadcast(local, src=0)  # every rank decides alike
+        name = type(self).__name__
+        if self.verbose:
+            rank_zero_info(f"{name}: one measurement: {est}.")
+        if self.max_seconds is not None and est.seconds > self.max_seconds:
+            raise MisconfigurationException(
+                f"{name}: one measurement could take up to {est.seconds:.0f} s ({est}), above `max_seconds` = "
+                f"{self.max_seconds:g}. Reduce the problems (`anchors_per_target`, `dims`, `num_pairs`, "
+                "`max_classes`), the step budget (`max_steps`), or raise `max_seconds`; nothing was trained yet."
+            )
 
     def _check_targets(self, num_classes: int) -> None:
         name = type(self).__name__
