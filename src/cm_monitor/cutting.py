@@ -23,13 +23,19 @@ import torch
 from torch import Tensor, nn
 
 from cm_monitor._model import ensemble_log_probs, explain_inference_tensors
-from cm_monitor.planes import nested_bases
+from cm_monitor.planes import StructuredPlanes, choose_planes, nested_bases
 
-#: At most this many basis elements (``groups × D × max(dims)``) are held per chunk: 2**27 is
-#: 512 MiB in float32, about three times that with the Gaussian draw and the transposed copy.
-#: For small inputs ``chunk_size`` is the bound; for large ones (CIFAR-10: D = 3072, a full-space
-#: basis is 36 MiB per (target, anchor)) this one is.
+#: Dense planes: at most this many basis elements (``groups × D × max(dims)``) are held per chunk:
+#: 2**27 is 512 MiB in float32, about three times that with the Gaussian draw and the transposed
+#: copy. For small inputs ``chunk_size`` is the bound; for large ones this one is.
 MAX_BASIS_ELEMENTS = 2**27
+
+#: Structured planes: at most this many input elements (``problems × D``) per chunk. A chunk holds
+#: about ten tensors of that size (anchors, plane coordinates, the scattered coordinates, their
+#: transform, the plane points, Adam's moments, the gradient), so 2**24 (64 MiB in float32) keeps
+#: the cutting planes' own memory under about 1 GiB whatever ``D`` is; the model's activations come
+#: on top and are bounded by ``chunk_size``. At D = 3 × 224 × 224 it allows 111 problems per pass.
+MAX_PROBLEM_ELEMENTS = 2**24
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,14 @@ class OptimizerSettings:
             step that the radius bound projects back ends at the constrained optimum; ``"adam"``:
             :class:`torch.optim.Adam` (the reference), whose per-coordinate scaling makes projected
             steps stall short of it.
+        planes: the family of random planes. ``"dense"``: one orthonormal basis per (target,
+            anchor), the QR factor of a ``D × max(dims)`` Gaussian matrix (uniformly random nested
+            planes); ``"structured"``: random signs, a fast orthonormal transform and a random
+            choice of coordinates (:class:`~cm_monitor.planes.StructuredPlanes`), with no
+            ``D × d`` matrix and no QR: ``O(D log D)`` time and ``O(D)`` memory per problem;
+            ``"auto"`` (default): dense while ``D · max(dims) <= 2**20``
+            (:data:`~cm_monitor.planes.DENSE_MAX_ELEMENTS`; with the default grid, ``D <= 1024``),
+            structured above.
     """
 
     lr: float = 0.1
@@ -81,6 +95,7 @@ class OptimizerSettings:
     clip: bool = False
     readoff: str = "fraction"
     optimizer: str = "isotropic"
+    planes: str = "auto"
 
     def __post_init__(self) -> None:
         _check_positive(self.lr, "lr")
@@ -103,6 +118,8 @@ class OptimizerSettings:
             raise ValueError(f"`readoff` must be 'fraction' or 'mean', got {self.readoff!r}.")
         if self.optimizer not in ("isotropic", "adam"):
             raise ValueError(f"`optimizer` must be 'isotropic' or 'adam', got {self.optimizer!r}.")
+        if self.planes not in ("auto", "dense", "structured"):
+            raise ValueError(f"`planes` must be 'auto', 'dense' or 'structured', got {self.planes!r}.")
         if isinstance(self.plateau_window, bool) or not isinstance(self.plateau_window, int) or self.plateau_window < 2:
             raise ValueError(f"`plateau_window` must be an integer >= 2, got {self.plateau_window!r}.")
 
@@ -114,9 +131,16 @@ def _check_positive(value: object, name: str, expected: str = "a positive finite
 
 
 #: The reference notebook: raw learning rate 0.05, 300 steps, no rescaling, raw logits (T = 1), no
-#: bound on the distance, d* read from the mean best probability over anchors.
+#: bound on the distance, d* read from the mean best probability over anchors, dense planes.
 REFERENCE_SETTINGS = OptimizerSettings(
-    lr=0.05, max_steps=300, scale=1.0, temperature=1.0, max_radius=None, readoff="mean", optimizer="adam"
+    lr=0.05,
+    max_steps=300,
+    scale=1.0,
+    temperature=1.0,
+    max_radius=None,
+    readoff="mean",
+    optimizer="adam",
+    planes="dense",
 )
 
 
@@ -194,7 +218,9 @@ def optimize_planes(
         dims: ``K`` plane dimensions (sorted).
         space: scale, temperature, locality and range of the plane points.
         chunk_size: at most this many problems per forward pass (at least one group of ``K``);
-            also at most :data:`MAX_BASIS_ELEMENTS` basis elements per chunk (at least one group).
+            also at most :data:`MAX_BASIS_ELEMENTS` basis elements per chunk with dense planes,
+            :data:`MAX_PROBLEM_ELEMENTS` input elements (problems × D) with structured ones (at
+            least one group).
     """
     device = anchors.device
     D = anchors[0].numel()
@@ -207,7 +233,10 @@ def optimize_planes(
     out["nonfinite"] = torch.zeros((G, K), dtype=torch.bool, device=device)
 
     # each group's basis is drawn from its own seed, so how groups are chunked changes nothing
-    groups_per_chunk = max(1, min(chunk_size // K, MAX_BASIS_ELEMENTS // (D * dims[-1])))
+    structured = choose_planes(settings.planes, D, dims[-1]) == "structured"
+    per_group = K * D if structured else D * dims[-1]
+    bound = MAX_PROBLEM_ELEMENTS if structured else MAX_BASIS_ELEMENTS
+    groups_per_chunk = max(1, min(chunk_size // K, bound // per_group))
     for start in range(0, G, groups_per_chunk):
         sl = slice(start, min(G, start + groups_per_chunk))
         chunk = _optimize_chunk(
@@ -218,6 +247,7 @@ def optimize_planes(
             dims,
             settings,
             space,
+            structured=structured,
             shape=anchors.shape[1:],
             num_classes=num_classes,
             model_dtype=model_dtype,
@@ -278,6 +308,7 @@ def _optimize_chunk(
     settings: OptimizerSettings,
     space: PlaneSpace,
     *,
+    structured: bool,
     shape: torch.Size,
     num_classes: int,
     model_dtype: torch.dtype,
@@ -287,7 +318,15 @@ def _optimize_chunk(
     K = len(dims)
     k = targets.shape[1]
     min_loss = math.log(k)
-    basis_t = nested_bases(seeds, D, dims[-1], device=device, dtype=x0.dtype).transpose(1, 2).contiguous()
+    P = Gc * K
+    if structured:  # no D × max(dims) matrix: Q θ by a fast transform, for the active problems only
+        offsets = StructuredPlanes(seeds, D, dims[-1], device=device, dtype=x0.dtype).offsets
+    else:
+        basis_t = nested_bases(seeds, D, dims[-1], device=device, dtype=x0.dtype).transpose(1, 2).contiguous()
+
+        def offsets(coords: Tensor, rows: Tensor) -> Tensor:
+            return torch.bmm(coords, basis_t).reshape(P, D)[rows]
+
     mask = _plane_mask(dims, settings, D, device, x0.dtype)
     x0_norm = x0.norm(dim=1).clamp_min(1e-30)  # [Gc]
     limit = None if space.radius_norms is None else space.radius_norms * x0_norm / space.scale
@@ -297,7 +336,6 @@ def _optimize_chunk(
     else:
         iso = IsotropicAdam(theta, mask, settings.lr)
 
-    P = Gc * K
     problem_targets = targets.repeat_interleave(K, dim=0)  # [P, k]
     row_norm = x0_norm.repeat_interleave(K)  # [P]
     x0_rows = x0.repeat_interleave(K, dim=0)  # [P, D]
@@ -317,7 +355,7 @@ def _optimize_chunk(
         if idx.numel() == 0:
             break
         # x(θ) for every problem of the chunk, in one batched product
-        delta = (space.scale * torch.bmm(theta * mask, basis_t)).reshape(P, D)[idx]
+        delta = space.scale * offsets(theta * mask, idx)
         raw = x0_rows[idx] + delta
         x = raw.clamp(space.low, space.high) if space.clip else raw
         try:

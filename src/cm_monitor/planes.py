@@ -106,3 +106,85 @@ def nested_bases(
         torch.randn(input_dim, max_dim, generator=gen, device=device, dtype=dtype, out=gaussians[i])
     q, _ = torch.linalg.qr(gaussians, mode="reduced")
     return q
+
+
+#: ``planes="auto"`` uses dense (QR) bases while one basis, ``D × max(dims)``, holds at most this
+#: many elements (4 MiB in float32: the full space of a 32 × 32 grayscale input), structured planes
+#: above (CIFAR-10's D = 3072 with the default grid, any ImageNet-sized input).
+DENSE_MAX_ELEMENTS = 2**20
+
+
+def choose_planes(planes: str, input_dim: int, max_dim: int) -> str:
+    """The plane family used: ``"dense"`` or ``"structured"``; ``"auto"`` picks dense bases while
+    ``input_dim · max_dim <= DENSE_MAX_ELEMENTS`` and structured planes above."""
+    if planes == "auto":
+        return "dense" if input_dim * max_dim <= DENSE_MAX_ELEMENTS else "structured"
+    if planes not in ("dense", "structured"):
+        raise ValueError(f"`planes` must be 'auto', 'dense' or 'structured', got {planes!r}.")
+    return planes
+
+
+def hartley(x: Tensor) -> Tensor:
+    """The orthonormal discrete Hartley transform along the last axis: ``Re(F x) - Im(F x)`` with
+    ``F`` the unitary DFT. Real, orthonormal and its own inverse; ``O(n log n)`` by a real FFT."""
+    n = x.shape[-1]
+    f = torch.fft.rfft(x, norm="ortho")  # coefficients 0 .. n // 2; F_{n-k} = conj(F_k) gives the rest
+    re, im = f.real, f.imag
+    return torch.cat([re - im, (re + im)[..., 1 : 1 + (n - 1) // 2].flip(-1)], dim=-1)
+
+
+class StructuredPlanes:
+    """Random nested planes without a ``D × d`` matrix: ``Q[:, :d] = diag(s) · H · E_{π[:d]}``.
+
+    Per group (one seed each): random signs ``s ∈ {±1}^D`` and a random permutation ``π`` of the
+    ``D`` coordinates, drawn in that order from a CPU ``torch.Generator`` seeded with the group's
+    seed, so the planes do not depend on the device or on which other groups are drawn. ``H`` is
+    the orthonormal discrete Hartley transform (:func:`hartley`) of the flattened input and
+    ``E_{π[:d]}`` puts the ``d`` plane coordinates at the coordinates ``π[:d]``. The columns are
+    orthonormal, the ``d``-plane is spanned by the first ``d`` of them (nested in ``d``), and
+    ``Q θ`` costs ``O(D log D)`` time and ``O(D)`` memory per problem. ``Qᵀ`` is the subsampled
+    randomized Hartley transform, a standard stand-in for a uniformly random projection.
+
+    Args:
+        seeds: one seed per group.
+        input_dim: ``D``.
+        max_dim: the largest plane dimension (number of basis columns).
+        device, dtype: where and in what precision the planes are applied.
+    """
+
+    def __init__(
+        self,
+        seeds: Sequence[int],
+        input_dim: int,
+        max_dim: int,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if not 1 <= max_dim <= input_dim:
+            raise ValueError(f"`max_dim` must be in [1, {input_dim}], got {max_dim}.")
+        signs, coords = [], []
+        for seed in seeds:
+            gen = torch.Generator().manual_seed(int(seed))
+            signs.append(torch.randint(0, 2, (input_dim,), generator=gen) * 2 - 1)
+            coords.append(torch.randperm(input_dim, generator=gen)[:max_dim])
+        self.input_dim, self.max_dim = input_dim, max_dim
+        self.signs = torch.stack(signs).to(device, dtype)  # [G, D]
+        self.coords = torch.stack(coords).to(device)  # [G, max_dim]: π[:max_dim]
+
+    def offsets(self, theta: Tensor, rows: Tensor | None = None) -> Tensor:
+        """``Q θ`` for plane coordinates ``theta`` ``[G, K, max_dim]`` (``K`` problems per group):
+        ``[G · K, D]``, or only the rows ``rows`` of it (indices into ``G · K``), which is cheaper."""
+        G, K, _ = theta.shape
+        z = theta.new_zeros(G, K, self.input_dim).scatter(-1, self.coords[:, None, :].expand(G, K, -1), theta)
+        z = z.reshape(G * K, self.input_dim)
+        if rows is None:
+            return self.signs.repeat_interleave(K, dim=0) * hartley(z)
+        return self.signs[rows // K] * hartley(z[rows])
+
+    def basis(self) -> Tensor:
+        """The bases as dense matrices ``[G, D, max_dim]`` (for checks on small ``D``)."""
+        G = self.signs.shape[0]
+        eye = torch.eye(self.max_dim, device=self.signs.device, dtype=self.signs.dtype)
+        cols = self.offsets(eye.expand(G, -1, -1))  # row j of group g: Q_g e_j
+        return cols.view(G, self.max_dim, self.input_dim).transpose(1, 2)

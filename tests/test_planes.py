@@ -1,0 +1,168 @@
+"""Structured random planes (random signs, Hartley transform, random coordinates) for large inputs.
+
+The unit: an orthonormal, nested, seeded family. The known answers: at D >= 1024 structured planes
+give the dimensions that dense (QR) planes give on a tube and on a half-space within a radius.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from cm_monitor import OptimizerSettings, cm_dimension
+from cm_monitor.cutting import REFERENCE_SETTINGS
+from cm_monitor.planes import DENSE_MAX_ELEMENTS, StructuredPlanes, choose_planes, hartley, plane_seed
+from cm_monitor.synthetic import HalfSpace, Tube
+
+SEEDS = [plane_seed(0, (1,), a) for a in range(3)]
+
+
+def zeros(n):
+    return torch.zeros(n, dtype=torch.long)
+
+
+def unbounded(planes):
+    return OptimizerSettings(max_radius=None, temperature=1.0, planes=planes)
+
+
+# ------------------------------------------------------------------------------------ the unit
+
+
+@pytest.mark.parametrize("n", [16, 37])
+def test_hartley_is_the_real_orthonormal_involution(n):
+    x = torch.randn(4, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    f = torch.fft.fft(x, norm="ortho")
+    torch.testing.assert_close(hartley(x), f.real - f.imag)
+    torch.testing.assert_close(hartley(hartley(x)), x)
+    torch.testing.assert_close(hartley(x).norm(dim=1), x.norm(dim=1))
+
+
+@pytest.mark.parametrize("D", [48, 37])
+def test_structured_basis_is_orthonormal_nested_and_seeded(D):
+    planes = StructuredPlanes(SEEDS, D, 20, dtype=torch.float64)
+    q = planes.basis()  # [G, D, 20]
+    assert q.shape == (3, D, 20)
+    torch.testing.assert_close(q.transpose(1, 2) @ q, torch.eye(20, dtype=torch.float64).expand(3, -1, -1))
+    # nested: the 8-plane is spanned by the first 8 columns of the 20-plane's basis
+    torch.testing.assert_close(StructuredPlanes(SEEDS, D, 8, dtype=torch.float64).basis(), q[..., :8])
+    # reproducible from the seed, whatever other groups are drawn with it; other seeds, other planes
+    torch.testing.assert_close(StructuredPlanes(SEEDS[1:2], D, 20, dtype=torch.float64).basis()[0], q[1])
+    assert (q[0] - q[1]).abs().max() > 0.1 and (q[1] - q[2]).abs().max() > 0.1
+    # dense: every column spreads over all coordinates (no axis-aligned directions)
+    assert float(q.abs().amax((1, 2)).max()) < 4 / D**0.5
+
+
+def test_offsets_are_the_basis_times_the_coordinates():
+    D, d = 40, 12
+    planes = StructuredPlanes(SEEDS, D, d, dtype=torch.float64)
+    theta = torch.randn(3, 5, d, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    dense = torch.einsum("gij,gkj->gki", planes.basis(), theta).reshape(15, D)
+    torch.testing.assert_close(planes.offsets(theta), dense)
+    rows = torch.tensor([0, 4, 7, 14])
+    torch.testing.assert_close(planes.offsets(theta, rows), dense[rows])
+    # ‖Q θ‖ = ‖θ‖: the radius projection on θ is a projection on the plane point
+    torch.testing.assert_close(dense.norm(dim=1), theta.reshape(15, d).norm(dim=1))
+
+
+def test_auto_picks_dense_for_small_inputs_and_structured_for_large_ones():
+    assert choose_planes("auto", 64, 64) == "dense"  # 8 x 8 digits
+    assert choose_planes("auto", 784, 784) == "dense"  # MNIST
+    assert choose_planes("auto", 1024, 1024) == "dense"  # the bound itself: D · max(dims) = 2**20
+    assert DENSE_MAX_ELEMENTS == 2**20
+    assert choose_planes("auto", 3072, 3072) == "structured"  # CIFAR-10, default grid
+    assert choose_planes("auto", 3072, 300) == "dense"  # a grid that stops at 300: the basis is small
+    assert choose_planes("auto", 3 * 224 * 224, 3 * 224 * 224) == "structured"
+    assert choose_planes("dense", 3072, 3072) == "dense" and choose_planes("structured", 64, 64) == "structured"
+    assert REFERENCE_SETTINGS.planes == "dense" and OptimizerSettings().planes == "auto"
+    with pytest.raises(ValueError, match="`planes` must be"):
+        OptimizerSettings(planes="random")
+
+
+def test_structured_path_builds_no_dense_basis_and_chunks_by_problems(monkeypatch):
+    from cm_monitor import cutting
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("dense basis drawn on the structured path")
+
+    D = 2048
+    model = Tube(D, 128)
+    anchors = model.sample_outside(4)
+    kw = dict(classes=[1], dims=[1856, 1920, 1984], settings=unbounded("auto"), max_steps=100)
+    whole = cm_dimension(model, anchors, zeros(4), **kw)
+    sizes = []
+    real = cutting.StructuredPlanes
+
+    def spy(seeds, *args, **kwargs):
+        sizes.append(len(seeds))
+        return real(seeds, *args, **kwargs)
+
+    monkeypatch.setattr(cutting, "nested_bases", forbidden)
+    monkeypatch.setattr(cutting, "StructuredPlanes", spy)
+    monkeypatch.setattr(cutting, "MAX_PROBLEM_ELEMENTS", 2 * 3 * D)  # two anchors' problems per pass
+    capped = cm_dimension(model, anchors, zeros(4), **kw)
+    assert sizes == [2, 2]
+    torch.testing.assert_close(capped.scores, whole.scores)  # chunking changes nothing
+
+
+def test_structured_planes_leave_rng_and_gradients_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 3))
+    x, y = torch.randn(6, 64), torch.arange(6) % 3
+    rng = torch.get_rng_state()
+    est = cm_dimension(model, x, y, dims=[4, 16, 64], max_steps=20, settings=OptimizerSettings(planes="structured"))
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters())
+    again = cm_dimension(model, x, y, dims=[4, 16, 64], max_steps=20, settings=OptimizerSettings(planes="structured"))
+    assert torch.equal(est.scores.nan_to_num(-1), again.scores.nan_to_num(-1))
+
+
+# ------------------------------------------------------------------------------- known answers
+
+
+def test_tube_structured_matches_dense_at_d_1024():
+    """Class 1 within radius 1 of a 128-dim subspace of R^1024: dimension ≈ 128 (a little below for a
+    thin tube); dense and structured planes agree (measured: 120.1 and 120.1)."""
+    D, k = 1024, 128
+    model = Tube(D, k)
+    anchors = model.sample_outside(6)
+    kw = dict(classes=[1], dims=[880, 912, 944, 976], lr=0.3)
+    dense = cm_dimension(model, anchors, zeros(6), **kw, settings=unbounded("dense"))
+    structured = cm_dimension(model, anchors, zeros(6), **kw, settings=unbounded("structured"))
+    assert abs(float(structured.dimension[0]) - float(dense.dimension[0])) <= 8, (dense.dimension, structured.dimension)
+    for est in (dense, structured):
+        assert k - 24 <= float(est.dimension[0]) <= k + 4, est.dimension
+        assert float(est.curve[0, 0]) == 0.0 and float(est.curve[0, -1]) == 1.0
+
+
+def _anchors_at_distance(D, n, h, seed=1):
+    """Anchors of class 0 of the HalfSpace at distance ``h`` from its hyperplane, each of norm 1."""
+    model = HalfSpace(D)
+    w = model.linear.weight.detach()[0]
+    n_hat = w / w.norm()
+    z = torch.randn(n, D, generator=torch.Generator().manual_seed(seed))
+    z = z - (z @ n_hat)[:, None] * n_hat
+    z = z / z.norm(dim=1, keepdim=True) * (1 - h**2) ** 0.5
+    return model, z - h * n_hat
+
+
+@pytest.mark.parametrize(
+    ("D", "ratio", "exact"),
+    # exact: the d at which the median of Beta(d/2, (D - d)/2) is ratio² (scipy's betaincinv)
+    [(1024, 0.25, 64.58), (1024, 0.35, 125.94), (2048, 0.25, 128.58)],
+)
+def test_half_space_within_a_radius_structured_matches_dense(D, ratio, exact):
+    """A d-plane reaches the hyperplane within radius R iff R · ‖Q_dᵀ n‖ >= h; for uniformly random
+    planes ‖Q_dᵀ n‖² ~ Beta(d/2, (D - d)/2), so half of them succeed at the d where its median is
+    (h/R)². Structured planes (‖Q_dᵀ n‖² the sum of d random entries of the randomly signed Hartley
+    transform of n) agree within the anchors' sampling error (measured d*, dense / structured:
+    62.3 / 62.9, 121.9 / 126.0, 122.0 / 129.0)."""
+    model, anchors = _anchors_at_distance(D, 24, ratio)
+    assert bool((model(anchors).argmax(1) == 0).all())
+    dims = sorted({max(1, round(exact * f)) for f in (0.5, 0.7, 0.85, 1.0, 1.2, 1.5, 2.0)})
+    kw = dict(classes=[1], threshold=0.5, dims=dims)
+    dense = cm_dimension(model, anchors, zeros(24), **kw, settings=OptimizerSettings(max_radius=1.0, planes="dense"))
+    structured = cm_dimension(
+        model, anchors, zeros(24), **kw, settings=OptimizerSettings(max_radius=1.0, planes="structured")
+    )
+    for est in (dense, structured):
+        assert abs(float(est.cutting_dim[0]) - exact) <= 0.15 * exact, est.cutting_dim
+    assert abs(float(structured.cutting_dim[0]) - float(dense.cutting_dim[0])) <= 0.15 * exact
