@@ -109,11 +109,23 @@ def test_cost_estimate_counts_passes_and_leaves_the_model_alone():
     model = bn_model()
     model.train()
     before = snapshot(model)
-    est = estimate_cost(model, data()[0], problems=5000, chunk_size=2048, max_steps=99)
+    est = estimate_cost(model, data()[0], problems=5000, per_pass=2048, max_steps=99)
     assert est.passes == 3 * 100 and est.problems == 5000
     assert est.seconds == pytest.approx(est.passes * est.seconds_per_pass) and est.seconds_per_pass > 0
     assert "at most" in str(est)
     assert all(torch.equal(before[k], v) for k, v in snapshot(model).items())
     assert model.training and all(p.grad is None for p in model.parameters())
     with pytest.raises(ValueError, match="problems"):
-        estimate_cost(model, data()[0], problems=0, chunk_size=8, max_steps=1)
+        estimate_cost(model, data()[0], problems=0, per_pass=8, max_steps=1)
+
+
+def test_passes_hold_what_the_planes_memory_bound_allows():
+    from cm_monitor import OptimizerSettings, default_dims
+    from cm_monitor.cutting import MAX_PROBLEM_ELEMENTS, groups_per_pass
+
+    small = default_dims(64)
+    assert groups_per_pass(64, small, OptimizerSettings(), 2048) == 2048 // len(small)  # chunk_size bounds
+    D = 3 * 224 * 224
+    big = default_dims(D)
+    groups = groups_per_pass(D, big, OptimizerSettings(), 2048)  # structured planes: problems × D bounded
+    assert groups == max(1, MAX_PROBLEM_ELEMENTS // (len(big) * D)) and groups * len(big) < 2048

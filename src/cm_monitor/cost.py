@@ -1,7 +1,8 @@
 """What one cutting-plane measurement will cost, known before it is paid.
 
 One measurement optimizes ``problems`` (target, anchor, plane dimension) problems in passes of at
-most ``chunk_size`` plane points, each problem for at most ``max_steps`` steps. A probe times one
+most ``per_pass`` plane points (``chunk_size``, or fewer where the planes' memory bound says so),
+each problem for at most ``max_steps`` steps. A probe times one
 forward/backward pass of the model on a full chunk, which gives an upper bound on the time: every
 problem running its whole budget. Early stopping makes real measurements cheaper (on the digits and
 MNIST controls problems stopped after 40-70 steps of 500 on average), so the bound is loose by a
@@ -64,14 +65,14 @@ def time_pass(model: ModelLike, inputs: Tensor, rows: int, repeats: int = 3) -> 
     return statistics.median(times)
 
 
-def estimate_cost(model: ModelLike, inputs: Tensor, *, problems: int, chunk_size: int, max_steps: int) -> CostEstimate:
-    """Upper bound on one measurement of ``problems`` problems (see the module docstring)."""
-    if problems < 1:
-        raise ValueError(f"`problems` must be >= 1, got {problems}.")
-    rows = min(chunk_size, problems)
-    per_pass = time_pass(model, inputs, rows)
-    passes = math.ceil(problems / chunk_size) * (max_steps + 1)
-    return CostEstimate(problems=problems, passes=passes, seconds_per_pass=per_pass, seconds=passes * per_pass)
+def estimate_cost(model: ModelLike, inputs: Tensor, *, problems: int, per_pass: int, max_steps: int) -> CostEstimate:
+    """Upper bound on one measurement of ``problems`` problems run ``per_pass`` at a time (see
+    :func:`cm_monitor.cutting.groups_per_pass`; the module docstring says what is bounded)."""
+    if problems < 1 or per_pass < 1:
+        raise ValueError(f"`problems` and `per_pass` must be >= 1, got {problems} and {per_pass}.")
+    seconds = time_pass(model, inputs, min(per_pass, problems))
+    passes = math.ceil(problems / per_pass) * (max_steps + 1)
+    return CostEstimate(problems=problems, passes=passes, seconds_per_pass=seconds, seconds=passes * seconds)
 
 
 def _synchronize(device: torch.device) -> None:

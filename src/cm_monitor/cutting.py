@@ -193,6 +193,16 @@ def data_scale(anchors: Tensor) -> float:
     return s
 
 
+def groups_per_pass(D: int, dims: list[int], settings: OptimizerSettings, chunk_size: int) -> int:
+    """How many (target, anchor) groups, each with ``len(dims)`` problems, one pass holds: at most
+    ``chunk_size`` problems, and the memory bound of the plane family (at least one group)."""
+    K = len(dims)
+    structured = choose_planes(settings.planes, D, dims[-1]) == "structured"
+    per_group = K * D if structured else D * dims[-1]
+    bound = MAX_PROBLEM_ELEMENTS if structured else MAX_BASIS_ELEMENTS
+    return max(1, min(chunk_size // K, bound // per_group))
+
+
 def optimize_planes(
     members: list[nn.Module],
     anchors: Tensor,
@@ -234,9 +244,7 @@ def optimize_planes(
 
     # each group's basis is drawn from its own seed, so how groups are chunked changes nothing
     structured = choose_planes(settings.planes, D, dims[-1]) == "structured"
-    per_group = K * D if structured else D * dims[-1]
-    bound = MAX_PROBLEM_ELEMENTS if structured else MAX_BASIS_ELEMENTS
-    groups_per_chunk = max(1, min(chunk_size // K, bound // per_group))
+    groups_per_chunk = groups_per_pass(D, dims, settings, chunk_size)
     for start in range(0, G, groups_per_chunk):
         sl = slice(start, min(G, start + groups_per_chunk))
         chunk = _optimize_chunk(

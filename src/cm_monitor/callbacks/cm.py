@@ -19,7 +19,7 @@ from torch import nn
 from cm_monitor.anchors import BatchReader
 from cm_monitor.callbacks.base import GeometryMonitor, Measurement, check_int, check_probability
 from cm_monitor.cost import CostEstimate, estimate_cost
-from cm_monitor.cutting import OptimizerSettings
+from cm_monitor.cutting import OptimizerSettings, groups_per_pass
 from cm_monitor.dimension import DimensionEstimate, boundary_dimension, cm_dimension
 from cm_monitor.planes import default_dims
 
@@ -308,12 +308,10 @@ class CMDimensionMonitor(GeometryMonitor):
     def _preflight(self, trainer: pl.Trainer, model: nn.Module | list[nn.Module]) -> None:
         assert self.anchors is not None
         with isolate_rng():
+            grid = self.grid()
+            per_pass = groups_per_pass(self.anchors[0].numel(), grid, self.settings, self.chunk_size) * len(grid)
             local = estimate_cost(
-                model,
-                self.anchors,
-                problems=self._num_problems(),
-                chunk_size=self.chunk_size,
-                max_steps=self.settings.max_steps,
+                model, self.anchors, problems=self._num_problems(), per_pass=per_pass, max_steps=self.settings.max_steps
             )
         self.cost_estimate = est = trainer.strategy.broadcast(local, src=0)  # every rank decides alike
         name = type(self).__name__
