@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--grid", type=int, default=None, help="number of plane dimensions (default: about 24)")
     parser.add_argument("--measure-epochs", default="0,1,2,3,5,8,12,16,20", help="epochs for the rank correlation")
     parser.add_argument("--no-reference", action="store_true", help="skip REFERENCE_SETTINGS (slow on MNIST)")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (initialization and batch order)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"torch threads: {torch.get_num_threads()}")
@@ -107,10 +108,10 @@ def main() -> None:
     anchors, labels = Xv[pick], yv[pick]
 
     t0 = time.perf_counter()
-    kept, accs = train(args.dataset, X, y, Xv, yv, args.epochs)
+    kept, accs = train(args.dataset, X, y, Xv, yv, args.epochs, seed=args.seed)
     shuffled_y = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(123))]
     n_shuf = args.shuffled_epochs or (300 if args.dataset == "digits" else 60)
-    shuffled, _ = train(args.dataset, X, shuffled_y, Xv, yv, n_shuf)
+    shuffled, _ = train(args.dataset, X, shuffled_y, Xv, yv, n_shuf, seed=args.seed)
     print(f"trained in {time.perf_counter() - t0:.0f} s; validation accuracy by epoch: {[round(a, 3) for a in accs]}")
     print(
         f"shuffled labels: train accuracy {accuracy(shuffled[-1], X, shuffled_y):.3f}, validation {accuracy(shuffled[-1], Xv, yv):.3f}"
