@@ -41,12 +41,8 @@ import torch
 from torch import nn
 
 from cm_monitor import REFERENCE_SETTINGS, boundary_dimension, cm_dimension, default_dims
+from cm_monitor._model import synchronize
 from cm_monitor.cost import time_pass
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def digits_cnn() -> nn.Module:
@@ -125,13 +121,13 @@ def train_one_epoch(model: nn.Module, X: torch.Tensor, y: torch.Tensor, device: 
     """One epoch of Adam 1e-3 on batches of 64; returns the seconds per training example."""
     opt = torch.optim.Adam(model.parameters(), 1e-3)
     model.train()
-    sync(device)
+    synchronize(device)
     start = time.perf_counter()
     for idx in torch.randperm(len(y), generator=torch.Generator().manual_seed(0)).split(64):
         opt.zero_grad()
         nn.functional.cross_entropy(model(X[idx].to(device)), y[idx].to(device)).backward()
         opt.step()
-    sync(device)
+    synchronize(device)
     model.eval()
     return (time.perf_counter() - start) / len(y)
 
@@ -144,10 +140,10 @@ def per_class(X: torch.Tensor, y: torch.Tensor, n: int) -> tuple[torch.Tensor, t
 def efficiency(model: nn.Module, anchors: torch.Tensor, labels: torch.Tensor, classes: list[int], device) -> dict:
     """The estimator at its defaults against plain forward + backward passes of the same size."""
     kw = dict(classes=classes, anchors_per_target=4, num_bootstrap=0)
-    sync(device)
+    synchronize(device)
     start = time.perf_counter()
     est = cm_dimension(model, anchors, labels, **kw)
-    sync(device)
+    synchronize(device)
     seconds = time.perf_counter() - start
     rows = int((est.steps + 1)[est.anchor_index >= 0].sum())  # one forward/backward row per step of a problem
     problems = int((est.anchor_index >= 0).sum()) * len(est.dims)
@@ -217,11 +213,11 @@ def monitor_measurement(model: nn.Module, anchors, labels, quick: bool, device) 
     classes, pairs = (list(range(10)), [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)])
     run_classes, run_pairs = (classes[:3], pairs[:1]) if quick else (classes, pairs)
     kw = dict(dims=dims, anchors_per_target=8, num_bootstrap=100)
-    sync(device)
+    synchronize(device)
     start = time.perf_counter()
     cm_dimension(model, anchors, labels, classes=run_classes, **kw)
     boundary_dimension(model, anchors, labels, pairs=run_pairs, **kw)
-    sync(device)
+    synchronize(device)
     seconds = time.perf_counter() - start
     full, ran = len(classes) + len(pairs), len(run_classes) + len(run_pairs)
     return seconds * full / ran, ran, full
@@ -285,7 +281,7 @@ def main() -> None:
         digits_model, anchors.to(device), labels, classes=seq_classes, anchors_per_target=4, dims=dims,
         threshold=0.5, settings=REFERENCE_SETTINGS, num_bootstrap=0,
     )  # fmt: skip
-    sync(device)
+    synchronize(device)
     batched_seconds = time.perf_counter() - start
     speedup = seq_seconds / batched_seconds
     print(

@@ -169,5 +169,11 @@ def make_generator(generator: torch.Generator | int | None) -> torch.Generator:
     return torch.Generator().manual_seed(int(generator))
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so that wall-clock timings are right."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def prod(shape: Sequence[int]) -> int:
     return int(math.prod(shape))

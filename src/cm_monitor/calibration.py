@@ -92,15 +92,13 @@ def _cap_confidence(members: list[Tensor], labels: Tensor, temperature: float, t
     or 1 and no threshold means anything; ``N`` correct examples support a confidence of about that
     estimate, not 1. With at least one error the cross-entropy has a finite minimum, which is kept.
     """
-    p = torch.stack([torch.softmax(z.double(), dim=1) for z in members]).mean(0)
     n = labels.numel()
-    if int((p.argmax(1) == labels).sum()) < n:
+    if int((_mean_probs(members, 1.0).argmax(1) == labels).sum()) < n:
         return temperature
     cap = (n + 1) / (n + 2)
 
     def confidence(t: float) -> float:
-        probs = torch.stack([torch.softmax(z.double() / t, dim=1) for z in members]).mean(0)
-        return float(probs.amax(1).mean())
+        return float(_mean_probs(members, t).amax(1).mean())
 
     if confidence(temperature) <= cap:
         return temperature
@@ -109,6 +107,11 @@ def _cap_confidence(members: list[Tensor], labels: Tensor, temperature: float, t
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if confidence(math.exp(mid)) > cap else (lo, mid)
     return math.exp(hi)
+
+
+def _mean_probs(members: list[Tensor], temperature: float) -> Tensor:
+    """``[N, C]`` the ensemble's mean ``softmax(logits_i / T)``."""
+    return torch.stack([torch.softmax(z.double() / temperature, dim=1) for z in members]).mean(0)
 
 
 def _golden_min(f, lo: float, hi: float, steps: int) -> float:  # type: ignore[no-untyped-def]

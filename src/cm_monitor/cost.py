@@ -19,7 +19,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from cm_monitor._model import ModelLike, as_members, ensemble_log_probs, measuring, model_device, model_float_dtype
+from cm_monitor._model import (
+    ModelLike,
+    as_members,
+    ensemble_log_probs,
+    measuring,
+    model_device,
+    model_float_dtype,
+    synchronize,
+)
 
 
 @dataclass(frozen=True)
@@ -56,11 +64,11 @@ def time_pass(model: ModelLike, inputs: Tensor, rows: int, repeats: int = 3) -> 
     with measuring(members):
         x = inputs.detach()[index].to(device, dtype).clone().requires_grad_(True)
         for _ in range(repeats):
-            _synchronize(device)
+            synchronize(device)
             start = time.perf_counter()
             logp, _ = ensemble_log_probs(members, x)
             torch.autograd.grad(logp[:, 0].sum(), x)
-            _synchronize(device)
+            synchronize(device)
             times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -73,8 +81,3 @@ def estimate_cost(model: ModelLike, inputs: Tensor, *, problems: int, per_pass: 
     seconds = time_pass(model, inputs, min(per_pass, problems))
     passes = math.ceil(problems / per_pass) * (max_steps + 1)
     return CostEstimate(problems=problems, passes=passes, seconds_per_pass=seconds, seconds=passes * seconds)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

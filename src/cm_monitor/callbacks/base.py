@@ -52,7 +52,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
 
-from cm_monitor._model import as_members, check_logits, measuring, model_device, model_float_dtype
+from cm_monitor._model import as_members, check_logits, measuring, model_device, model_float_dtype, synchronize
 from cm_monitor.anchors import AnchorSample, BatchReader, make_batch_reader, sample_anchors
 
 _STATE_VERSION = 1
@@ -400,7 +400,7 @@ class GeometryMonitor(Callback):
 
     def _run_measurement(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> tuple[float, float]:
         device = pl_module.device
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         with isolate_rng():  # a model that draws random numbers in eval mode must not shift training's
             result = self._measure(trainer, pl_module, self._model(pl_module))
@@ -411,7 +411,7 @@ class GeometryMonitor(Callback):
                     self._log_figures(trainer, result.figures)
                 except Exception as err:
                     result.notes.append(f"figures not written ({type(err).__name__}: {err})")
-        _synchronize(device)
+        synchronize(device)
         end = time.perf_counter()
         seconds = end - start
         self.total_seconds += seconds
@@ -672,8 +672,3 @@ class GeometryMonitor(Callback):
                 f"{type(self).__name__}: {err} (the model is the LightningModule unless `get_model=` is given)."
             ) from err
         return int(out.shape[1])
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
