@@ -430,16 +430,8 @@ def _estimate(
     dtype = model_float_dtype(members, anchors.dtype)
     with measuring(members):
         x = anchors.detach().to(device).clone()  # a normal tensor even if made in inference mode
-        with torch.no_grad():
-            try:
-                logits = [m(x.to(dtype)) for m in members]
-            except RuntimeError as err:
-                raise explain_inference_tensors(err) from err
-        num_classes: int | None = None
-        for i, z in enumerate(logits):
-            check_logits(z, x.shape[0], num_classes, f"model[{i}]" if len(members) > 1 else "model")
-            num_classes = z.shape[1]
-        assert num_classes is not None
+        logits = _forward_logits(members, x.to(dtype))
+        num_classes = logits[0].shape[1]
         if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
             raise ValueError(
                 f"`labels` must be class ids in [0, {num_classes - 1}] (the model has {num_classes} classes), got values in [{int(labels.min())}, {int(labels.max())}]."
@@ -545,6 +537,20 @@ def _estimate(
     return est
 
 
+def _forward_logits(members: list[torch.nn.Module], x: Tensor) -> list[Tensor]:
+    """Each member's logits for ``x`` (no autograd), checked to be ``[N, C]`` with one ``C``."""
+    with torch.no_grad():
+        try:
+            logits = [m(x) for m in members]
+        except RuntimeError as err:
+            raise explain_inference_tensors(err) from err
+    num_classes: int | None = None
+    for i, z in enumerate(logits):
+        check_logits(z, x.shape[0], num_classes, f"model[{i}]" if len(members) > 1 else "model")
+        num_classes = z.shape[1]
+    return logits
+
+
 def _temperature(
     settings: OptimizerSettings,
     members: list[torch.nn.Module],
@@ -561,9 +567,7 @@ def _temperature(
     inputs, targets = calibration
     check_float_inputs(inputs, "calibration[0]")
     targets = _check_labels(targets, inputs.shape[0], "calibration[1]")
-    device = model_device(members, inputs.device)
-    with torch.no_grad():
-        logits = [m(inputs.to(device, dtype)) for m in members]
+    logits = _forward_logits(members, inputs.to(model_device(members, inputs.device), dtype))
     C = anchor_logits[0].shape[1]
     if int(targets.min()) < 0 or int(targets.max()) >= C:
         raise ValueError(f"`calibration[1]` must hold class ids in [0, {C - 1}] (the model has {C} classes).")
