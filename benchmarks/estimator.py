@@ -18,8 +18,9 @@ offline CIFAR or ImageNet). It prints a table and ends with one JSON line:
   at a time, batch of one, Gaussian columns normalized to unit length, Adam lr 0.05, at most 300
   steps, its early stop). Both answers are printed: they use different random planes, so they
   agree within their uncertainty, not to the digit.
-* ``search_step_ratio``: ``null``. There is no adaptive search over ``d`` yet (issue 12, point 3):
-  every grid point is optimized.
+* ``search_step_ratio``: digits CNN and LeNet, the optimizer steps (rows) of the default bisection
+  over ``d`` divided by those of every grid point (``search="grid"``), the larger of the two;
+  ``search_same_answer`` says whether every class's ``d*`` agrees within one grid step.
 * ``monitor_overhead``: one measurement at ``CMDimensionMonitor``'s defaults on the LeNet, in
   training examples of that LeNet's own training step, divided by a CIFAR-10 epoch (50,000) and
   the default ``every_n_epochs`` (1). The ImageNet-size figure (1.28 M) is printed too. With
@@ -40,7 +41,7 @@ import time
 import torch
 from torch import nn
 
-from cm_monitor import REFERENCE_SETTINGS, boundary_dimension, cm_dimension, default_dims
+from cm_monitor import REFERENCE_SETTINGS, OptimizerSettings, boundary_dimension, cm_dimension, default_dims
 from cm_monitor._model import synchronize
 from cm_monitor.cost import time_pass
 
@@ -145,8 +146,8 @@ def efficiency(model: nn.Module, anchors: torch.Tensor, labels: torch.Tensor, cl
     est = cm_dimension(model, anchors, labels, **kw)
     synchronize(device)
     seconds = time.perf_counter() - start
-    rows = int((est.steps + 1)[est.anchor_index >= 0].sum())  # one forward/backward row per step of a problem
-    problems = int((est.anchor_index >= 0).sum()) * len(est.dims)
+    rows = int((est.steps + 1)[est.probed].sum())  # one forward/backward row per step of a problem
+    problems = int(est.probed.sum())
     batch = min(2048, problems)
     plain = batch / time_pass(model, anchors, batch)
     return {
@@ -157,6 +158,23 @@ def efficiency(model: nn.Module, anchors: torch.Tensor, labels: torch.Tensor, cl
         "plain_rows_per_s": plain,
         "efficiency": rows / seconds / plain,
         "dimension": est.mean_dimension,
+    }
+
+
+def search_steps(model: nn.Module, anchors, labels, classes: list[int]) -> dict:
+    """Bisection (the default) against every grid point: optimizer steps, and d* per class."""
+    kw = dict(classes=classes, anchors_per_target=4, num_bootstrap=0)
+    grid = cm_dimension(model, anchors, labels, settings=OptimizerSettings(search="grid"), **kw)
+    bis = cm_dimension(model, anchors, labels, **kw)
+    log_dims = grid.dims.double().log()
+    steps = (log_dims[1:] - log_dims[:-1]).max()  # the coarsest grid step
+    gap = (bis.cutting_dim.double().log() - grid.cutting_dim.double().log()).abs()
+    both_nan = torch.isnan(bis.cutting_dim) & torch.isnan(grid.cutting_dim)
+    return {
+        "ratio": float((bis.steps + 1)[bis.probed].sum() / (grid.steps + 1)[grid.probed].sum()),
+        "same_answer": bool(((gap <= steps) | both_nan).all()),
+        "grid_d": grid.cutting_dim.tolist(),
+        "bisect_d": bis.cutting_dim.tolist(),
     }
 
 
@@ -271,6 +289,17 @@ def main() -> None:
             flush=True,
         )
 
+    ratios = {}
+    for name in ("digits CNN (8x8)", "LeNet (28x28)"):
+        model, anchors, labels = cases[name]
+        r = search_steps(model, anchors.to(device), labels, classes)
+        ratios[name] = r
+        print(
+            f"\nsearch over d, {name}: bisection takes {r['ratio']:.3f} of the grid's optimizer steps; d* per class "
+            f"grid {[round(d, 1) for d in r['grid_d']]}, bisection {[round(d, 1) for d in r['bisect_d']]}; "
+            f"within one grid step for every class: {r['same_answer']}"
+        )
+
     anchors, labels = per_class(Xdv, ydv, 10)
     seq_classes = classes[:2] if args.quick else classes[:5]
     dims = default_dims(64)
@@ -305,7 +334,8 @@ def main() -> None:
         "efficiency": {k: round(v["efficiency"], 3) for k, v in results.items()},
         "efficiency_min": round(min(v["efficiency"] for v in results.values()), 3),
         "speedup_vs_sequential": round(speedup, 1),
-        "search_step_ratio": None,
+        "search_step_ratio": round(max(r["ratio"] for r in ratios.values()), 3),
+        "search_same_answer": all(r["same_answer"] for r in ratios.values()),
         "monitor_overhead": round(overhead, 4),
         "monitor_overhead_imagenet": round(examples / 1.28e6, 5),
         "peak_memory_mb": round(peak_memory_mb(device), 1),

@@ -1098,3 +1098,43 @@ def test_cost_is_estimated_before_training_and_a_limit_refuses(tmp_path):
     assert model.train_steps == 0  # refused before the first training step
     with pytest.raises(ValueError, match="max_seconds"):
         CMDimensionMonitor(max_seconds=0)
+
+
+def test_memory_is_estimated_and_the_pass_scaled_down_before_training(tmp_path, monkeypatch):
+    import cm_monitor.callbacks.cm as cm_module
+    from cm_monitor.cost import activation_bytes_per_row, pool_bytes
+
+    train, val = loaders()
+    free = {"bytes": 2**40}
+    monkeypatch.setattr(cm_module, "available_bytes", lambda device: free["bytes"])
+    roomy = CMDimensionMonitor(**FAST)
+    torch.manual_seed(0)
+    trainer(tmp_path, [roomy], max_epochs=1).fit(DigitsCNN(), train, val)
+    per_row = activation_bytes_per_row(DigitsCNN(), roomy.anchors) + pool_bytes(64, 64, True, 1)
+    assert roomy.cost_estimate.rows_per_pass == roomy.cost_estimate.problems  # all problems fit in one pass
+    assert roomy.cost_estimate.memory_bytes == pytest.approx(per_row * roomy.cost_estimate.rows_per_pass, rel=0.01)
+
+    free["bytes"] = int(2 * 7.5 * per_row)  # half of it holds 7 rows
+    tight = CMDimensionMonitor(**FAST)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="running 7 per pass instead"):
+        trainer(tmp_path, [tight], max_epochs=1).fit(DigitsCNN(), train, val)
+    assert tight.cost_estimate.rows_per_pass == 7
+    assert tight.last_values["cm/dim"] == pytest.approx(roomy.last_values["cm/dim"], abs=1e-3)  # same answers
+
+    free["bytes"] = int(per_row)  # not even one row in half of it
+    model = DigitsCNN()
+    with pytest.raises(MisconfigurationException, match=r"one plane point needs about .* nothing was trained"):
+        trainer(tmp_path, [CMDimensionMonitor(**FAST)], max_epochs=1).fit(model, train, val)
+    assert model.train_steps == 0
+
+
+def test_activation_and_pool_bytes():
+    from cm_monitor.cost import activation_bytes_per_row, pool_bytes
+
+    x = torch.randn(8, 64)
+    narrow = activation_bytes_per_row(nn.Sequential(nn.Linear(64, 100), nn.ReLU(), nn.Linear(100, 10)), x)
+    wide = activation_bytes_per_row(nn.Sequential(nn.Linear(64, 1100), nn.ReLU(), nn.Linear(1100, 10)), x)
+    assert 4 * 1000 <= wide - narrow <= 4 * 1000 * 3  # one to three saved copies of the hidden layer
+    assert pool_bytes(100, 10, dense=False, rows=2) == 2 * 4 * (10 * 100 + 5 * 10 + 100 + 20)
+    assert pool_bytes(100, 10, dense=True, rows=1) == 4 * (10 * 100 + 5 * 10 + 1000)

@@ -1,6 +1,7 @@
 """Known-answer tests of the cutting-plane estimator (methods.md section 1, sanity cases)."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -82,7 +83,8 @@ def test_input_shape_does_not_matter():
     img = cm_dimension(model, flat.view(6, 1, 8, 8), zeros(6), **kw, settings=UNBOUNDED)
     seq = cm_dimension(model, flat.view(6, 16, 4), zeros(6), **kw, settings=UNBOUNDED)
     assert img.input_dim == seq.input_dim == D
-    assert torch.equal(a.scores, img.scores) and torch.equal(a.scores, seq.scores)
+    assert torch.equal(a.scores.nan_to_num(-1), img.scores.nan_to_num(-1))
+    assert torch.equal(a.scores.nan_to_num(-1), seq.scores.nan_to_num(-1))
 
 
 def test_a_curve_reached_at_the_first_grid_point_is_flagged_saturated():
@@ -137,36 +139,37 @@ def test_chunking_does_not_change_the_result():
     kw = dict(classes=[1], dims=[40, 48, 56])
     one = cm_dimension(model, anchors, zeros(6), chunk_size=3, **kw, settings=UNBOUNDED)  # one anchor per pass
     all_ = cm_dimension(model, anchors, zeros(6), chunk_size=10_000, **kw, settings=UNBOUNDED)
-    torch.testing.assert_close(one.scores, all_.scores)
+    torch.testing.assert_close(one.scores, all_.scores, equal_nan=True)
 
 
 def test_basis_memory_bounds_the_chunk(monkeypatch):
-    # large inputs: the bases (D × max(dims) per group), not chunk_size, bound what one pass holds
-    from cm_monitor import cutting
+    # large inputs: the bases (D × max(dims) per row), not chunk_size, bound what one pass holds
+    from cm_monitor import cutting, planes
 
     model = Tube(D, 16)
     anchors = model.sample_outside(6)
     kw = dict(classes=[1], dims=[40, 48, 56], chunk_size=10_000)
     whole = cm_dimension(model, anchors, zeros(6), **kw, settings=UNBOUNDED)
-    groups = []
-    real = cutting.nested_bases
+    loads = []
+    real = planes.nested_bases
 
     def spy(seeds, *args, **kwargs):
-        groups.append(len(seeds))
+        loads.append(len(seeds))
         return real(seeds, *args, **kwargs)
 
-    monkeypatch.setattr(cutting, "nested_bases", spy)
-    monkeypatch.setattr(cutting, "MAX_BASIS_ELEMENTS", 2 * D * 56)
+    monkeypatch.setattr(planes, "nested_bases", spy)
+    monkeypatch.setattr(cutting, "MAX_BASIS_ELEMENTS", 2 * D * 56)  # two rows of bases
     capped = cm_dimension(model, anchors, zeros(6), **kw, settings=UNBOUNDED)
-    assert groups == [2, 2, 2]
-    torch.testing.assert_close(capped.scores, whole.scores)
+    assert max(loads) <= 2 and sum(loads) == int(capped.probed.sum())
+    torch.testing.assert_close(capped.scores, whole.scores, equal_nan=True)
 
 
 def test_reread_at_another_threshold_matches_a_fresh_run():
     model = Tube(D, 16)
     anchors = model.sample_outside(8)
-    est = cm_dimension(model, anchors, zeros(8), classes=[1], threshold=0.5, settings=UNBOUNDED)
-    fresh = cm_dimension(model, anchors, zeros(8), classes=[1], threshold=0.9, settings=UNBOUNDED)
+    grid = replace(UNBOUNDED, search="grid")  # every grid point's score, to re-read at any threshold
+    est = cm_dimension(model, anchors, zeros(8), classes=[1], threshold=0.5, settings=grid)
+    fresh = cm_dimension(model, anchors, zeros(8), classes=[1], threshold=0.9, settings=grid)
     reread = est.at(0.9)
     assert reread.threshold == 0.9
     torch.testing.assert_close(reread.cutting_dim, fresh.cutting_dim)
@@ -270,7 +273,7 @@ def test_distance_is_taken_where_the_threshold_is_first_reached():
     # in the full space the optimizer heads straight for the hyperplane (0.5 away) and goes on to
     # p = 0.985 at the radius (1.0): the success is where it crossed, not where it ended
     model, anchors = _anchors_at_distance(12, h=0.5, norm=1.0)
-    settings = OptimizerSettings(max_radius=1.0, temperature=1.0)
+    settings = OptimizerSettings(max_radius=1.0, temperature=1.0, search="grid")  # run on past the threshold
     est = cm_dimension(model, anchors, zeros(12), classes=[1], threshold=0.5, dims=[16, 64], settings=settings)
     assert bool((est.scores[0, :, -1] > 0.95).all())
     assert bool(((est.distance[0, :, -1] >= 0.5) & (est.distance[0, :, -1] < 0.7)).all())
@@ -335,7 +338,7 @@ def test_logit_scale_does_not_change_the_calibrated_dimension(factor):
         ScaledLogits(model, factor), anchors[labels == 0][:12], zeros(12), calibration=(anchors, labels), **kw
     )
     assert scaled.temperature == pytest.approx(factor * base.temperature, rel=1e-3)
-    torch.testing.assert_close(scaled.scores, base.scores, atol=2e-3, rtol=0)
+    torch.testing.assert_close(scaled.scores, base.scores, atol=2e-3, rtol=0, equal_nan=True)
     # raw probabilities (T = 1) move with the scale
     raw = dict(kw, settings=OptimizerSettings(max_radius=2.0, temperature=1.0, readoff="mean"))
     a = cm_dimension(model, anchors[labels == 0][:12], zeros(12), **raw)
@@ -358,7 +361,7 @@ def _estimate_with_scores(first_column, readoff="fraction"):
     scores[0, :, 1] = torch.tensor(first_column)
     from cm_monitor.dimension import _read_off
 
-    return _read_off(replace(est, scores=scores, readoff=readoff, threshold=0.5))
+    return _read_off(replace(est, scores=scores, readoff=readoff, threshold=0.5, probed=None, search="grid"))
 
 
 def test_fraction_readoff_follows_the_anchors_not_the_mean_probability():

@@ -1,4 +1,4 @@
-"""What one cutting-plane measurement will cost, known before it is paid.
+"""What one cutting-plane measurement will cost, time and memory, known before it is paid.
 
 One measurement optimizes ``problems`` (target, anchor, plane dimension) problems in passes of at
 most ``per_pass`` plane points (``chunk_size``, or fewer where the planes' memory bound says so),
@@ -7,6 +7,11 @@ forward/backward pass of the model on a full chunk, which gives an upper bound o
 problem running its whole budget. Early stopping makes real measurements cheaper (on the digits and
 MNIST controls problems stopped after 40-70 steps of 500 on average), so the bound is loose by a
 factor of up to about ten; the logged ``{prefix}/seconds`` says what a measurement really took.
+
+Memory is the work pool's own state (plane points, plane coordinates, optimizer moments, the
+planes: :func:`pool_bytes`) plus the model's activations of one pass, measured per row as the bytes
+of the tensors autograd saves for the backward pass of a small probe batch
+(:func:`activation_bytes_per_row`) and scaled to the pass size.
 """
 
 from __future__ import annotations
@@ -39,17 +44,22 @@ class CostEstimate:
         passes: forward/backward passes at most (chunks × (max_steps + 1)).
         seconds_per_pass: measured time of one pass on a full chunk.
         seconds: ``passes × seconds_per_pass``, the time if no problem stopped early.
+        rows_per_pass: plane points per pass (the work pool's rows).
+        memory_bytes: estimated peak memory of one pass: the pool's state and the activations.
     """
 
     problems: int
     passes: int
     seconds_per_pass: float
     seconds: float
+    rows_per_pass: int = 0
+    memory_bytes: int = 0
 
     def __str__(self) -> str:
         return (
-            f"{self.problems} problems, at most {self.passes} passes of {self.seconds_per_pass * 1e3:.1f} ms: "
-            f"at most {self.seconds:.0f} s per measurement (early stopping usually makes it several times less)"
+            f"{self.problems} problems, at most {self.passes} passes of {self.rows_per_pass} rows, "
+            f"{self.seconds_per_pass * 1e3:.1f} ms each: at most {self.seconds:.0f} s per measurement (early "
+            f"stopping usually makes it several times less); about {self.memory_bytes / 2**20:.0f} MiB"
         )
 
 
@@ -73,11 +83,63 @@ def time_pass(model: ModelLike, inputs: Tensor, rows: int, repeats: int = 3) -> 
     return statistics.median(times)
 
 
-def estimate_cost(model: ModelLike, inputs: Tensor, *, problems: int, per_pass: int, max_steps: int) -> CostEstimate:
-    """Upper bound on one measurement of ``problems`` problems run ``per_pass`` at a time (see
-    :func:`cm_monitor.cutting.groups_per_pass`; the module docstring says what is bounded)."""
+def activation_bytes_per_row(model: ModelLike, inputs: Tensor, rows: int = 4) -> float:
+    """Bytes autograd saves for the backward pass of one input row (the model's activations), from
+    a forward pass of ``rows`` inputs built from ``inputs`` in eval mode (modes restored)."""
+    members = as_members(model)
+    device = model_device(members, inputs.device)
+    dtype = model_float_dtype(members, inputs.dtype)
+    saved = 0
+
+    def pack(t: Tensor) -> Tensor:
+        nonlocal saved
+        saved += t.numel() * t.element_size()
+        return t
+
+    index = torch.arange(rows, device=inputs.device) % inputs.shape[0]
+    with measuring(members), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        x = inputs.detach()[index].to(device, dtype).clone().requires_grad_(True)
+        ensemble_log_probs(members, x)
+    return saved / rows
+
+
+def pool_bytes(input_dim: int, max_dim: int, dense: bool, rows: int, bytes_per_element: int = 4) -> int:
+    """The work pool's own memory: per row about ten ``D``-sized tensors (anchor, plane point, its
+    transform and gradient, ...), five ``max_dim``-sized ones (coordinates, mask, Adam's moments,
+    gradient) and the plane: a ``D × max_dim`` basis (dense) or signs and coordinates (structured)."""
+    plane = input_dim * max_dim if dense else input_dim + 2 * max_dim
+    return rows * bytes_per_element * (10 * input_dim + 5 * max_dim + plane)
+
+
+def estimate_cost(
+    model: ModelLike, inputs: Tensor, *, problems: int, per_pass: int, max_steps: int, state_bytes_per_row: int = 0
+) -> CostEstimate:
+    """Upper bound on the time of one measurement of ``problems`` problems run ``per_pass`` at a
+    time (see :func:`cm_monitor.cutting.rows_per_pass`; the module docstring says what is bounded),
+    and its memory: ``per_pass`` rows of activations plus ``state_bytes_per_row`` each (:func:`pool_bytes`)."""
     if problems < 1 or per_pass < 1:
         raise ValueError(f"`problems` and `per_pass` must be >= 1, got {problems} and {per_pass}.")
-    seconds = time_pass(model, inputs, min(per_pass, problems))
+    rows = min(per_pass, problems)
+    memory = int(rows * (activation_bytes_per_row(model, inputs) + state_bytes_per_row))
+    seconds = time_pass(model, inputs, rows)
     passes = math.ceil(problems / per_pass) * (max_steps + 1)
-    return CostEstimate(problems=problems, passes=passes, seconds_per_pass=seconds, seconds=passes * seconds)
+    return CostEstimate(
+        problems=problems,
+        passes=passes,
+        seconds_per_pass=seconds,
+        seconds=passes * seconds,
+        rows_per_pass=rows,
+        memory_bytes=memory,
+    )
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory on ``device``: CUDA's free memory, or the host's available memory (Linux); None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from cm_monitor._model import ensemble_log_probs, explain_inference_tensors
-from cm_monitor.planes import StructuredPlanes, choose_planes, nested_bases
+from cm_monitor.planes import PlaneRows, choose_planes
+from cm_monitor.search import make_search
 
 #: Dense planes: at most this many basis elements (``groups × D × max(dims)``) are held per chunk:
 #: 2**27 is 512 MiB in float32, about three times that with the Gaussian draw and the transposed
@@ -81,6 +82,13 @@ class OptimizerSettings:
             ``"auto"`` (default): dense while ``D · max(dims) <= 2**20``
             (:data:`~cm_monitor.planes.DENSE_MAX_ELEMENTS`; with the default grid, ``D <= 1024``),
             structured above.
+        search: which plane dimensions are optimized. ``"grid"``: every grid point of every
+            (target, anchor) pair; ``"bisect"``: per pair, a bisection for the first grid point
+            whose plane reaches the threshold (nested planes make success monotone in ``d``), about
+            ``log2(K + 1)`` problems instead of ``K``, each stopped as soon as it reaches the
+            threshold; exact for ``readoff="fraction"``, which needs only that point per anchor,
+            but the estimate can then not be re-read at another threshold. ``"auto"`` (default):
+            bisection for the fraction read-off, the grid for the mean read-off.
     """
 
     lr: float = 0.1
@@ -96,6 +104,7 @@ class OptimizerSettings:
     readoff: str = "fraction"
     optimizer: str = "isotropic"
     planes: str = "auto"
+    search: str = "auto"
 
     def __post_init__(self) -> None:
         _check_positive(self.lr, "lr")
@@ -120,6 +129,13 @@ class OptimizerSettings:
             raise ValueError(f"`optimizer` must be 'isotropic' or 'adam', got {self.optimizer!r}.")
         if self.planes not in ("auto", "dense", "structured"):
             raise ValueError(f"`planes` must be 'auto', 'dense' or 'structured', got {self.planes!r}.")
+        if self.search not in ("auto", "grid", "bisect"):
+            raise ValueError(f"`search` must be 'auto', 'grid' or 'bisect', got {self.search!r}.")
+        if self.search == "bisect" and self.readoff != "fraction":
+            raise ValueError(
+                "`search='bisect'` needs `readoff='fraction'`: a bisection finds each anchor's first success, "
+                "not the scores that the mean read-off averages; use `search='grid'`."
+            )
         if isinstance(self.plateau_window, bool) or not isinstance(self.plateau_window, int) or self.plateau_window < 2:
             raise ValueError(f"`plateau_window` must be an integer >= 2, got {self.plateau_window!r}.")
 
@@ -157,6 +173,7 @@ class CuttingOutcome:
     nonfinite: Tensor  # [G, K] bool: a NaN/inf loss or probability appeared
     distance: Tensor  # [G, K] ‖x - x0‖ / ‖x0‖ where the score first reached the level (else at the best point)
     outside: Tensor  # [G, K] fraction of the input's elements outside the anchors' range there
+    probed: Tensor  # [G, K] bool: the problem was optimized (a bisection skips most grid points)
 
 
 @dataclass(frozen=True)
@@ -193,14 +210,25 @@ def data_scale(anchors: Tensor) -> float:
     return s
 
 
-def groups_per_pass(D: int, dims: list[int], settings: OptimizerSettings, chunk_size: int) -> int:
-    """How many (target, anchor) groups, each with ``len(dims)`` problems, one pass holds: at most
-    ``chunk_size`` problems, and the memory bound of the plane family (at least one group)."""
-    K = len(dims)
+def rows_per_pass(D: int, dims: list[int], settings: OptimizerSettings, chunk_size: int) -> int:
+    """Rows of the work pool, i.e. plane points per forward/backward pass: at most ``chunk_size``,
+    and at most the memory bound of the plane family (at least one)."""
     structured = choose_planes(settings.planes, D, dims[-1]) == "structured"
-    per_group = K * D if structured else D * dims[-1]
+    per_row = D if structured else D * dims[-1]
     bound = MAX_PROBLEM_ELEMENTS if structured else MAX_BASIS_ELEMENTS
-    return max(1, min(chunk_size // K, bound // per_group))
+    return max(1, min(chunk_size, bound // per_row))
+
+
+def resolve_search(settings: OptimizerSettings) -> str:
+    """``settings.search`` with ``"auto"`` resolved: bisection for the fraction read-off, else the grid."""
+    if settings.search != "auto":
+        return settings.search
+    return "bisect" if settings.readoff == "fraction" else "grid"
+
+
+def problems_per_group(settings: OptimizerSettings, num_dims: int) -> int:
+    """Problems one (target, anchor) group runs at most: ``K`` on the grid, ``ceil(log2(K + 1))`` by bisection."""
+    return num_dims if resolve_search(settings) == "grid" else math.ceil(math.log2(num_dims + 1))
 
 
 def optimize_planes(
@@ -217,7 +245,12 @@ def optimize_planes(
     num_classes: int,
     model_dtype: torch.dtype,
 ) -> CuttingOutcome:
-    """Optimize every (group, d) problem; see the module docstring.
+    """Optimize the (group, d) problems the search asks for; see the module docstring.
+
+    Problems run in a work pool of :func:`rows_per_pass` rows. Every pass forwards the rows that
+    hold a problem; when a problem stops its row takes the next waiting problem (of any group and
+    target), so passes stay full until the queue runs dry. Each row has its own plane and optimizer
+    state, so a problem's result does not depend on which others share its passes.
 
     Args:
         members: ensemble members (already in eval mode, autograd enabled).
@@ -227,42 +260,239 @@ def optimize_planes(
         group_seeds: basis seed of each group.
         dims: ``K`` plane dimensions (sorted).
         space: scale, temperature, locality and range of the plane points.
-        chunk_size: at most this many problems per forward pass (at least one group of ``K``);
-            also at most :data:`MAX_BASIS_ELEMENTS` basis elements per chunk with dense planes,
-            :data:`MAX_PROBLEM_ELEMENTS` input elements (problems × D) with structured ones (at
-            least one group).
+        chunk_size: at most this many problems per forward pass; with dense planes also at most
+            :data:`MAX_BASIS_ELEMENTS` basis elements, with structured ones at most
+            :data:`MAX_PROBLEM_ELEMENTS` input elements (problems × D) per pass (at least one).
     """
     device = anchors.device
     D = anchors[0].numel()
-    K = len(dims)
-    G = group_anchor.shape[0]
-    flat = anchors.reshape(anchors.shape[0], D).to(torch.float32 if anchors.dtype != torch.float64 else torch.float64)
-    fields = ("score", "loss", "steps", "nonfinite", "distance", "outside")
-    out = {f: torch.full((G, K), math.nan, device=device) for f in fields}
-    out["steps"] = torch.zeros((G, K), dtype=torch.long, device=device)
-    out["nonfinite"] = torch.zeros((G, K), dtype=torch.bool, device=device)
-
-    # each group's basis is drawn from its own seed, so how groups are chunked changes nothing
-    structured = choose_planes(settings.planes, D, dims[-1]) == "structured"
-    groups_per_chunk = groups_per_pass(D, dims, settings, chunk_size)
-    for start in range(0, G, groups_per_chunk):
-        sl = slice(start, min(G, start + groups_per_chunk))
-        chunk = _optimize_chunk(
-            members,
-            flat[group_anchor[sl]],
-            group_targets[sl],
-            group_seeds[sl],
-            dims,
-            settings,
-            space,
-            structured=structured,
-            shape=anchors.shape[1:],
-            num_classes=num_classes,
-            model_dtype=model_dtype,
+    G, K = group_anchor.shape[0], len(dims)
+    dtype = torch.float64 if anchors.dtype == torch.float64 else torch.float32
+    flat = anchors.reshape(anchors.shape[0], D).to(dtype)
+    search = make_search(resolve_search(settings), G, K)
+    rows = min(rows_per_pass(D, dims, settings, chunk_size), G * K)
+    pool = _Pool(rows, flat, anchors.shape[1:], group_anchor, group_targets, group_seeds, dims, settings, space)
+    out = _Outcomes(G, K, device)
+    free = list(range(rows))
+    while True:
+        started = search.take(len(free))
+        if started:
+            pool.admit(free[: len(started)], started)
+            free = free[len(started) :]
+        if len(free) == rows:
+            break
+        finished, success = pool.step(
+            members, stop_at_level=search.stop_at_level, num_classes=num_classes, model_dtype=model_dtype
         )
-        for f, v in zip(fields, chunk, strict=True):
-            out[f][sl] = v
-    return CuttingOutcome(**{f: v.cpu() for f, v in out.items()})
+        if finished:
+            out.record([pool.problem[r] for r in finished], finished, pool)
+        for r, ok in zip(finished, success, strict=True):
+            search.report(*pool.problem[r], ok)
+            free.append(r)
+    return out.result()
+
+
+class _Outcomes:
+    """The ``[G, K]`` outcome tensors, filled as problems finish."""
+
+    fields = ("score", "loss", "distance", "outside")
+
+    def __init__(self, G: int, K: int, device: torch.device) -> None:
+        self.values = {f: torch.full((G, K), math.nan, device=device) for f in self.fields}
+        self.steps = torch.zeros((G, K), dtype=torch.long, device=device)
+        self.nonfinite = torch.zeros((G, K), dtype=torch.bool, device=device)
+        self.probed = torch.zeros((G, K), dtype=torch.bool)
+
+    def record(self, problems: list[tuple[int, int]], rows: list[int], pool: _Pool) -> None:
+        """Copy what ``rows`` reached into the cells of their ``problems`` ``(group, grid index)``."""
+        g = torch.tensor([p[0] for p in problems], device=self.steps.device)
+        j = torch.tensor([p[1] for p in problems], device=self.steps.device)
+        r = torch.tensor(rows, device=self.steps.device)
+        bad = pool.nonfinite[r]
+        for f in self.fields:
+            self.values[f][g, j] = torch.where(bad, math.nan, getattr(pool, f)[r])
+        self.steps[g, j], self.nonfinite[g, j] = pool.steps[r], bad
+        self.probed[g.cpu(), j.cpu()] = True
+
+    def result(self) -> CuttingOutcome:
+        v = {f: t.cpu() for f, t in self.values.items()}
+        return CuttingOutcome(**v, steps=self.steps.cpu(), nonfinite=self.nonfinite.cpu(), probed=self.probed)
+
+
+class RowAdam:
+    """Adam with its state per row of the work pool, so that a row can start a new problem while
+    the others go on (:class:`torch.optim.Adam` keeps one step count per tensor, not per row).
+
+    ``isotropic=True`` keeps one second-moment value per row, the mean square of the gradient over
+    the row's ``d`` plane coordinates: each step is ``lr · m̂ / sqrt(v̂)``, parallel to the
+    (momentum-averaged) gradient with Adam's step length, so a step that the radius bound projects
+    back ends at the constrained optimum. ``isotropic=False`` is Adam as in the reference.
+    """
+
+    def __init__(self, theta: Tensor, lr: float, isotropic: bool, betas: tuple[float, float] = (0.9, 0.999)) -> None:
+        self.theta, self.lr, self.isotropic, self.betas = theta, lr, isotropic, betas
+        self.m = torch.zeros_like(theta)
+        self.v = torch.zeros(theta.shape[:1] if isotropic else theta.shape, dtype=theta.dtype, device=theta.device)
+        self.t = torch.zeros(theta.shape[0], dtype=theta.dtype, device=theta.device)
+
+    def reset(self, rows: Tensor) -> None:
+        self.m[rows], self.v[rows], self.t[rows] = 0.0, 0.0, 0.0
+
+    def step(self, grad: Tensor, rows: Tensor, coords: Tensor) -> None:
+        """One step of ``rows``; ``grad`` is ``[n, max_dim]`` for them, ``coords`` their live coordinates (0/1)."""
+        b1, b2 = self.betas
+        g = grad * coords
+        t = self.t[rows] + 1
+        m = self.m[rows] * b1 + (1 - b1) * g
+        sq = g.pow(2).sum(-1) / coords.sum(-1) if self.isotropic else g.pow(2)
+        v = self.v[rows] * b2 + (1 - b2) * sq
+        self.t[rows], self.m[rows], self.v[rows] = t, m, v
+        v_hat = v / (1 - b2**t) if self.isotropic else v / (1 - b2**t)[:, None]
+        denom = v_hat.sqrt()[:, None] + 1e-8 if self.isotropic else v_hat.sqrt() + 1e-8
+        with torch.no_grad():
+            self.theta[rows] -= self.lr * (m / (1 - b1**t)[:, None]) / denom
+
+
+class _Pool:
+    """The rows of the work pool: per row the problem, its plane, its optimizer state and what it
+    has reached so far. :meth:`admit` starts problems in free rows, :meth:`step` runs one pass."""
+
+    def __init__(
+        self,
+        rows: int,
+        flat: Tensor,
+        shape: torch.Size,
+        group_anchor: Tensor,
+        group_targets: Tensor,
+        group_seeds: list[int],
+        dims: list[int],
+        settings: OptimizerSettings,
+        space: PlaneSpace,
+    ) -> None:
+        device, dtype = flat.device, flat.dtype
+        D, max_dim = flat.shape[1], dims[-1]
+        self.flat, self.group_anchor, self.group_targets, self.group_seeds = (
+            flat,
+            group_anchor,
+            group_targets,
+            group_seeds,
+        )
+        self.settings, self.space, self.shape = settings, space, shape
+        self.k = group_targets.shape[1]
+        self.dim_mask = _plane_mask(dims, settings, D, device, dtype)  # [K, max_dim]
+        family = choose_planes(settings.planes, D, max_dim)
+        self.planes = PlaneRows(family, rows, D, max_dim, device=device, dtype=dtype)
+        self.problem: list[tuple[int, int]] = [(-1, -1)] * rows
+        self.theta = torch.zeros(rows, max_dim, device=device, dtype=dtype, requires_grad=True)
+        self.optimizer = RowAdam(self.theta, settings.lr, settings.optimizer == "isotropic")
+        self.x0 = torch.zeros(rows, D, device=device, dtype=dtype)
+        self.mask = torch.zeros(rows, max_dim, device=device, dtype=dtype)
+        self.targets = torch.zeros(rows, self.k, device=device, dtype=torch.long)
+        self.x0_norm = torch.ones(rows, device=device, dtype=dtype)
+        self.limit = torch.full((rows,), math.inf, device=device, dtype=dtype)
+        self.fills = {
+            "score": -math.inf, "loss": math.inf, "distance": math.nan, "outside": math.nan, "steps": 0,
+            "nonfinite": False, "crossed": False, "history": math.nan,
+        }  # fmt: skip
+        for name, fill in self.fills.items():
+            kind = torch.long if name == "steps" else torch.bool if isinstance(fill, bool) else torch.float32
+            shape = (rows, settings.plateau_window) if name == "history" else (rows,)
+            setattr(self, name, torch.full(shape, fill, device=device, dtype=kind))
+        self.active = torch.zeros(rows, dtype=torch.bool)
+
+    def admit(self, rows: list[int], problems: list[tuple[int, int]]) -> None:
+        """Start ``problems`` ``(group, grid index)`` in the free ``rows``: θ = 0, fresh state."""
+        device = self.theta.device
+        r = torch.tensor(rows, device=device)
+        g = torch.tensor([p[0] for p in problems], device=device)
+        j = torch.tensor([p[1] for p in problems], device=device)
+        for row, p in zip(rows, problems, strict=True):
+            self.problem[row] = p
+        self.active[rows] = True
+        self.x0[r] = self.flat[self.group_anchor[g]]
+        self.x0_norm[r] = self.x0[r].norm(dim=1).clamp_min(1e-30)
+        self.targets[r] = self.group_targets[g]
+        self.mask[r] = self.dim_mask[j]
+        if self.space.radius_norms is not None:
+            self.limit[r] = self.space.radius_norms * self.x0_norm[r] / self.space.scale
+        self.planes.load(r, [self.group_seeds[p[0]] for p in problems])
+        with torch.no_grad():
+            self.theta[r] = 0.0
+        self.optimizer.reset(r)
+        for name, fill in self.fills.items():
+            getattr(self, name)[r] = fill
+
+    def step(
+        self, members: list[nn.Module], *, stop_at_level: bool, num_classes: int, model_dtype: torch.dtype
+    ) -> tuple[list[int], list[bool | None]]:
+        """One forward/backward pass over the rows holding a problem, and one optimizer step for
+        those that go on. Returns the rows whose problem stopped and, for each, whether it reached
+        the level (None: NaN/inf)."""
+        rows_list = self.active.nonzero().squeeze(1).tolist()
+        full = len(rows_list) == self.theta.shape[0]
+        idx = torch.tensor(rows_list, device=self.theta.device)
+        loss, ok, lv, sv = self._evaluate(members, None if full else idx, idx, num_classes, model_dtype)
+        s = self.settings
+        steps = self.steps[idx]
+        done = ~ok | ((lv - math.log(self.k)).abs() <= s.tol) | (steps >= s.max_steps)
+        done |= (steps >= s.plateau_window) & (self.history[idx].std(1) <= s.plateau_tol)
+        if stop_at_level:
+            done |= sv >= self.space.level
+        go = ok & ~done
+        if bool(go.any()):
+            (grad,) = torch.autograd.grad(loss[go].sum(), self.theta)
+            moving = idx[go]
+            self.optimizer.step(grad[moving], moving, (self.mask[moving] != 0).to(grad.dtype))
+            if self.space.radius_norms is not None:
+                _project(self.theta, self.mask, self.limit, moving)
+            self.steps[moving] += 1
+        flags = torch.stack([done, ~ok, self.score[idx] >= self.space.level]).cpu()
+        finished, success = [], []
+        for i in flags[0].nonzero().squeeze(1).tolist():
+            finished.append(rows_list[i])
+            success.append(None if bool(flags[1, i]) else bool(flags[2, i]))
+        self.active[finished] = False
+        return finished, success
+
+    def _evaluate(
+        self, members: list[nn.Module], rows: Tensor | None, idx: Tensor, num_classes: int, model_dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Forward the plane points of ``idx`` (``rows`` None: every row); record what they reached.
+        Returns the loss (with autograd), whether it is finite, and the detached loss and score."""
+        space = self.space
+        theta = self.theta if rows is None else self.theta[rows]
+        mask = self.mask if rows is None else self.mask[rows]
+        x0 = self.x0 if rows is None else self.x0[rows]
+        raw = x0 + space.scale * self.planes.apply(theta * mask, rows)
+        x = raw.clamp(space.low, space.high) if space.clip else raw
+        try:
+            logp, p = ensemble_log_probs(
+                members, x.to(model_dtype).reshape(-1, *self.shape), num_classes, space.temperature
+            )
+        except RuntimeError as err:
+            raise explain_inference_tensors(err) from err
+        tg = self.targets[idx]
+        loss = -logp.gather(1, tg).mean(1)
+        score = self.k * p.gather(1, tg).amin(1)
+        ok = torch.isfinite(loss) & torch.isfinite(score)
+        lv, sv = loss.detach().float(), score.detach().float()
+        with torch.no_grad():
+            dist = ((x - x0).norm(dim=1) / self.x0_norm[idx]).float()
+            outside = ((raw < space.low) | (raw > space.high)).float().mean(1)
+        self._remember(idx, ok, lv, sv, dist, outside)
+        return loss, ok, lv, sv
+
+    def _remember(self, idx: Tensor, ok: Tensor, lv: Tensor, sv: Tensor, dist: Tensor, outside: Tensor) -> None:
+        """Best score and loss so far; where the point is at the first success (else at the best score)."""
+        best = self.score[idx]
+        record = ok & ~self.crossed[idx] & ((sv >= self.space.level) | (sv > best))
+        self.crossed[idx] |= ok & (sv >= self.space.level)
+        self.nonfinite[idx] |= ~ok
+        self.distance[idx] = torch.where(record, dist, self.distance[idx])
+        self.outside[idx] = torch.where(record, outside, self.outside[idx])
+        self.score[idx] = torch.where(ok & (sv > best), sv, best)
+        self.loss[idx] = torch.where(ok, torch.minimum(self.loss[idx], lv), self.loss[idx])
+        self.history[idx] = torch.cat([self.history[idx, 1:], lv[:, None]], 1)
 
 
 def _plane_mask(
@@ -276,140 +506,8 @@ def _plane_mask(
     return mask
 
 
-class IsotropicAdam:
-    """Adam with one second-moment value per problem: ``v`` tracks the mean square of the problem's
-    gradient over its ``d`` plane coordinates, so the step is ``lr · m̂ / sqrt(v̂)``, parallel to the
-    (momentum-averaged) gradient, with Adam's step length (about ``lr`` per coordinate)."""
-
-    def __init__(self, theta: Tensor, mask: Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> None:
-        self.theta, self.lr, self.betas = theta, lr, betas
-        self.coords = (mask != 0).to(theta.dtype)  # [K, max_dim]
-        self.m = torch.zeros_like(theta)
-        self.v = torch.zeros(theta.shape[:-1], dtype=theta.dtype, device=theta.device)
-        self.t = 0
-
-    def step(self, grad: Tensor) -> None:
-        b1, b2 = self.betas
-        self.t += 1
-        grad = grad * self.coords
-        self.m.mul_(b1).add_(grad, alpha=1 - b1)
-        self.v.mul_(b2).add_(grad.pow(2).sum(-1) / self.coords.sum(-1), alpha=1 - b2)
-        m_hat = self.m / (1 - b1**self.t)
-        v_hat = self.v / (1 - b2**self.t)
-        with torch.no_grad():
-            self.theta.sub_(self.lr * m_hat / (v_hat.sqrt()[..., None] + 1e-8))
-
-
-def _project(theta: Tensor, mask: Tensor, limit: Tensor) -> None:
-    """Scale each problem's coordinates back so that ``‖(θ ⊙ mask)‖ <= limit`` (in place)."""
+def _project(theta: Tensor, mask: Tensor, limit: Tensor, rows: Tensor) -> None:
+    """Scale the coordinates of ``rows`` back so that ``‖θ ⊙ mask‖ <= limit`` (in place)."""
     with torch.no_grad():
-        norm = (theta * mask).norm(dim=-1)  # [Gc, K]; ‖Q (θ ⊙ mask)‖ for orthonormal Q
-        theta.mul_((limit[:, None] / norm.clamp_min(1e-30)).clamp(max=1.0)[..., None])
-
-
-def _optimize_chunk(
-    members: list[nn.Module],
-    x0: Tensor,
-    targets: Tensor,
-    seeds: list[int],
-    dims: list[int],
-    settings: OptimizerSettings,
-    space: PlaneSpace,
-    *,
-    structured: bool,
-    shape: torch.Size,
-    num_classes: int,
-    model_dtype: torch.dtype,
-) -> tuple[Tensor, ...]:
-    device = x0.device
-    Gc, D = x0.shape
-    K = len(dims)
-    k = targets.shape[1]
-    min_loss = math.log(k)
-    P = Gc * K
-    if structured:  # no D × max(dims) matrix: Q θ by a fast transform, for the active problems only
-        offsets = StructuredPlanes(seeds, D, dims[-1], device=device, dtype=x0.dtype).offsets
-    else:
-        basis_t = nested_bases(seeds, D, dims[-1], device=device, dtype=x0.dtype).transpose(1, 2).contiguous()
-
-        def offsets(coords: Tensor, rows: Tensor) -> Tensor:
-            return torch.bmm(coords, basis_t).reshape(P, D)[rows]
-
-    mask = _plane_mask(dims, settings, D, device, x0.dtype)
-    x0_norm = x0.norm(dim=1).clamp_min(1e-30)  # [Gc]
-    limit = None if space.radius_norms is None else space.radius_norms * x0_norm / space.scale
-    theta = torch.zeros(Gc, K, dims[-1], device=device, dtype=x0.dtype, requires_grad=True)
-    if settings.optimizer == "adam":
-        optimizer = torch.optim.Adam([theta], lr=settings.lr)
-    else:
-        iso = IsotropicAdam(theta, mask, settings.lr)
-
-    problem_targets = targets.repeat_interleave(K, dim=0)  # [P, k]
-    row_norm = x0_norm.repeat_interleave(K)  # [P]
-    x0_rows = x0.repeat_interleave(K, dim=0)  # [P, D]
-    best_score = torch.full((P,), -math.inf, device=device)
-    best_loss = torch.full((P,), math.inf, device=device)
-    best_dist = torch.full((P,), math.nan, device=device)
-    best_out = torch.full((P,), math.nan, device=device)
-    steps = torch.zeros(P, dtype=torch.long, device=device)
-    nonfinite = torch.zeros(P, dtype=torch.bool, device=device)
-    crossed = torch.zeros(P, dtype=torch.bool, device=device)
-    active = torch.ones(P, dtype=torch.bool, device=device)
-    window = settings.plateau_window
-    history = torch.full((P, window), math.nan, device=device)
-
-    for step in range(settings.max_steps + 1):
-        idx = active.nonzero().squeeze(1)
-        if idx.numel() == 0:
-            break
-        # x(θ) for every problem of the chunk, in one batched product
-        delta = space.scale * offsets(theta * mask, idx)
-        raw = x0_rows[idx] + delta
-        x = raw.clamp(space.low, space.high) if space.clip else raw
-        try:
-            logp, p = ensemble_log_probs(
-                members, x.to(model_dtype).reshape(idx.numel(), *shape), num_classes, space.temperature
-            )
-        except RuntimeError as err:
-            raise explain_inference_tensors(err) from err
-        tg = problem_targets[idx]
-        loss = -logp.gather(1, tg).mean(1)
-        sc = k * p.gather(1, tg).amin(1)
-
-        ok = torch.isfinite(loss) & torch.isfinite(sc)
-        nonfinite[idx[~ok]] = True
-        active[idx[~ok]] = False
-        lv, sv = loss.detach().to(best_loss.dtype), sc.detach().to(best_score.dtype)
-        # where the point is: at the first success, else at the best score so far
-        record = ok & ~crossed[idx] & ((sv >= space.level) | (sv > best_score[idx]))
-        crossed[idx] |= ok & (sv >= space.level)
-        with torch.no_grad():
-            dist = ((x.detach() - x0_rows[idx]).norm(dim=1) / row_norm[idx]).to(best_dist.dtype)
-            outside = ((raw.detach() < space.low) | (raw.detach() > space.high)).to(best_out.dtype).mean(1)
-        best_dist[idx] = torch.where(record, dist, best_dist[idx])
-        best_out[idx] = torch.where(record, outside, best_out[idx])
-        best_score[idx] = torch.where(ok & (sv > best_score[idx]), sv, best_score[idx])
-        best_loss[idx] = torch.where(ok, torch.minimum(best_loss[idx], lv), best_loss[idx])
-        steps[idx] = step
-
-        history[idx] = torch.cat([history[idx, 1:], lv[:, None]], 1)
-        done = (lv - min_loss).abs() <= settings.tol
-        if step >= window:
-            done |= history[idx].std(1) <= settings.plateau_tol
-        if step == settings.max_steps:
-            break
-        if bool(ok.any()):
-            (grad,) = torch.autograd.grad(loss[ok].sum(), theta)
-            if settings.optimizer == "adam":
-                theta.grad = grad
-                optimizer.step()
-                theta.grad = None
-            else:
-                iso.step(grad)
-            if limit is not None:
-                _project(theta, mask, limit)
-        active[idx[done & ok]] = False
-
-    nan_if_bad = [torch.where(nonfinite, math.nan, v) for v in (best_score, best_loss, best_dist, best_out)]
-    score, loss_, dist_, out_ = (v.view(Gc, K) for v in nan_if_bad)
-    return score, loss_, steps.view(Gc, K), nonfinite.view(Gc, K), dist_, out_
+        norm = (theta[rows] * mask[rows]).norm(dim=-1)  # ‖Q (θ ⊙ mask)‖ for orthonormal Q
+        theta[rows] *= (limit[rows] / norm.clamp_min(1e-30)).clamp(max=1.0)[:, None]

@@ -27,7 +27,7 @@ from cm_monitor._model import (
     model_float_dtype,
 )
 from cm_monitor.calibration import calibrate_temperature
-from cm_monitor.cutting import OptimizerSettings, PlaneSpace, data_scale, optimize_planes
+from cm_monitor.cutting import OptimizerSettings, PlaneSpace, data_scale, optimize_planes, resolve_search
 from cm_monitor.planes import check_dims, plane_seed
 
 
@@ -76,6 +76,12 @@ class DimensionEstimate:
         max_threshold: the highest threshold this run measures: problems stop once their loss is
             within ``tol`` of its minimum, i.e. at a score of about ``exp(-k · tol)``, so higher levels
             are not reached by construction (0.990 with the default ``tol = 0.01`` for classes).
+        probed: ``[T, A, K]`` True where the problem was optimized; the other cells of ``scores``,
+            ``losses``, ``distance`` and ``outside`` are NaN (None: every cell was).
+        search: ``"grid"`` (every grid point optimized) or ``"bisect"`` (per anchor, a bisection for
+            the first grid point that reaches ``threshold``; then :meth:`at` can only re-read at
+            ``threshold`` itself, and :attr:`scores` of successful problems are only known to be
+            ``>= threshold``: they stopped there).
     """
 
     kind: str
@@ -100,6 +106,8 @@ class DimensionEstimate:
     num_bootstrap: int
     bootstrap_seed: int
     max_threshold: float = 1.0
+    probed: Tensor | None = None
+    search: str = "grid"
 
     @property
     def dimension_std(self) -> Tensor:
@@ -152,8 +160,7 @@ class DimensionEstimate:
         norms) and the mean fraction of its elements outside the anchors' range (``outside_frac``);
         NaN when nothing succeeds. The points are those of the threshold the measurement ran at; an
         estimate re-read with :meth:`at` selects pairs by its new threshold but keeps those points."""
-        thr = self.threshold
-        hit = (_monotone(self.scores) >= thr) & (self.anchor_index >= 0)[..., None]  # [T, A, K]
+        hit = (_success(self, self.threshold) == 1) & (self.anchor_index >= 0)[..., None]  # [T, A, K]
         first = hit.to(torch.int64).argmax(-1, keepdim=True)
         reached = hit.any(-1)
         dist = self.distance.gather(-1, first).squeeze(-1)[reached].double()
@@ -165,16 +172,24 @@ class DimensionEstimate:
 
     def success_rate(self, threshold: float | None = None) -> Tensor:
         """``[T, K]`` fraction of anchors whose (monotone) best score reaches ``threshold``."""
-        thr = self.threshold if threshold is None else _check_threshold(threshold, "threshold", self.max_threshold)
-        mono = _monotone(self.scores)
+        thr = self.threshold if threshold is None else self._check_reread(threshold)
         valid = self.anchor_index >= 0
-        hit = (mono >= thr) & valid[..., None]
+        hit = (_success(self, thr) == 1) & valid[..., None]
         return hit.sum(1) / valid.sum(1, keepdim=True).clamp_min(1)
 
     def at(self, threshold: float) -> DimensionEstimate:
         """The same measurement read at another ``threshold`` (no optimization is re-run)."""
+        return _read_off(replace(self, threshold=self._check_reread(threshold)))
+
+    def _check_reread(self, threshold: float) -> float:
         thr = _check_threshold(threshold, "threshold", self.max_threshold)
-        return _read_off(replace(self, threshold=thr))
+        if self.search == "bisect" and thr != self.threshold:
+            raise ValueError(
+                f"This estimate was measured by bisection at threshold {self.threshold:g}, which finds each anchor's "
+                f"first success at that threshold only; it cannot be re-read at `threshold` = {thr:g}. Measure with "
+                "`settings=OptimizerSettings(search='grid')` to re-read at other thresholds."
+            )
+        return thr
 
     def as_dict(self) -> dict[str, float]:
         """Mean, uncertainty and per-target dimensions as plain floats, keyed as
@@ -489,6 +504,7 @@ def _estimate(
     nonfinite = torch.zeros((T, A, K), dtype=torch.bool)
     distance = torch.full((T, A, K), math.nan)
     outside = torch.full((T, A, K), math.nan)
+    probed = torch.zeros((T, A, K), dtype=torch.bool)
     anchor_index = torch.full((T, A), -1, dtype=torch.long)
     start = 0
     for i, u in enumerate(per_target):
@@ -497,6 +513,7 @@ def _estimate(
         scores[i, :n], losses[i, :n] = outcome.score[rows], outcome.loss[rows]
         steps[i, :n], nonfinite[i, :n] = outcome.steps[rows], outcome.nonfinite[rows]
         distance[i, :n], outside[i, :n] = outcome.distance[rows], outcome.outside[rows]
+        probed[i, :n] = outcome.probed[rows]
         anchor_index[i, :n] = u
         start += n
 
@@ -524,6 +541,8 @@ def _estimate(
         num_bootstrap=num_bootstrap,
         bootstrap_seed=bootstrap_seed,
         max_threshold=max_threshold,
+        probed=probed,
+        search=resolve_search(settings),
     )
     est = _read_off(est)
     if bool(est.failed.any()):
@@ -610,6 +629,16 @@ def _monotone(scores: Tensor) -> Tensor:
     return torch.cummax(scores, dim=-1).values
 
 
+def _success(est: DimensionEstimate, threshold: float) -> Tensor:
+    """``[T, A, K]``: 1 where the anchor's plane reaches ``threshold`` at this ``d`` or a smaller probed
+    one (nested planes), else 0; NaN for an anchor whose optimization produced NaN/inf."""
+    probed = torch.ones_like(est.nonfinite) if est.probed is None else est.probed
+    hit = (probed & (est.scores >= threshold)).to(torch.float32)
+    reached = torch.cummax(hit, dim=-1).values
+    broken = est.nonfinite.any(-1, keepdim=True)
+    return torch.where(broken, math.nan, reached)
+
+
 def _crossing(curves: Tensor, log_dims: Tensor, threshold: float) -> Tensor:
     """``d*`` where each monotone curve ``[..., K]`` first reaches ``threshold`` (log-d interpolation)."""
     reached = curves >= threshold
@@ -628,9 +657,8 @@ def _crossing(curves: Tensor, log_dims: Tensor, threshold: float) -> Tensor:
 
 def _read_off(est: DimensionEstimate) -> DimensionEstimate:
     """Fill curve, d*, its bootstrap uncertainty and the dimensions from the raw scores."""
-    mono = _monotone(est.scores)  # [T, A, K]
-    if est.readoff == "fraction":  # per anchor: 1 where its best score reaches the threshold (NaN kept)
-        mono = torch.where(torch.isnan(mono), mono, (mono >= est.threshold).to(mono.dtype))
+    # per anchor: 1 where its best score reaches the threshold at this d or a smaller one (NaN kept)
+    mono = _success(est, est.threshold) if est.readoff == "fraction" else _monotone(est.scores)  # [T, A, K]
     valid = est.anchor_index >= 0
     log_dims = est.dims.double().log()
     level = est.level

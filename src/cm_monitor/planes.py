@@ -188,3 +188,42 @@ class StructuredPlanes:
         eye = torch.eye(self.max_dim, device=self.signs.device, dtype=self.signs.dtype)
         cols = self.offsets(eye.expand(G, -1, -1))  # row j of group g: Q_g e_j
         return cols.view(G, self.max_dim, self.input_dim).transpose(1, 2)
+
+
+class PlaneRows:
+    """The planes of the rows of a work pool: row ``r`` holds the nested basis of the group whose
+    problem it works on, loaded from that group's seed when the problem starts (:meth:`load`), so a
+    row's plane never depends on which other problems share the pass.
+
+    Dense planes keep each row's ``D × max_dim`` basis; structured planes keep its signs and
+    coordinates only (``O(D)`` per row). :meth:`apply` computes ``Q θ`` for some rows only.
+    """
+
+    def __init__(
+        self, family: str, rows: int, input_dim: int, max_dim: int, *, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        self.family, self.input_dim, self.max_dim = family, input_dim, max_dim
+        self.device, self.dtype = device, dtype
+        if family == "dense":
+            self.basis_t = torch.zeros(rows, max_dim, input_dim, device=device, dtype=dtype)
+        else:
+            self.signs = torch.zeros(rows, input_dim, device=device, dtype=dtype)
+            self.coords = torch.zeros(rows, max_dim, device=device, dtype=torch.long)
+
+    def load(self, rows: Tensor, seeds: Sequence[int]) -> None:
+        """Give ``rows`` the planes of ``seeds`` (one seed per row)."""
+        kw = {"device": self.device, "dtype": self.dtype}
+        if self.family == "dense":
+            self.basis_t[rows] = nested_bases(seeds, self.input_dim, self.max_dim, **kw).transpose(1, 2)
+        else:
+            planes = StructuredPlanes(seeds, self.input_dim, self.max_dim, **kw)
+            self.signs[rows], self.coords[rows] = planes.signs, planes.coords
+
+    def apply(self, theta: Tensor, rows: Tensor | None = None) -> Tensor:
+        """``Q_r θ_r`` ``[n, D]`` for plane coordinates ``theta`` ``[n, max_dim]`` of ``rows`` (all rows if None)."""
+        if self.family == "dense":
+            basis_t = self.basis_t if rows is None else self.basis_t[rows]
+            return torch.bmm(theta[:, None, :], basis_t).squeeze(1)
+        signs = self.signs if rows is None else self.signs[rows]
+        coords = self.coords if rows is None else self.coords[rows]
+        return signs * hartley(theta.new_zeros(theta.shape[0], self.input_dim).scatter(1, coords, theta))

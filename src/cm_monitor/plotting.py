@@ -30,8 +30,9 @@ def _target_name(t: object) -> str:
 def plot_curves(ax, est: DimensionEstimate, *, title: str | None = None, legend: bool = True) -> None:
     """Draw ``est.curve`` against the plane dimension ``d`` on ``ax``.
 
-    One line per target with a dot at every probed ``d`` on a log axis (``d*`` varies over decades
-    where ``D - d*`` does not), the level the curve is read at as a dashed line and ``d*`` as a ringed
+    One line per target on a log axis (``d*`` varies over decades where ``D - d*`` does not), with a
+    dot at every ``d`` where the plane of at least one anchor was optimized (a bisection skips the
+    others: nested planes imply the curve there), the level the curve is read at as a dashed line and ``d*`` as a ringed
     dot on it; the title gives both the mean dimension ``D - d*`` and the mean ``d*``.
     """
     import matplotlib as mpl
@@ -40,7 +41,15 @@ def plot_curves(ax, est: DimensionEstimate, *, title: str | None = None, legend:
     cmap = mpl.colormaps["tab10" if len(est.targets) <= 10 else "tab20"]
     for i, t in enumerate(est.targets):
         color = cmap(i % cmap.N)
-        ax.plot(dims, est.curve[i].tolist(), marker=".", lw=1.4, color=color, label=_target_name(t))
+        curve = est.curve[i].tolist()
+        ax.plot(dims, curve, lw=1.4, color=color, label=_target_name(t))
+        probed = [True] * len(dims) if est.probed is None else est.probed[i].any(0).tolist()
+        ax.plot(
+            [d for d, p in zip(dims, probed, strict=True) if p],
+            [c for c, p in zip(curve, probed, strict=True) if p],
+            ".",
+            color=color,
+        )
         d = float(est.cutting_dim[i])
         if math.isfinite(d):
             ax.plot([d], [est.level], "o", ms=5, color=color, mec="black", mew=0.5)

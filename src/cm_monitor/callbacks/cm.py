@@ -11,17 +11,18 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
 
+from cm_monitor._model import as_members, model_device
 from cm_monitor.anchors import BatchReader
 from cm_monitor.callbacks.base import GeometryMonitor, Measurement, check_int, check_probability
-from cm_monitor.cost import CostEstimate, estimate_cost
-from cm_monitor.cutting import OptimizerSettings, groups_per_pass
+from cm_monitor.cost import CostEstimate, activation_bytes_per_row, available_bytes, estimate_cost, pool_bytes
+from cm_monitor.cutting import OptimizerSettings, problems_per_group, rows_per_pass
 from cm_monitor.dimension import DimensionEstimate, boundary_dimension, cm_dimension
-from cm_monitor.planes import default_dims
+from cm_monitor.planes import choose_planes, default_dims
 
 
 class CMDimensionMonitor(GeometryMonitor):
@@ -75,7 +76,9 @@ class CMDimensionMonitor(GeometryMonitor):
         boundary_threshold: ``τ``: a boundary between two classes is reached when both have
             probability ``>= τ / 2`` at one point.
         extra_thresholds: further levels ``p`` at which ``cm/dim`` is also read off (no extra
-            optimization), logged as ``cm/dim_p{100 p}``, e.g. ``cm/dim_p80``.
+            optimization), logged as ``cm/dim_p{100 p}``, e.g. ``cm/dim_p80``. Re-reading needs every
+            grid point's scores, so with extra thresholds ``settings.search="auto"`` means the grid
+            (about four times the optimizer steps of the default bisection).
         anchors_per_target: at most this many anchors (a random subset, fixed) per class or pair;
             ``None`` uses all anchors of other classes. The main knob of the cost with ``dims``.
         dims: the grid of plane dimensions: an int (that many log-spaced values from 1 to ``D``)
@@ -223,6 +226,8 @@ class CMDimensionMonitor(GeometryMonitor):
         if max_steps is not None:
             check_int(max_steps, "max_steps")
             settings = replace(settings, max_steps=max_steps)
+        if extra_thresholds and settings.search == "auto":  # re-reading needs every grid point
+            settings = replace(settings, search="grid")
         self.settings = settings
         top, top_boundary = math.exp(-settings.tol), math.exp(-2 * settings.tol)
         for name, t, limit in (
@@ -243,6 +248,7 @@ class CMDimensionMonitor(GeometryMonitor):
             raise ValueError(f"`max_seconds` must be None or a positive number of seconds, got {max_seconds!r}.")
         self.max_seconds = max_seconds
         self.cost_estimate: CostEstimate | None = None
+        self._pass_rows = self.chunk_size
         self.num_bootstrap = check_int(num_bootstrap, "num_bootstrap", minimum=0)
         if self.num_bootstrap == 1:
             raise ValueError("`num_bootstrap` must be 0 (no uncertainties) or at least 2, got 1.")
@@ -303,17 +309,22 @@ class CMDimensionMonitor(GeometryMonitor):
         cap = self.anchors_per_target or labels.numel()
         sets = [(c,) for c in self.targets] + [tuple(p) for p in self.pairs or []]
         usable = [int((~torch.isin(labels, torch.tensor(t))).sum()) for t in sets]
-        return sum(min(cap, n) for n in usable) * len(self.grid())
+        return sum(min(cap, n) for n in usable) * problems_per_group(self.settings, len(self.grid()))
 
     def _preflight(self, trainer: pl.Trainer, model: nn.Module | list[nn.Module]) -> None:
         assert self.anchors is not None
         with isolate_rng():
-            grid = self.grid()
-            per_pass = groups_per_pass(self.anchors[0].numel(), grid, self.settings, self.chunk_size) * len(grid)
+            rows, state = self._rows_within_memory(model)
             local = estimate_cost(
-                model, self.anchors, problems=self._num_problems(), per_pass=per_pass, max_steps=self.settings.max_steps
+                model,
+                self.anchors,
+                problems=self._num_problems(),
+                per_pass=rows,
+                max_steps=self.settings.max_steps,
+                state_bytes_per_row=state,
             )
         self.cost_estimate = est = trainer.strategy.broadcast(local, src=0)  # every rank decides alike
+        self._pass_rows = max(1, est.rows_per_pass)  # chunk_size, or less where memory says so
         name = type(self).__name__
         if self.verbose:
             rank_zero_info(f"{name}: one measurement: {est}.")
@@ -323,6 +334,33 @@ class CMDimensionMonitor(GeometryMonitor):
                 f"{self.max_seconds:g}. Reduce the problems (`anchors_per_target`, `dims`, `num_pairs`, "
                 "`max_classes`), the step budget (`max_steps`), or raise `max_seconds`; nothing was trained yet."
             )
+
+    def _rows_within_memory(self, model: nn.Module | list[nn.Module]) -> tuple[int, int]:
+        """Rows per pass that fit in half the free memory of the model's device (``chunk_size`` scaled
+        down if needed), and the pool's own bytes per row. Refuses when not even one row fits."""
+        assert self.anchors is not None
+        grid = self.grid()
+        D = self.anchors[0].numel()
+        rows = rows_per_pass(D, grid, self.settings, self.chunk_size)
+        state = pool_bytes(D, grid[-1], choose_planes(self.settings.planes, D, grid[-1]) == "dense", 1)
+        per_row = activation_bytes_per_row(model, self.anchors) + state
+        device = model_device(as_members(model), self.anchors.device)
+        free = available_bytes(device)
+        if free is None or rows * per_row <= free / 2:
+            return rows, state
+        fit = int(free / 2 // per_row)
+        name = type(self).__name__
+        if fit < 1:
+            raise MisconfigurationException(
+                f"{name}: one plane point needs about {per_row / 2**20:.0f} MiB (activations and the planes' state), "
+                f"more than half the {free / 2**20:.0f} MiB free on {device}; nothing was trained yet."
+            )
+        rank_zero_warn(
+            f"{name}: {rows} plane points per pass would need about {rows * per_row / 2**30:.1f} GiB, more than half "
+            f"the {free / 2**30:.1f} GiB free on {device}: running {fit} per pass instead "
+            "(`chunk_size` scaled down; the answers do not depend on it, only the time does)."
+        )
+        return fit, state
 
     def _check_targets(self, num_classes: int) -> None:
         name = type(self).__name__
@@ -377,7 +415,7 @@ class CMDimensionMonitor(GeometryMonitor):
             "dims": self.grid(),
             "generator": self.seed,  # an int: the same planes and anchor subsets at every evaluation
             "anchors_per_target": self.anchors_per_target,
-            "chunk_size": self.chunk_size,
+            "chunk_size": self._pass_rows,
             "num_bootstrap": self.num_bootstrap,
             "settings": self.settings,
         }
