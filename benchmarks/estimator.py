@@ -11,8 +11,10 @@ offline CIFAR or ImageNet). It prints a table and ends with one JSON line:
 
 * ``efficiency`` (per model, and the smallest): the estimator's throughput, rows of forward +
   backward per second summed over every problem's steps, divided by the throughput of a plain
-  forward + backward pass of the same model on a batch of the same size (gradient with respect to
-  the inputs, as the estimator takes it).
+  forward + backward pass of the same model (gradient with respect to the inputs, as the estimator
+  takes it) on a batch of the size the estimator's passes had on average (``rows/pass``, counted
+  by a forward hook). With bisection a pass holds at most one problem per (target, anchor) pair,
+  so ``rows/pass`` is at most targets × anchors; small passes are slow per row for both sides.
 * ``speedup_vs_sequential``: digits CNN, ``REFERENCE_SETTINGS`` at threshold 0.5 against a
   faithful sequential port of the reference notebook written below (one (anchor, d, class) problem
   at a time, batch of one, Gaussian columns normalized to unit length, Adam lr 0.05, at most 300
@@ -139,21 +141,26 @@ def per_class(X: torch.Tensor, y: torch.Tensor, n: int) -> tuple[torch.Tensor, t
 
 
 def efficiency(model: nn.Module, anchors: torch.Tensor, labels: torch.Tensor, classes: list[int], device) -> dict:
-    """The estimator at its defaults against plain forward + backward passes of the same size."""
+    """The estimator at its defaults against plain forward + backward passes of the batch size its
+    passes had on average (counted by a forward hook)."""
     kw = dict(classes=classes, anchors_per_target=4, num_bootstrap=0)
+    sizes: list[int] = []
+    hook = model.register_forward_pre_hook(lambda _, args: sizes.append(args[0].shape[0]))
     synchronize(device)
     start = time.perf_counter()
     est = cm_dimension(model, anchors, labels, **kw)
     synchronize(device)
     seconds = time.perf_counter() - start
+    hook.remove()
     rows = int((est.steps + 1)[est.probed].sum())  # one forward/backward row per step of a problem
     problems = int(est.probed.sum())
-    batch = min(2048, problems)
+    batch = max(1, round(rows / max(1, len(sizes) - 1)))  # the first forward is the anchors' (calibration)
     plain = batch / time_pass(model, anchors, batch)
     return {
         "seconds": seconds,
         "problems": problems,
         "mean_steps": rows / problems,
+        "batch": batch,
         "estimator_rows_per_s": rows / seconds,
         "plain_rows_per_s": plain,
         "efficiency": rows / seconds / plain,
@@ -277,14 +284,14 @@ def main() -> None:
     }
     results = {}
     print(
-        f"\n{'model':<28} {'problems':>8} {'mean steps':>10} {'seconds':>8} {'est rows/s':>11} {'plain rows/s':>12} {'efficiency':>10}"
+        f"\n{'model':<28} {'problems':>8} {'mean steps':>10} {'rows/pass':>9} {'seconds':>8} {'est rows/s':>11} {'plain rows/s':>12} {'efficiency':>10}"
     )
     for name, (model, anchors, labels) in cases.items():
         run_classes = [0] if args.quick and "224" in name else classes
         r = efficiency(model, anchors.to(device), labels, run_classes, device)
         results[name] = r
         print(
-            f"{name:<28} {r['problems']:>8} {r['mean_steps']:>10.1f} {r['seconds']:>8.1f} "
+            f"{name:<28} {r['problems']:>8} {r['mean_steps']:>10.1f} {r['batch']:>9} {r['seconds']:>8.1f} "
             f"{r['estimator_rows_per_s']:>11.0f} {r['plain_rows_per_s']:>12.0f} {r['efficiency']:>10.2f}",
             flush=True,
         )

@@ -97,10 +97,33 @@ def test_runs_on_the_models_dtype():
 
 @pytest.mark.gpu
 def test_runs_on_the_models_device():
+    from cm_monitor import OptimizerSettings
+
     model = Tube(64, 16).cuda()
     anchors = model.sample_outside(4).cpu()  # anchors elsewhere are moved to the model's device
-    est = cm_dimension(model, anchors, torch.zeros(4, dtype=torch.long), classes=[1])
+    unbounded = OptimizerSettings(max_radius=None, temperature=1.0)
+    est = cm_dimension(model, anchors, torch.zeros(4, dtype=torch.long), classes=[1], settings=unbounded)
     assert abs(float(est.dimension[0]) - 16) <= 5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("planes", ["dense", "structured"])
+@pytest.mark.parametrize("search", ["grid", "bisect"])
+def test_cuda_gives_the_cpu_answer(planes, search):
+    """The work pool, both plane families and both searches on CUDA: the CPU's d* within one grid step."""
+    from cm_monitor import OptimizerSettings
+    from cm_monitor.cost import available_bytes
+
+    settings = OptimizerSettings(max_radius=None, temperature=1.0, planes=planes, search=search)
+    model = Tube(1024, 64)
+    anchors = model.sample_outside(6)
+    kw = dict(classes=[1], dims=[512, 768, 896, 960, 992, 1024], settings=settings)
+    cpu = cm_dimension(model, anchors, torch.zeros(6, dtype=torch.long), **kw)
+    gpu = cm_dimension(model.cuda(), anchors, torch.zeros(6, dtype=torch.long), **kw)
+    ratio = float(gpu.cutting_dim[0]) / float(cpu.cutting_dim[0])
+    assert 960 / 1024 <= ratio <= 1024 / 960
+    assert abs(float(gpu.dimension[0]) - 64) <= 16
+    assert available_bytes(torch.device("cuda")) > 0
 
 
 def test_cost_estimate_counts_passes_and_leaves_the_model_alone():

@@ -65,11 +65,11 @@ def test_offsets_are_the_basis_times_the_coordinates():
 
 def test_auto_picks_dense_for_small_inputs_and_structured_for_large_ones():
     assert choose_planes("auto", 64, 64) == "dense"  # 8 x 8 digits
-    assert choose_planes("auto", 784, 784) == "dense"  # MNIST
-    assert choose_planes("auto", 1024, 1024) == "dense"  # the bound itself: D · max(dims) = 2**20
-    assert DENSE_MAX_ELEMENTS == 2**20
+    assert choose_planes("auto", 256, 256) == "dense"  # the bound itself: D · max(dims) = 2**16
+    assert DENSE_MAX_ELEMENTS == 2**16
+    assert choose_planes("auto", 784, 784) == "structured"  # MNIST
     assert choose_planes("auto", 3072, 3072) == "structured"  # CIFAR-10, default grid
-    assert choose_planes("auto", 3072, 300) == "dense"  # a grid that stops at 300: the basis is small
+    assert choose_planes("auto", 3072, 20) == "dense"  # a grid that stops at 20: the basis is small
     assert choose_planes("auto", 3 * 224 * 224, 3 * 224 * 224) == "structured"
     assert choose_planes("dense", 3072, 3072) == "dense" and choose_planes("structured", 64, 64) == "structured"
     assert REFERENCE_SETTINGS.planes == "dense" and OptimizerSettings().planes == "auto"

@@ -90,10 +90,12 @@ def activation_bytes_per_row(model: ModelLike, inputs: Tensor, rows: int = 4) ->
     device = model_device(members, inputs.device)
     dtype = model_float_dtype(members, inputs.dtype)
     saved = 0
+    weights = {t.data_ptr() for m in members for t in (*m.parameters(), *m.buffers())}
 
     def pack(t: Tensor) -> Tensor:
         nonlocal saved
-        saved += t.numel() * t.element_size()
+        if t.data_ptr() not in weights:  # the weights are there anyway; activations grow with the rows
+            saved += t.numel() * t.element_size()
         return t
 
     index = torch.arange(rows, device=inputs.device) % inputs.shape[0]

@@ -79,8 +79,8 @@ class OptimizerSettings:
             planes); ``"structured"``: random signs, a fast orthonormal transform and a random
             choice of coordinates (:class:`~cm_monitor.planes.StructuredPlanes`), with no
             ``D × d`` matrix and no QR: ``O(D log D)`` time and ``O(D)`` memory per problem;
-            ``"auto"`` (default): dense while ``D · max(dims) <= 2**20``
-            (:data:`~cm_monitor.planes.DENSE_MAX_ELEMENTS`; with the default grid, ``D <= 1024``),
+            ``"auto"`` (default): dense while ``D · max(dims) <= 2**16``
+            (:data:`~cm_monitor.planes.DENSE_MAX_ELEMENTS`; with the default grid, ``D <= 256``),
             structured above.
         search: which plane dimensions are optimized. ``"grid"``: every grid point of every
             (target, anchor) pair; ``"bisect"``: per pair, a bisection for the first grid point
