@@ -270,7 +270,8 @@ def optimize_planes(
     dtype = torch.float64 if anchors.dtype == torch.float64 else torch.float32
     flat = anchors.reshape(anchors.shape[0], D).to(dtype)
     search = make_search(resolve_search(settings), G, K)
-    rows = min(rows_per_pass(D, dims, settings, chunk_size), G * K)
+    in_flight = G * K if resolve_search(settings) == "grid" else G  # a bisection runs one problem per group
+    rows = min(rows_per_pass(D, dims, settings, chunk_size), in_flight)
     pool = _Pool(rows, flat, anchors.shape[1:], group_anchor, group_targets, group_seeds, dims, settings, space)
     out = _Outcomes(G, K, device)
     free = list(range(rows))
@@ -430,8 +431,9 @@ class _Pool:
         the level (None: NaN/inf)."""
         rows_list = self.active.nonzero().squeeze(1).tolist()
         full = len(rows_list) == self.theta.shape[0]
-        idx = torch.tensor(rows_list, device=self.theta.device)
-        loss, ok, lv, sv = self._evaluate(members, None if full else idx, idx, num_classes, model_dtype)
+        rows = torch.tensor(rows_list, device=self.theta.device)
+        idx = slice(None) if full else rows  # every row: views instead of gathers
+        loss, ok, lv, sv = self._evaluate(members, None if full else rows, idx, num_classes, model_dtype)
         s = self.settings
         steps = self.steps[idx]
         done = ~ok | ((lv - math.log(self.k)).abs() <= s.tol) | (steps >= s.max_steps)
@@ -441,7 +443,7 @@ class _Pool:
         go = ok & ~done
         if bool(go.any()):
             (grad,) = torch.autograd.grad(loss[go].sum(), self.theta)
-            moving = idx[go]
+            moving = rows[go]
             self.optimizer.step(grad[moving], moving, (self.mask[moving] != 0).to(grad.dtype))
             if self.space.radius_norms is not None:
                 _project(self.theta, self.mask, self.limit, moving)
@@ -455,7 +457,12 @@ class _Pool:
         return finished, success
 
     def _evaluate(
-        self, members: list[nn.Module], rows: Tensor | None, idx: Tensor, num_classes: int, model_dtype: torch.dtype
+        self,
+        members: list[nn.Module],
+        rows: Tensor | None,
+        idx: Tensor | slice,
+        num_classes: int,
+        model_dtype: torch.dtype,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Forward the plane points of ``idx`` (``rows`` None: every row); record what they reached.
         Returns the loss (with autograd), whether it is finite, and the detached loss and score."""
@@ -482,7 +489,7 @@ class _Pool:
         self._remember(idx, ok, lv, sv, dist, outside)
         return loss, ok, lv, sv
 
-    def _remember(self, idx: Tensor, ok: Tensor, lv: Tensor, sv: Tensor, dist: Tensor, outside: Tensor) -> None:
+    def _remember(self, idx: Tensor | slice, ok: Tensor, lv: Tensor, sv: Tensor, dist: Tensor, outside: Tensor) -> None:
         """Best score and loss so far; where the point is at the first success (else at the best score)."""
         best = self.score[idx]
         record = ok & ~self.crossed[idx] & ((sv >= self.space.level) | (sv > best))
