@@ -208,3 +208,64 @@ def test_buffers_replaced_by_the_forward_are_put_back():
         relative_stability(model, images()[0], delta=0.6, num_bootstrap=0)
     assert model.seen is seen and "extra" not in dict(model.named_buffers())
     assert_same_state(before, model)
+
+
+# ------------------------------------------------------------------ the monitors, in training
+
+pl = pytest.importorskip("lightning.pytorch")
+pytest.importorskip("sklearn.datasets")
+
+
+class OddModule(pl.LightningModule):
+    def __init__(self, name: str):
+        super().__init__()
+        self.net = ODD[name]()
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=3e-3)
+
+
+def fit_odd(tmp_path, name, callbacks):
+    import lightning
+    from test_callback import loaders, trainer
+
+    lightning.seed_everything(0, verbose=False)
+    module = OddModule(name)
+    train, val = loaders(num_val=100)
+    t = trainer(tmp_path, callbacks, max_epochs=2, limit_train_batches=5)
+    t.fit(module, train, val)
+    return module, t
+
+
+def monitors():
+    from test_callback import FAST
+    from test_monitors import DIFFEO_FAST, ELASTIC_FAST
+
+    from cm_monitor import CMDimensionMonitor, DiffeoStabilityMonitor, ElasticityMonitor
+
+    return [
+        CMDimensionMonitor(**{**FAST, "num_pairs": 0, "max_classes": 3, "dims": [1, 64], "max_steps": 20}),
+        DiffeoStabilityMonitor(**DIFFEO_FAST),
+        ElasticityMonitor(**{**ELASTIC_FAST, "num_anchors": 2}),
+    ]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("name", list(ODD))
+def test_training_is_bit_identical_with_and_without_the_monitors(tmp_path, name):
+    plain, t0 = fit_odd(tmp_path / "plain", name, [])
+    watched, t1 = fit_odd(tmp_path / "watched", name, monitors())
+    for (k, a), (_, b) in zip(plain.state_dict().items(), watched.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k  # buffers updated in the forward (observers, counters) included
+    assert torch.equal(t0.callback_metrics["val_loss"], t1.callback_metrics["val_loss"])
+    for key in ("cm/dim", "diffeo/rf", "elasticity/ratio"):
+        assert key in t1.callback_metrics, key

@@ -66,6 +66,10 @@ def as_members(model: ModelLike, name: str = "model") -> list[nn.Module]:
 # Models as users write them
 
 
+class ModelCallError(TypeError):
+    """The model could not be called on a batch of inputs (a tensor) or its output not read."""
+
+
 def default_output_transform(output: Any) -> Tensor:
     """The logits in what a classifier's forward returns, as users write them.
 
@@ -74,7 +78,7 @@ def default_output_transform(output: Any) -> Tensor:
     * an object with a tensor attribute ``.logits``;
     * a tuple or list: its first element (``(logits, features)``, ``(logits, aux_loss)``).
 
-    Anything else is a ``TypeError`` that says to pass ``output_transform=``. A single logit
+    Anything else is a ``TypeError`` (:class:`ModelCallError`) that says to pass ``output_transform=``. A single logit
     ``[N, 1]`` is left as it is here; the measurements read it as two classes
     (:func:`as_two_classes`).
 
@@ -91,7 +95,7 @@ def default_output_transform(output: Any) -> Tensor:
     if isinstance(output, Mapping):
         if "logits" in output and isinstance(output["logits"], Tensor):
             return output["logits"]
-        raise TypeError(
+        raise ModelCallError(
             f"the model returned a {type(output).__name__} with keys {list(output)[:8]} and no tensor under "
             "'logits'; pass `output_transform=` (e.g. `lambda out: out['scores']`) to pick the logits [N, C]."
         )
@@ -100,7 +104,7 @@ def default_output_transform(output: Any) -> Tensor:
         return logits
     if isinstance(output, tuple | list) and output and isinstance(output[0], Tensor):
         return output[0]
-    raise TypeError(
+    raise ModelCallError(
         f"the model returned a {type(output).__name__}; expected logits [N, C], or a tuple/list whose first "
         "element, a dict with 'logits' or an object with `.logits` holding them. Pass `output_transform=` "
         "(a function: model output -> logits [N, C]) for other outputs."
@@ -124,10 +128,6 @@ def as_two_classes(logits: Tensor) -> Tensor:
     if isinstance(logits, Tensor) and logits.dim() == 2 and logits.shape[1] == 1:
         return torch.cat([torch.zeros_like(logits), logits], dim=1)
     return logits
-
-
-class ModelCallError(TypeError):
-    """The model could not be called on a batch of inputs (a tensor) or its output not read."""
 
 
 _CALL_ERRORS = (TypeError, KeyError, IndexError, AttributeError)
