@@ -694,13 +694,13 @@ def test_dict_batches(tmp_path, keys, kwargs):
 def test_get_model_and_on_after_batch_transfer(tmp_path):
     class Wrapped(DigitsCNN):
         def forward(self, x):  # not logits: the monitor needs `get_model`
-            return {"logits": self.net(x)}
+            return {"scores": self.net(x)}
 
         def training_step(self, batch, batch_idx):
-            return nn.functional.cross_entropy(self(batch[0])["logits"], batch[1])
+            return nn.functional.cross_entropy(self(batch[0])["scores"], batch[1])
 
         def validation_step(self, batch, batch_idx):
-            self.log("val_loss", nn.functional.cross_entropy(self(batch[0])["logits"], batch[1]))
+            self.log("val_loss", nn.functional.cross_entropy(self(batch[0])["scores"], batch[1]))
 
         def on_after_batch_transfer(self, batch, dataloader_idx):
             x, y = batch
@@ -713,7 +713,7 @@ def test_get_model_and_on_after_batch_transfer(tmp_path):
     anchor = monitor.anchors[0]
     assert any(torch.equal(anchor, 2 * x) for x in xv)
 
-    with pytest.raises(TypeError, match=r"returned a dict.*get_model"):
+    with pytest.raises(TypeError, match=r"returned a dict.*no tensor under 'logits'.*`output_transform=`.*get_model"):
         trainer(tmp_path, [CMDimensionMonitor(**FAST)], max_epochs=1).fit(Wrapped(), *loaders())
 
 

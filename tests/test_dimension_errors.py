@@ -49,8 +49,9 @@ class Returns(nn.Module):
     [
         (lambda x: x.sum(1), r"returned shape \(6,\).*expected logits \[6, C\]"),
         (lambda x: x.view(6, 4, 4), r"returned shape \(6, 4, 4\)"),
-        (lambda x: (x[:, :3], x), r"returned a tuple; expected a tensor of logits"),
-        (lambda x: x[:, :1], r"C >= 2"),
+        (lambda x: ("aux", x[:, :3]), r"returned a tuple; expected logits.*`output_transform=`"),
+        (lambda x: {"scores": x[:, :3]}, r"keys \['scores'\] and no tensor under 'logits'.*`output_transform=`"),
+        (lambda x: x[:, :0], r"C >= 2"),
     ],
 )
 def test_model_output_must_be_logits(setup, fn, match):

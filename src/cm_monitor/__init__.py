@@ -6,6 +6,7 @@ The measurement core (:func:`cm_dimension`, :func:`boundary_dimension`, :func:`r
 it during training and log the results.
 """
 
+from cm_monitor._model import default_output_transform
 from cm_monitor.callbacks import CMDimensionMonitor, DiffeoStabilityMonitor, ElasticityMonitor
 from cm_monitor.cutting import REFERENCE_SETTINGS, OptimizerSettings
 from cm_monitor.diffeo import StabilityEstimate, relative_stability
@@ -35,6 +36,7 @@ __all__ = [
     "class_contrast",
     "cm_dimension",
     "default_dims",
+    "default_output_transform",
     "linear_baseline_similarity",
     "local_elasticity",
     "reference_dims",

@@ -1,10 +1,24 @@
 """Shared plumbing for measurements on a model: validation, safety and forward passes.
 
 Every measurement in :mod:`cm_monitor` runs a model that somebody is training. The helpers here
-make that invisible to the training run: the model is put in evaluation mode and its previous
-modes restored afterwards, gradients are taken only with respect to the measurement's own
-tensors (never accumulated into ``.grad``), and autograd is enabled even when the caller sits
-inside ``torch.no_grad()`` or ``torch.inference_mode()`` (as Lightning's validation hooks do).
+make that invisible to the training run (:func:`measuring`):
+
+* the model is put in evaluation mode and every submodule's mode is restored afterwards;
+* every buffer is saved at the start and restored at the end (and before every forward pass of
+  the measurement, so a forward that updates buffers, such as a quantization observer or a
+  forward-time counter, sees the same buffers at every pass); parameters are fingerprinted and
+  restored from a copy if a forward changed them in place (see :data:`PARAMETER_COPY_BYTES`);
+* gradients are taken only with respect to the measurement's own tensors, never accumulated into
+  ``.grad``, and autograd is enabled even inside ``torch.no_grad()`` or ``torch.inference_mode()``
+  (as Lightning's validation hooks are);
+* the global random state (torch's CPU and the model's CUDA generators, Python's and NumPy's) is
+  saved and restored, and every forward pass of the measurement starts from the same seed, so a
+  model that draws random numbers in its forward (noise layers, MC dropout) is measured as one
+  fixed function and training's random stream is not shifted.
+
+Models as users write them: :func:`default_output_transform` finds the logits in a tuple, a dict
+or an object with ``.logits`` (a HuggingFace ``ModelOutput``); a single logit ``[N, 1]`` is read as
+two classes ``[0, z]`` (:func:`as_two_classes`). :class:`LogitsModel` applies both.
 No Lightning import here: this is the pure core.
 """
 
@@ -12,12 +26,25 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+import random
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 ModelLike = nn.Module | Sequence[nn.Module]
+#: ``output_transform``: maps what a model's forward returns to its logits ``[N, C]``.
+OutputTransform = Callable[[Any], Tensor]
+
+#: Parameters up to this many bytes in all are copied (to the CPU) at the start of a measurement,
+#: so that a forward pass that changes them in place is undone exactly. Larger models are only
+#: fingerprinted: such a change is then detected and reported (RuntimeError), not undone.
+PARAMETER_COPY_BYTES = 2**30
+
+#: Seed of the random numbers a model draws in its forward during a measurement.
+MODEL_SEED = 0
 
 
 def as_members(model: ModelLike, name: str = "model") -> list[nn.Module]:
@@ -33,6 +60,134 @@ def as_members(model: ModelLike, name: str = "model") -> list[nn.Module]:
                 raise TypeError(f"`{name}[{i}]` is a {type(m).__name__}; expected an nn.Module.")
         return members
     raise TypeError(f"`{name}` is a {type(model).__name__}; expected an nn.Module or a list of nn.Modules.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Models as users write them
+
+
+class ModelCallError(TypeError):
+    """The model could not be called on a batch of inputs (a tensor) or its output not read."""
+
+
+def default_output_transform(output: Any) -> Tensor:
+    """The logits in what a classifier's forward returns, as users write them.
+
+    * a tensor: itself;
+    * a mapping (``dict``, HuggingFace ``ModelOutput``): its ``"logits"`` entry;
+    * an object with a tensor attribute ``.logits``;
+    * a tuple or list: its first element (``(logits, features)``, ``(logits, aux_loss)``).
+
+    Anything else is a ``TypeError`` (:class:`ModelCallError`) that says to pass ``output_transform=``. A single logit
+    ``[N, 1]`` is left as it is here; the measurements read it as two classes
+    (:func:`as_two_classes`).
+
+    Example::
+
+        >>> import torch
+        >>> from cm_monitor import default_output_transform
+        >>> z = torch.zeros(4, 3)
+        >>> all(default_output_transform(o) is z for o in (z, (z, "aux"), {"logits": z, "loss": 0}))
+        True
+    """
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping):
+        if "logits" in output and isinstance(output["logits"], Tensor):
+            return output["logits"]
+        raise ModelCallError(
+            f"the model returned a {type(output).__name__} with keys {list(output)[:8]} and no tensor under "
+            "'logits'; pass `output_transform=` (e.g. `lambda out: out['scores']`) to pick the logits [N, C]."
+        )
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(output, tuple | list) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise ModelCallError(
+        f"the model returned a {type(output).__name__}; expected logits [N, C], or a tuple/list whose first "
+        "element, a dict with 'logits' or an object with `.logits` holding them. Pass `output_transform=` "
+        "(a function: model output -> logits [N, C]) for other outputs."
+    )
+
+
+def as_two_classes(logits: Tensor) -> Tensor:
+    """A single logit ``z`` ``[N, 1]`` (binary classifier, sigmoid/BCE) as two-class logits ``[0, z]``.
+
+    ``softmax([0, z])`` is ``(1 − σ(z), σ(z))``: class 1 has the sigmoid's probability, and the
+    cross-entropy of ``[0, z]`` is the binary cross-entropy of ``z``. Other shapes are returned as
+    they are.
+
+    Example::
+
+        >>> import torch
+        >>> from cm_monitor._model import as_two_classes
+        >>> as_two_classes(torch.tensor([[2.0]])).softmax(1)[:, 1], torch.sigmoid(torch.tensor(2.0))
+        (tensor([0.8808]), tensor(0.8808))
+    """
+    if isinstance(logits, Tensor) and logits.dim() == 2 and logits.shape[1] == 1:
+        return torch.cat([torch.zeros_like(logits), logits], dim=1)
+    return logits
+
+
+_CALL_ERRORS = (TypeError, KeyError, IndexError, AttributeError)
+
+
+class LogitsModel(nn.Module):
+    """``model`` whose forward returns logits ``[N, C]``: ``as_two_classes(output_transform(model(x)))``.
+
+    A thin wrapper (the model is its only submodule, nothing is copied). An error raised by
+    calling ``model`` on the tensor or by ``output_transform`` (a ``TypeError``, ``KeyError``,
+    ``IndexError`` or ``AttributeError``, the usual symptoms of a forward that expects a dict
+    batch or several arguments) becomes a :class:`ModelCallError` that says what was called and
+    how to fix it.
+    """
+
+    def __init__(self, model: nn.Module, output_transform: OutputTransform | None = None, name: str = "model") -> None:
+        super().__init__()
+        self.model = model
+        self.output_transform = default_output_transform if output_transform is None else output_transform
+        self.name = name
+
+    def forward(self, x: Tensor) -> Tensor:
+        try:
+            out = self.model(x)
+        except _CALL_ERRORS as err:
+            raise ModelCallError(
+                f"`{self.name}` raised {type(err).__name__} when called on a tensor batch of shape "
+                f"{tuple(x.shape)}: {err}. The measurement calls {self.name}(inputs) with the input tensor as "
+                "the only argument; a model whose forward takes a dict batch or more arguments needs an "
+                "nn.Module around it whose forward takes that tensor and returns the logits."
+            ) from err
+        if self.output_transform is default_output_transform:
+            return as_two_classes(default_output_transform(out))  # its errors say what to do
+        try:
+            logits = self.output_transform(out)
+        except _CALL_ERRORS as err:
+            raise ModelCallError(
+                f"`output_transform` could not read the output of `{self.name}` ({type(err).__name__}: {err}); "
+                "pass `output_transform=` a function mapping the model's output to logits [N, C]."
+            ) from err
+        return as_two_classes(logits)
+
+
+def logits_models(
+    members: list[nn.Module], output_transform: OutputTransform | None = None, name: str = "model"
+) -> list[nn.Module]:
+    """Each member as a :class:`LogitsModel` (already wrapped members are kept as they are)."""
+    if output_transform is not None and not callable(output_transform):
+        raise TypeError(
+            f"`output_transform` must be None or a function (model output -> logits [N, C]), got {output_transform!r}."
+        )
+    out: list[nn.Module] = []
+    for i, m in enumerate(members):
+        label = f"{name}[{i}]" if len(members) > 1 else name
+        out.append(m if isinstance(m, LogitsModel) else LogitsModel(m, output_transform, label))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices and inputs
 
 
 def model_device(members: list[nn.Module], fallback: torch.device) -> torch.device:
@@ -77,28 +232,235 @@ def check_float_inputs(x: Tensor, name: str, *, min_dims: int = 2) -> None:
         raise ValueError(f"`{name}` contains NaN or inf values (in {bad} of {x.shape[0]} inputs).")
 
 
+# ---------------------------------------------------------------------------------------------
+# Leaving the model as it was
+
+
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def fingerprint(tensors: Sequence[Tensor]) -> Tensor:
+    """``[len(tensors)]`` int64 sums of the tensors' bit patterns: any change of one element changes it.
+
+    Tensors whose bits cannot be viewed as integers (quantized, odd element sizes) contribute 0
+    (their ``_version`` still tells in-place changes).
+    """
+    sums = []
+    for t in tensors:
+        t = t.detach()
+        bits = _INT_OF_SIZE.get(t.element_size())
+        if bits is None or t.is_quantized or t.numel() == 0:
+            sums.append(torch.zeros((), dtype=torch.int64, device=t.device))
+            continue
+        if t.is_complex():
+            t = torch.view_as_real(t)
+        sums.append(t.view(bits).sum(dtype=torch.int64))
+    if not sums:
+        return torch.zeros(0, dtype=torch.int64)
+    return torch.stack([s.cpu() for s in sums]) if len({s.device for s in sums}) > 1 else torch.stack(sums).cpu()
+
+
+class ModelGuard:
+    """Saves what a forward pass could change in ``members`` and puts it back.
+
+    * buffers: the tensor objects and a copy of their values; :meth:`restore_buffers` copies the
+      values back into any buffer whose version counter moved (cheap: called before every forward
+      pass of a measurement), :meth:`restore` also puts back replaced or removed buffers and
+      values changed behind autograd's back (``.data``), by fingerprint;
+    * parameters: the objects, ``requires_grad`` flags, ``.grad`` objects, version counters and a
+      fingerprint; their values are copied to the CPU when they take at most
+      :data:`PARAMETER_COPY_BYTES`. A change found by :meth:`restore` is undone from that copy (with
+      a RuntimeWarning naming the parameters), or raises a RuntimeError without one;
+    * every submodule's ``training`` flag.
+    """
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        modules = list({id(sub): sub for m in members for sub in m.modules()}.values())
+        self.modes = [(sub, sub.training) for sub in modules]
+        self.buffer_dicts = [(sub, dict(sub._buffers)) for sub in modules]
+        self.param_dicts = [(sub, dict(sub._parameters)) for sub in modules]
+        named_buffers = {id(b): b for _, d in self.buffer_dicts for b in d.values() if b is not None}
+        self.buffers = list(named_buffers.values())
+        with _inference(False), torch.no_grad():
+            self.buffer_values = [b.detach().clone() for b in self.buffers]
+        self.buffer_versions = [_version(b) for b in self.buffers]
+        self.buffer_prints = fingerprint(self.buffers)
+        named = {}
+        for sub, d in self.param_dicts:
+            for name, p in d.items():
+                if p is not None and id(p) not in named:
+                    named[id(p)] = (f"{type(sub).__name__}.{name}", p)
+        self.param_names = [n for n, _ in named.values()]
+        self.params = [p for _, p in named.values()]
+        self.flags = [p.requires_grad for p in self.params]
+        self.grads = [p.grad for p in self.params]
+        self.param_versions = [_version(p) for p in self.params]
+        self.param_prints = fingerprint(self.params)
+        nbytes = sum(p.numel() * p.element_size() for p in self.params)
+        self.param_values: list[Tensor] | None = None
+        if nbytes <= PARAMETER_COPY_BYTES:
+            with torch.no_grad():
+                self.param_values = [p.detach().to("cpu", copy=True) for p in self.params]
+
+    def restore_buffers(self) -> None:
+        """Copy the saved values back into every buffer whose version counter moved."""
+        for i, b in enumerate(self.buffers):
+            if _version(b) != self.buffer_versions[i]:
+                self._put_buffer(i)
+
+    def _put_buffer(self, i: int) -> None:
+        b, saved = self.buffers[i], self.buffer_values[i]
+        with _inference(b.is_inference()), torch.no_grad():
+            if b.shape != saved.shape:
+                b.resize_(saved.shape)
+            b.copy_(saved)
+        self.buffer_versions[i] = _version(b)
+
+    def restore(self) -> None:
+        """Put everything back (see the class docstring); raise if parameters changed and cannot be."""
+        for sub, training in self.modes:
+            sub.training = training
+        for sub, saved in self.buffer_dicts:
+            _restore_dict(sub._buffers, saved)
+        for sub, saved in self.param_dicts:
+            _restore_dict(sub._parameters, saved)
+        changed = (fingerprint(self.buffers) != self.buffer_prints).tolist()
+        for i, b in enumerate(self.buffers):
+            if changed[i] or _version(b) != self.buffer_versions[i] or b.shape != self.buffer_values[i].shape:
+                self._put_buffer(i)
+        for p, flag, g in zip(self.params, self.flags, self.grads, strict=True):
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
+            if p.grad is not g:
+                p.grad = g
+        self._restore_parameters()
+
+    def _restore_parameters(self) -> None:
+        moved = (fingerprint(self.params) != self.param_prints).tolist()
+        bad = [
+            i
+            for i, p in enumerate(self.params)
+            if moved[i] or _version(p) != self.param_versions[i] or p.shape != self._shape(i)
+        ]
+        if not bad:
+            return
+        names = [self.param_names[i] for i in bad]
+        if self.param_values is None:
+            raise RuntimeError(
+                f"The model's forward changed parameters {names[:8]} in place during the measurement, and the "
+                f"model is too large (over cm_monitor._model.PARAMETER_COPY_BYTES = {PARAMETER_COPY_BYTES} bytes "
+                "of parameters) for a copy to undo it: training would continue from changed weights. Make the "
+                "forward leave its parameters alone, or raise PARAMETER_COPY_BYTES."
+            )
+        for i in bad:
+            p, saved = self.params[i], self.param_values[i]
+            with _inference(p.is_inference()), torch.no_grad():
+                if p.shape != saved.shape:
+                    p.data = saved.to(p.device, copy=True)
+                else:
+                    p.copy_(saved)
+        warnings.warn(
+            f"The model's forward changed parameters {names[:8]} in place during the measurement; they were "
+            "restored from a copy.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+    def _shape(self, i: int) -> torch.Size:
+        return self.param_values[i].shape if self.param_values is not None else self.params[i].shape
+
+
+def _version(t: Tensor) -> int:
+    """``t``'s version counter (bumped by every in-place change); -1 for inference tensors, which have none."""
+    return -1 if t.is_inference() else t._version
+
+
+def _restore_dict(current: dict[str, Any], saved: dict[str, Any]) -> None:
+    """Make ``current`` hold exactly the objects of ``saved`` again (a module's buffers or parameters)."""
+    if current.keys() == saved.keys() and all(current[k] is v for k, v in saved.items()):
+        return
+    current.clear()
+    current.update(saved)
+
+
+def _inference(enabled: bool) -> contextlib.AbstractContextManager[None]:
+    """``torch.inference_mode(enabled)``: in-place writes to inference tensors need it on, others off."""
+    return torch.inference_mode(enabled)
+
+
+def _cuda_devices(members: list[nn.Module]) -> list[int]:
+    found = {t.device.index or 0 for m in members for t in [*m.parameters(), *m.buffers()] if t.device.type == "cuda"}
+    return sorted(found)
+
+
+def seed_model_rng(devices: Sequence[int], seed: int = MODEL_SEED) -> None:
+    """Seed torch's CPU generator and the CUDA generators of ``devices`` (only those)."""
+    torch.random.default_generator.manual_seed(seed)
+    for i in devices:
+        torch.cuda.default_generators[i].manual_seed(seed)
+
+
+@contextlib.contextmanager
+def saved_rng(devices: Sequence[int]) -> Iterator[None]:
+    """Save and restore torch's CPU and ``devices``' CUDA random states, Python's and NumPy's."""
+    py_state = random.getstate()
+    np_random = _numpy_random()
+    np_state = np_random.get_state() if np_random is not None else None
+    try:
+        with torch.random.fork_rng(devices=list(devices)):
+            yield
+    finally:
+        random.setstate(py_state)
+        if np_random is not None:
+            np_random.set_state(np_state)
+
+
+def _numpy_random() -> Any:
+    try:
+        import numpy
+    except ImportError:  # pragma: no cover - numpy comes with the dependencies
+        return None
+    return numpy.random
+
+
 @contextlib.contextmanager
 def measuring(members: list[nn.Module], grad: bool = True) -> Iterator[None]:
-    """Evaluation mode and autograd for a measurement; restores every submodule's mode after.
+    """Run a measurement on ``members`` and leave them, and the random state, as they were.
 
-    With ``grad=False`` (forward passes only) autograd is off. With ``grad=True`` it works inside
-    ``torch.no_grad()`` and ``torch.inference_mode()``: both are switched off for the duration (tensors created in inference mode must be cloned by the caller before they
-    join a graph). Parameters are not touched: gradients are taken with
-    :func:`torch.autograd.grad` with respect to the measurement's own tensors only.
+    Inside: evaluation mode; with ``grad=False`` (forward passes only) autograd is off; with
+    ``grad=True`` it is on even inside ``torch.no_grad()`` and ``torch.inference_mode()`` (tensors
+    created in inference mode must be cloned by the caller before they join a graph). Gradients
+    are taken with :func:`torch.autograd.grad` with respect to the measurement's own tensors only.
+
+    Before every forward pass of a member, buffers whose version moved are restored and the model's
+    random generators (torch CPU, the model's CUDA devices) are seeded with :data:`MODEL_SEED`:
+    every pass sees the same buffers and the same random numbers for the same batch shape. On exit
+    (exceptions included) every submodule's mode, every buffer, parameters (see
+    :class:`ModelGuard`), ``.grad`` and ``requires_grad``, and the global random states are restored.
     """
-    modes = [(sub, sub.training) for m in members for sub in m.modules()]
+    guard = ModelGuard(members)
+    devices = _cuda_devices(members)
+
+    def before_forward(module: nn.Module, args: Any) -> None:
+        guard.restore_buffers()
+        seed_model_rng(devices)
+
+    hooks = []
     try:
-        for m in members:
-            m.eval()
-        if grad:
-            with torch.inference_mode(False), torch.enable_grad():
-                yield
-        else:
-            with torch.no_grad():
-                yield
+        with saved_rng(devices):
+            hooks = [m.register_forward_pre_hook(before_forward) for m in members]
+            for m in members:
+                m.eval()
+            if grad:
+                with torch.inference_mode(False), torch.enable_grad():
+                    yield
+            else:
+                with torch.no_grad():
+                    yield
     finally:
-        for sub, training in modes:
-            sub.training = training
+        for h in hooks:
+            h.remove()
+        guard.restore()
 
 
 def explain_inference_tensors(err: RuntimeError) -> RuntimeError:
@@ -140,13 +502,14 @@ def check_logits(out: object, batch: int, num_classes: int | None, name: str) ->
     """Raise a clear error unless ``out`` is a float tensor of logits ``[batch, C]``."""
     if not isinstance(out, Tensor):
         raise TypeError(
-            f"`{name}` returned a {type(out).__name__}; expected a tensor of logits [N, C]. Wrap "
-            "the model so that its forward returns the logits only."
+            f"`{name}` returned a {type(out).__name__}; expected a tensor of logits [N, C]. Pass "
+            "`output_transform=` (a function: model output -> logits [N, C])."
         )
     if out.dim() != 2 or out.shape[0] != batch or out.shape[1] < 2:
         raise ValueError(
             f"`{name}` returned shape {tuple(out.shape)} for a batch of {batch}; expected logits "
-            f"[{batch}, C] with C >= 2 classes."
+            f"[{batch}, C] with C >= 2 classes (or a single logit [{batch}, 1]). Pass `output_transform=` "
+            "(a function: model output -> logits) when the logits are elsewhere."
         )
     if not out.is_floating_point():
         raise TypeError(f"`{name}` returned dtype {out.dtype}; expected floating-point logits.")

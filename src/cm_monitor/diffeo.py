@@ -29,8 +29,10 @@ from torch import Tensor
 
 from cm_monitor._model import (
     ModelLike,
+    OutputTransform,
     as_members,
     check_float_inputs,
+    logits_models,
     make_generator,
     measuring,
     model_device,
@@ -368,6 +370,7 @@ def relative_stability(
     num_bootstrap: int = 200,
     chunk_size: int = 1024,
     fold_fraction: float | None = None,
+    output_transform: OutputTransform | None = None,
 ) -> StabilityEstimate:
     """Relative stability ``R_f`` of a model's output to small diffeomorphisms vs matched noise.
 
@@ -392,8 +395,8 @@ def relative_stability(
         cutoff: highest mode frequency ``c`` (default 3).
         num_deformations: deformations (and noise draws) per image.
         reduction: ``"mean"`` (default; the identity map gives exactly 1) or ``"median"``.
-        output: what ``f`` is: ``"logits"`` (the model's output, default), ``"probabilities"``
-            (softmax), or a callable applied to the model's output.
+        output: what ``f`` is: ``"logits"`` (the model's logits, default), ``"probabilities"``
+            (softmax), or a callable applied to the logits (after ``output_transform``).
         clip: clip the temperature into :func:`temperature_range` (smaller side), with a warning.
         generator: CPU ``torch.Generator`` or int seed (default 0) for deformations and noise.
         num_bootstrap: bootstrap resamples of the images for ``rf_std``.
@@ -405,6 +408,15 @@ def relative_stability(
             the temperature, ``cutoff`` and the image size, so the value of an earlier call with all
             of these equal is exact (:class:`~cm_monitor.DiffeoStabilityMonitor` does this).
             ``None`` (default): computed.
+        output_transform: maps the model's output to its logits ``[N, C]`` before ``output`` is
+            applied; default :func:`~cm_monitor.default_output_transform` (a tensor, the first
+            element of a tuple, ``out["logits"]`` or ``out.logits``). A single logit ``[N, 1]`` is
+            read as two classes ``[0, z]``.
+
+    A model that draws random numbers in its forward (noise layers, MC dropout) draws the same ones
+    for the clean, deformed and noisy images (every forward pass of the measurement starts from
+    one seed, and the three are batched alike), so its own noise cancels from ``D_f`` and ``G_f``;
+    the global random state is left as it was.
 
     Warns:
         UserWarning: when the temperature is clipped; when more than 5 % of the deformations fold
@@ -415,7 +427,7 @@ def relative_stability(
             identity map gets ``R_f ≈ 0.1`` instead of 1.
         RuntimeWarning: when the model returns NaN/inf.
     """
-    members = as_members(model)
+    members = logits_models(as_members(model), output_transform)
     check_images(images)
     if images.shape[0] < 2:
         raise ValueError(
@@ -470,11 +482,13 @@ def relative_stability(
         eta = (zf / zf.norm(dim=1, keepdim=True) * sigma[:, None]).view_as(xr)
         noisy = (xr.double() + eta).to(dtype)
         identity_rf = _identity_rf(change, eta.flatten(1), reduction)
-        fx, ftau, feta = f(x), f(deformed), f(noisy)
+        # the clean images batched like the deformed and noisy ones: the same random numbers for each
+        fxr, ftau, feta = f(xr), f(deformed), f(noisy)
+        fx = fxr[::reps]
     if reduction == "median":
         _warn_median_bias(identity_rf)
 
-    if not all(bool(torch.isfinite(t).all()) for t in (fx, ftau, feta)):
+    if not all(bool(torch.isfinite(t).all()) for t in (fxr, ftau, feta)):
         warnings.warn(
             "The model returned NaN/inf on the probe images or their deformed/noisy versions; "
             "R_f, D_f and G_f are reported as NaN (StabilityEstimate.failed).",
@@ -499,7 +513,6 @@ def relative_stability(
             identity_rf=identity_rf,
             failed=True,
         )
-    fxr = fx.repeat_interleave(reps, 0)
     d_sq = (ftau - fxr).pow(2)  # [N·R, F]
     g_sq = (feta - fxr).pow(2)
     pair = torch.cdist(fx, fx).pow(2)  # [N, N]

@@ -17,10 +17,12 @@ from torch import Tensor
 
 from cm_monitor._model import (
     ModelLike,
+    OutputTransform,
     as_members,
     check_float_inputs,
     check_logits,
     explain_inference_tensors,
+    logits_models,
     make_generator,
     measuring,
     model_device,
@@ -227,6 +229,7 @@ def cm_dimension(
     lr: float | None = None,
     max_steps: int | None = None,
     scale: float | str | None = None,
+    output_transform: OutputTransform | None = None,
 ) -> DimensionEstimate:
     """Effective dimension of each class manifold ``{x : p_c(x) >= threshold}``, by cutting planes.
 
@@ -253,6 +256,10 @@ def cm_dimension(
             hundred examples give a stable temperature; the anchors alone (tens) are noisy.
         settings: optimizer settings (:class:`~cm_monitor.OptimizerSettings`); ``lr``,
             ``max_steps`` and ``scale`` override its fields.
+        output_transform: maps the model's output to logits ``[N, C]``; default
+            :func:`~cm_monitor.default_output_transform` (a tensor, the first element of a tuple,
+            ``out["logits"]`` or ``out.logits``). A single logit ``[N, 1]`` is read as two classes
+            ``[0, z]`` (class 1 has probability ``sigmoid(z)``).
 
     Returns:
         A :class:`DimensionEstimate` with ``targets`` the classes.
@@ -286,6 +293,7 @@ def cm_dimension(
         num_bootstrap=num_bootstrap,
         calibration=calibration,
         settings=_settings(settings, lr, max_steps, scale),
+        output_transform=output_transform,
         k=1,
     )
 
@@ -307,6 +315,7 @@ def boundary_dimension(
     lr: float | None = None,
     max_steps: int | None = None,
     scale: float | str | None = None,
+    output_transform: OutputTransform | None = None,
 ) -> DimensionEstimate:
     """Effective dimension of the low-confidence boundaries among sets of classes.
 
@@ -347,6 +356,7 @@ def boundary_dimension(
         num_bootstrap=num_bootstrap,
         calibration=calibration,
         settings=_settings(settings, lr, max_steps, scale),
+        output_transform=output_transform,
         k=k,
     )
 
@@ -425,9 +435,10 @@ def _estimate(
     num_bootstrap: int,
     calibration: tuple[Tensor, Tensor] | None,
     settings: OptimizerSettings,
+    output_transform: OutputTransform | None,
     k: int,
 ) -> DimensionEstimate:
-    members = as_members(model)
+    members = logits_models(as_members(model), output_transform)
     check_float_inputs(anchors, "anchors")
     labels = _check_labels(labels, anchors.shape[0])
     max_threshold = math.exp(-k * settings.tol)

@@ -27,8 +27,10 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from cm_monitor._model import (
+    OutputTransform,
     check_logits,
     explain_inference_tensors,
+    logits_models,
     make_generator,
     measuring,
     model_device,
@@ -106,6 +108,7 @@ def local_elasticity(
     cluster: bool = True,
     generator: torch.Generator | int | None = None,
     chunk_size: int = 64,
+    output_transform: OutputTransform | None = None,
 ) -> ElasticityEstimate:
     """Local elasticity similarities of ``model`` among ``inputs`` (one SGD step per input).
 
@@ -133,6 +136,16 @@ def local_elasticity(
         generator: CPU ``torch.Generator`` or int seed (default 0) for the clustering's initialization.
         chunk_size: SGD steps evaluated together, and per-example gradients computed together (memory:
             about ``2 · chunk_size`` copies of the parameters).
+        output_transform: maps the model's output to logits ``[N, C]``; default
+            :func:`~cm_monitor.default_output_transform` (a tensor, the first element of a tuple,
+            ``out["logits"]`` or ``out.logits``). A single logit ``[N, 1]`` is read as two classes
+            ``[0, z]``, so cross-entropy on it is the binary cross-entropy of ``z``.
+
+    A model that draws random numbers in its forward (noise layers, MC dropout) is measured as one
+    fixed function: every forward pass starts from the same seed, so the prediction before and after
+    a step differ by the step only (the global random state is left as it was). Such models, and
+    others that :func:`torch.func.vmap` cannot batch (buffers updated in the forward), are run one
+    SGD step at a time: slower, same result.
 
     The input-space baseline (``ratio_baseline``, ``cluster_ari_baseline``) summarizes
     :func:`linear_baseline_similarity` of the inputs the same way: a network's ``ratio`` near it
@@ -142,7 +155,8 @@ def local_elasticity(
         UserWarning: when the groups have fewer than two distinct values, or no two inputs share a
             group: the summaries compare pairs within groups with pairs across groups, so they are
             NaN; when the step is not in the linear regime (``linearity_error`` above 5 %).
-        RuntimeWarning: NaN/inf similarities (the summaries are then NaN).
+        RuntimeWarning: the model produced NaN/inf logits (or gradients), or NaN/inf similarities:
+            the summaries are then NaN.
 
     Example::
 
@@ -178,53 +192,52 @@ def local_elasticity(
     if problem is not None:
         warnings.warn(f"local_elasticity: {problem}", UserWarning, stacklevel=2)
 
-    device = model_device([model], inputs.device)
-    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
-    if not params:
-        raise ValueError("`model` has no trainable parameters (requires_grad=True): there is no SGD step to take.")
-    fixed = {k: v.detach() for k, v in model.named_parameters() if not v.requires_grad}
-    fixed.update({k: v.detach() for k, v in model.named_buffers()})
-
-    def f(p: dict[str, Tensor], x: Tensor) -> Tensor:
-        return functional_call(model, {**p, **fixed}, (x,))
-
-    def loss_one(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        return loss_fn(f(p, x[None]), y[None])
-
-    with measuring([model]):
+    net = logits_models([model], output_transform)[0]
+    device = model_device([net], inputs.device)
+    passes = _Passes(net, loss_fn)
+    with measuring([net]):
         x = inputs.detach().to(device).clone()
         if x.is_floating_point():  # measured in the parameters' dtype, as the model predicts (bf16, float64)
-            x = x.to(model_float_dtype([model], x.dtype))
+            x = x.to(model_float_dtype([net], x.dtype))
         y = labels.detach().to(device).clone()
         try:
-            f0 = f(params, x)
+            f0 = passes.logits(x)
             check_logits(f0, n, None, "model")
             if int(y.min()) < 0 or int(y.max()) >= f0.shape[1]:
                 raise ValueError(
                     f"`labels` must be class ids in [0, {f0.shape[1] - 1}], got values in [{int(y.min())}, {int(y.max())}]."
+                )
+            if not bool(torch.isfinite(f0).all()):
+                bad = int((~torch.isfinite(f0)).any(1).sum())
+                return _failed(
+                    f"the model produced NaN/inf logits at {bad} of the {n} inputs (before any SGD step)",
+                    inputs,
+                    labels,
+                    groups,
                 )
             # g_i = dL/df at x_i, by torch.func
             g_out = vmap(grad(lambda o, t: loss_fn(o[None], t[None])))(f0.detach(), y)  # [N, C]
         except RuntimeError as err:
             raise explain_inference_tensors(err) from err
         f0 = f0.detach()
-        chunks = [slice(start, start + chunk_size) for start in range(0, n, chunk_size)]
-
-        def per_example_grads(sl: slice) -> dict[str, Tensor]:
-            """``∇_w L_i`` for the inputs of one chunk (memory: ``chunk_size`` parameter copies)."""
-            try:
-                return vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x[sl], y[sl])  # {name: [B, *shape]}
-            except RuntimeError as err:
-                raise explain_inference_tensors(err) from err
+        chunks = [slice(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)]
 
         if lr is None:
-            w_norm = torch.sqrt(sum(p.double().pow(2).sum() for p in params.values()))
+            w_norm = torch.sqrt(sum(p.double().pow(2).sum() for p in passes.params.values()))
             g_norm = torch.cat(
                 [
-                    torch.sqrt(sum(g.double().pow(2).flatten(1).sum(1) for g in per_example_grads(sl).values()))
+                    torch.sqrt(sum(g.double().pow(2).flatten(1).sum(1) for g in passes.grads(x, y, sl).values()))
                     for sl in chunks
                 ]
             )
+            if not bool(torch.isfinite(g_norm).all()):
+                return _failed(
+                    "the loss gradient with respect to the parameters is NaN/inf at some input (the model's backward "
+                    "produced NaN/inf)",
+                    inputs,
+                    labels,
+                    groups,
+                )
             if not bool((g_norm > 0).all()):
                 raise ValueError(
                     "The loss gradient is exactly zero at some input, so its SGD step does not move anything; pass `lr=` or other inputs."
@@ -238,13 +251,13 @@ def local_elasticity(
         scales = (1.0, 0.5) if check_linearity else (1.0,)
         out: dict[float, list[Tensor]] = {scale: [] for scale in scales}
         for sl in chunks:
-            g_par = per_example_grads(sl)
+            g_par = passes.grads(x, y, sl)
             for scale in scales:
                 stepped = {}
-                for k, p in params.items():
+                for k, p in passes.params.items():
                     e = (eta[sl] * scale).to(p.dtype).view(-1, *([1] * p.dim()))
                     stepped[k] = p - e * g_par[k]
-                out[scale].append(vmap(f, in_dims=(0, None))(stepped, x) - f0)
+                out[scale].append(passes.stepped_logits(stepped, x) - f0)
             del g_par
         delta = torch.cat(out[1.0]).double()
         half = torch.cat(out[0.5]).double() if check_linearity else None
@@ -302,6 +315,106 @@ def local_elasticity(
         cluster_labels=clusters,
         ratio_baseline=ratio_base,
         cluster_ari_baseline=ari_base,
+    )
+
+
+class _Passes:
+    """Forward passes of ``net`` at its own or at stepped parameters, and per-example gradients.
+
+    Parameters are passed with :func:`torch.func.functional_call` (the module's own tensors are
+    never written), and every pass gets fresh copies of the buffers, so a forward that updates
+    buffers (observers, counters) sees the same buffers at every pass and changes none. Batched
+    with :func:`torch.func.vmap` when the model allows it; a model that vmap cannot batch (random
+    numbers in its forward, in-place buffer updates, data-dependent Python) is run one step at a
+    time instead, every pass on the whole batch of inputs from the same seed (see
+    :func:`~cm_monitor._model.measuring`), so that its random numbers are the same at every pass.
+    """
+
+    batched = True  # vmap, until it fails once
+
+    def __init__(self, net: nn.Module, loss_fn: LossFn) -> None:
+        self.net, self.loss_fn = net, loss_fn
+        self.params = {k: v.detach() for k, v in net.named_parameters() if v.requires_grad}
+        if not self.params:
+            raise ValueError("`model` has no trainable parameters (requires_grad=True): there is no SGD step to take.")
+        self.frozen = {k: v.detach() for k, v in net.named_parameters() if not v.requires_grad}
+        self.buffers = {k: v.detach() for k, v in net.named_buffers()}
+
+    def __call__(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        fresh = {k: b.clone() for k, b in self.buffers.items()}
+        return functional_call(self.net, {**params, **self.frozen, **fresh}, (x,))
+
+    def logits(self, x: Tensor) -> Tensor:
+        return self(self.params, x)
+
+    def _loss_one(self, p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return self.loss_fn(self(p, x[None]), y[None])
+
+    def grads(self, x: Tensor, y: Tensor, sl: slice) -> dict[str, Tensor]:
+        """``∇_w L_i`` for the inputs of one chunk, ``{name: [B, *shape]}`` (memory: B parameter copies)."""
+        if self.batched:
+            try:
+                return vmap(grad(self._loss_one), in_dims=(None, 0, 0))(self.params, x[sl], y[sl])
+            except (RuntimeError, NotImplementedError) as err:
+                self._give_up_batching(err)
+        leaves = {k: v.detach().requires_grad_(True) for k, v in self.params.items()}
+        try:
+            out = self(leaves, x)  # the whole batch, as for the logits: the same random numbers
+            rows = []
+            for i in range(sl.start, sl.stop):
+                g = torch.autograd.grad(
+                    self.loss_fn(out[i : i + 1], y[i : i + 1]),
+                    list(leaves.values()),
+                    retain_graph=True,
+                    allow_unused=True,
+                )
+                rows.append(
+                    [torch.zeros_like(v) if gi is None else gi for v, gi in zip(leaves.values(), g, strict=True)]
+                )
+        except RuntimeError as err:
+            raise explain_inference_tensors(err) from err
+        return {k: torch.stack([r[j] for r in rows]) for j, k in enumerate(leaves)}
+
+    def stepped_logits(self, stepped: dict[str, Tensor], x: Tensor) -> Tensor:
+        """``f(x; w_b)`` for every stepped parameter set ``b``, ``[B, N, C]``."""
+        if self.batched:
+            try:
+                return vmap(self, in_dims=(0, None))(stepped, x)
+            except (RuntimeError, NotImplementedError) as err:
+                self._give_up_batching(err)
+        count = next(iter(stepped.values())).shape[0]
+        return torch.stack([self({k: v[b] for k, v in stepped.items()}, x) for b in range(count)])
+
+    def _give_up_batching(self, err: BaseException) -> None:
+        if isinstance(err, RuntimeError) and explain_inference_tensors(err) is not err:
+            raise explain_inference_tensors(err) from err
+        self.batched = False
+
+
+def _failed(reason: str, inputs: Tensor, labels: Tensor, groups: Tensor) -> ElasticityEstimate:
+    """An all-NaN estimate, with a RuntimeWarning that says why."""
+    warnings.warn(
+        f"local_elasticity: {reason}; the similarities and summaries are NaN. Check the model and its "
+        "inputs (NaN/inf weights, a diverged run, inputs outside what it was trained on).",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    n = labels.shape[0]
+    nan_matrix = torch.full((n, n), math.nan, dtype=torch.float64)
+    nan = math.nan
+    return ElasticityEstimate(
+        similarity=nan_matrix,
+        kernel=nan_matrix.clone(),
+        labels=labels.cpu(),
+        lr=torch.full((n,), math.nan, dtype=torch.float64),
+        linearity_error=nan,
+        intra=nan,
+        inter=nan,
+        ratio=nan,
+        cluster_ari=nan,
+        cluster_labels=None,
+        groups=groups.cpu(),
+        baseline_similarity=linear_baseline_similarity(inputs) if inputs.is_floating_point() else None,
     )
 
 

@@ -52,7 +52,17 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
 
-from cm_monitor._model import as_members, check_logits, measuring, model_device, model_float_dtype, synchronize
+from cm_monitor._model import (
+    ModelCallError,
+    OutputTransform,
+    as_members,
+    check_logits,
+    logits_models,
+    measuring,
+    model_device,
+    model_float_dtype,
+    synchronize,
+)
 from cm_monitor.anchors import AnchorSample, BatchReader, make_batch_reader, sample_anchors
 
 _STATE_VERSION = 1
@@ -121,7 +131,14 @@ class GeometryMonitor(Callback):
             many batches as one validation epoch reads).
         get_model: maps the LightningModule to the ``nn.Module`` (or list of them: an ensemble)
             that returns logits ``[N, C]`` for a batch of inputs; default: the LightningModule
-            itself (its ``forward`` must return the logits).
+            itself. The monitor calls ``model(inputs)`` with the tensor of inputs only: a
+            LightningModule whose ``forward`` takes a dict batch or other arguments needs, e.g.,
+            ``get_model=lambda module: module.net`` (the network inside it), or an ``nn.Module``
+            around it whose ``forward`` takes the tensor.
+        output_transform: maps what the model returns to its logits ``[N, C]``; default
+            :func:`~cm_monitor.default_output_transform` (a tensor, the first element of a tuple,
+            ``out["logits"]`` or ``out.logits``, as HuggingFace models return). A single logit
+            ``[N, 1]`` (a binary classifier) is read as two classes ``[0, z]``.
         prefix: the logged keys are ``{prefix}/...`` (default: the monitor's, e.g. ``cm``). Two
             monitors of the same kind in one Trainer (other settings, or one per validation
             dataloader) need different prefixes.
@@ -149,6 +166,7 @@ class GeometryMonitor(Callback):
         dataloader_idx: int = 0,
         max_scan_batches: int | None = None,
         get_model: Callable[[pl.LightningModule], nn.Module | Sequence[nn.Module]] | None = None,
+        output_transform: OutputTransform | None = None,
         prefix: str | None = None,
         log_figures: bool = True,
         prog_bar: bool = False,
@@ -181,6 +199,11 @@ class GeometryMonitor(Callback):
         if get_model is not None and not callable(get_model):
             raise TypeError(f"`get_model` must be callable (LightningModule -> nn.Module), got {get_model!r}.")
         self.get_model = get_model
+        if output_transform is not None and not callable(output_transform):
+            raise TypeError(
+                f"`output_transform` must be None or a function (model output -> logits [N, C]), got {output_transform!r}."
+            )
+        self.output_transform = output_transform
         for name, flag in (("log_figures", log_figures), ("prog_bar", prog_bar), ("verbose", verbose)):
             if not isinstance(flag, bool):
                 raise TypeError(f"`{name}` must be a bool, got {flag!r}.")
@@ -396,6 +419,7 @@ class GeometryMonitor(Callback):
             members = as_members(model, "get_model(pl_module)")
         except (TypeError, ValueError) as err:
             raise TypeError(f"{type(self).__name__}: {err}") from err
+        members = logits_models(members, self.output_transform)  # logits [N, C] from any output
         return members[0] if len(members) == 1 else members
 
     def _run_measurement(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> tuple[float, float]:
@@ -663,8 +687,15 @@ class GeometryMonitor(Callback):
         x = anchors[:2].to(device, model_float_dtype(members, anchors.dtype))
         # eval mode, every submodule's mode restored after; a model that draws random numbers in
         # eval mode (noise layers, MC dropout) must not shift training's random stream
-        with isolate_rng(), measuring(members, grad=False):
-            out = members[0](x)
+        try:
+            with isolate_rng(), measuring(members, grad=False):
+                out = members[0](x)
+        except ModelCallError as err:
+            raise TypeError(
+                f"{type(self).__name__}: {err} The model is the LightningModule unless `get_model=` is given: pass "
+                "`get_model=` a function returning the nn.Module that maps the input tensor to logits, e.g. "
+                "`get_model=lambda module: module.net`, and `output_transform=` if its output is not the logits."
+            ) from err
         try:
             check_logits(out, x.shape[0], None, "the model")
         except (TypeError, ValueError) as err:

@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.seed import isolate_rng
-from torch import nn
+from torch import Tensor, nn
 
 from cm_monitor._model import as_members, model_device
 from cm_monitor.anchors import BatchReader
@@ -96,7 +96,7 @@ class CMDimensionMonitor(GeometryMonitor):
             which settings to reduce. ``None``: no limit.
         seed: seeds the anchors, the pairs and the planes; fixed for the run.
         max_cost_frac, batch_to_inputs, input_key, label_key, dataloader_idx, max_scan_batches, get_model,
-        prefix, log_figures, prog_bar, verbose: see :class:`~cm_monitor.callbacks.base.GeometryMonitor`.
+        output_transform, prefix, log_figures, prog_bar, verbose: see :class:`~cm_monitor.callbacks.base.GeometryMonitor`.
 
     Logged metrics (through ``LightningModule.log``, at every validation of ``trainer.fit``
     after the sanity check; the same values on every rank):
@@ -184,6 +184,7 @@ class CMDimensionMonitor(GeometryMonitor):
         dataloader_idx: int = 0,
         max_scan_batches: int | None = None,
         get_model: Callable[[pl.LightningModule], nn.Module | Sequence[nn.Module]] | None = None,
+        output_transform: Callable[[Any], Tensor] | None = None,
         prefix: str | None = None,
         log_figures: bool = True,
         prog_bar: bool = False,
@@ -200,6 +201,7 @@ class CMDimensionMonitor(GeometryMonitor):
             dataloader_idx=dataloader_idx,
             max_scan_batches=max_scan_batches,
             get_model=get_model,
+            output_transform=output_transform,
             prefix=prefix,
             log_figures=log_figures,
             prog_bar=prog_bar,

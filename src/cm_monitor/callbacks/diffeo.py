@@ -50,7 +50,7 @@ class DiffeoStabilityMonitor(GeometryMonitor):
         chunk_size: images per forward pass.
         seed: seeds the probe images, the deformations and the noise.
         max_cost_frac, batch_to_inputs, input_key, label_key, dataloader_idx, max_scan_batches, get_model,
-        prefix, log_figures, prog_bar, verbose: see :class:`~cm_monitor.callbacks.base.GeometryMonitor`.
+        output_transform, prefix, log_figures, prog_bar, verbose: see :class:`~cm_monitor.callbacks.base.GeometryMonitor`.
 
     Logged metrics (through ``LightningModule.log``, at every validation of ``trainer.fit`` after
     the sanity check):
@@ -106,6 +106,7 @@ class DiffeoStabilityMonitor(GeometryMonitor):
         dataloader_idx: int = 0,
         max_scan_batches: int | None = None,
         get_model: Callable[[pl.LightningModule], nn.Module | Sequence[nn.Module]] | None = None,
+        output_transform: Callable[[Any], Tensor] | None = None,
         prefix: str | None = None,
         log_figures: bool = True,
         prog_bar: bool = False,
@@ -122,6 +123,7 @@ class DiffeoStabilityMonitor(GeometryMonitor):
             dataloader_idx=dataloader_idx,
             max_scan_batches=max_scan_batches,
             get_model=get_model,
+            output_transform=output_transform,
             prefix=prefix,
             log_figures=log_figures,
             prog_bar=prog_bar,

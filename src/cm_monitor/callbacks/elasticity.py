@@ -72,7 +72,7 @@ class ElasticityMonitor(GeometryMonitor):
             probes carry only the inputs and the training labels.
         seed: seeds the probe inputs and the clustering.
         max_cost_frac, batch_to_inputs, input_key, label_key, dataloader_idx, max_scan_batches, get_model,
-        prefix, log_figures, prog_bar, verbose: see :class:`~cm_monitor.callbacks.base.GeometryMonitor`.
+        output_transform, prefix, log_figures, prog_bar, verbose: see :class:`~cm_monitor.callbacks.base.GeometryMonitor`.
             ``get_model`` must return one ``nn.Module`` (no ensembles).
 
     Logged metrics (through ``LightningModule.log``, at every validation of ``trainer.fit`` after
@@ -125,6 +125,7 @@ class ElasticityMonitor(GeometryMonitor):
         dataloader_idx: int = 0,
         max_scan_batches: int | None = None,
         get_model: Callable[[pl.LightningModule], nn.Module] | None = None,
+        output_transform: Callable[[Any], Tensor] | None = None,
         prefix: str | None = None,
         log_figures: bool = True,
         prog_bar: bool = False,
@@ -141,6 +142,7 @@ class ElasticityMonitor(GeometryMonitor):
             dataloader_idx=dataloader_idx,
             max_scan_batches=max_scan_batches,
             get_model=get_model,
+            output_transform=output_transform,
             prefix=prefix,
             log_figures=log_figures,
             prog_bar=prog_bar,

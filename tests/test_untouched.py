@@ -1,0 +1,271 @@
+"""A measurement leaves the model exactly as it found it, whatever its forward does.
+
+Models whose forward updates buffers (a counter, quantization-aware training's observers) or draws
+random numbers (a noise layer, MC dropout): after each core function their parameters and buffers
+are bit-identical, the global random states unchanged, modes and ``.grad`` as they were; a model
+with random numbers is measured as one fixed function (known answers below). The monitors leave
+training bit-identical on the same models.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+
+import pytest
+import torch
+from odd_models import ODD, ClipsWeights
+from torch import nn
+
+from cm_monitor import cm_dimension, linear_baseline_similarity, local_elasticity, relative_stability
+from cm_monitor import elasticity as elasticity_module
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.ao.quantization
+
+
+def images(n=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 8, 8, generator=g), torch.arange(n) % 10
+
+
+MEASURE = {
+    "cm_dimension": lambda m, x, y: cm_dimension(
+        m, x, y, classes=[0, 1], dims=[1, 8, 64], max_steps=15, num_bootstrap=0, anchors_per_target=2
+    ),
+    "relative_stability": lambda m, x, y: relative_stability(m, x, delta=0.6, num_bootstrap=0),
+    "local_elasticity": lambda m, x, y: local_elasticity(m, x, y, cluster=False),
+}
+
+
+def state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def assert_same_state(before, model):
+    after = state(model)
+    assert before.keys() == after.keys()
+    for k in before:
+        assert before[k].dtype == after[k].dtype and torch.equal(before[k], after[k]), k
+
+
+def test_controls_these_forwards_do_change_buffers_or_draw_random_numbers():
+    """Without the guard, one forward pass in eval mode changes the buffers or the global RNG."""
+    x, _ = images()
+    for name, factory in ODD.items():
+        torch.manual_seed(0)
+        model = factory().eval()
+        before, rng = state(model), torch.get_rng_state()
+        model(x)
+        changed = any(not torch.equal(v, state(model)[k]) for k, v in before.items())
+        drew = not torch.equal(rng, torch.get_rng_state())
+        assert changed or drew, name
+
+
+@pytest.mark.parametrize("model_name", list(ODD))
+@pytest.mark.parametrize("measure", list(MEASURE))
+@pytest.mark.filterwarnings("ignore:The SGD step is not in the linear regime")
+def test_model_and_random_state_are_left_as_they_were(model_name, measure):
+    torch.manual_seed(0)
+    model = ODD[model_name]()
+    model.train()
+    model.net[0].eval() if hasattr(model, "net") else None  # a submodule in another mode keeps it
+    modes = [m.training for m in model.modules()]
+    before = state(model)
+    x, y = images()
+    torch.manual_seed(123)
+    random.seed(5)
+    rng, py_rng = torch.get_rng_state(), random.getstate()
+
+    est = MEASURE[measure](model, x, y)
+
+    assert_same_state(before, model)
+    assert torch.equal(torch.get_rng_state(), rng) and random.getstate() == py_rng
+    assert [m.training for m in model.modules()] == modes
+    assert all(p.grad is None for p in model.parameters())
+    values = {
+        "cm_dimension": lambda e: e.scores,
+        "relative_stability": lambda e: torch.tensor([e.rf, e.df, e.gf]),
+        "local_elasticity": lambda e: e.similarity,
+    }[measure](est)
+    assert bool(torch.isfinite(values).all()), (model_name, measure)
+
+
+@pytest.mark.parametrize("measure", list(MEASURE))
+def test_a_model_with_random_numbers_is_measured_as_one_fixed_function(measure):
+    """Two measurements agree exactly; they do not depend on the global RNG's state."""
+    torch.manual_seed(0)
+    model = ODD["noise"]()
+    x, y = images()
+    torch.manual_seed(1)
+    a = MEASURE[measure](model, x, y)
+    torch.manual_seed(2)
+    b = MEASURE[measure](model, x, y)
+    assert (
+        a == b
+        if measure == "relative_stability"
+        else torch.equal(*((e.scores if measure == "cm_dimension" else e.similarity) for e in (a, b)))
+    )
+
+
+class NoisyLinear(nn.Module):
+    """A linear softmax classifier plus Gaussian noise on its logits."""
+
+    def __init__(self, d=5, c=3, sigma=1.0):
+        super().__init__()
+        self.linear, self.sigma = nn.Linear(d, c), sigma
+
+    def forward(self, x):
+        z = self.linear(x.flatten(1))
+        return z + self.sigma * torch.randn_like(z)
+
+
+def test_elasticity_of_a_noisy_linear_model_is_the_linear_closed_form():
+    """The noise is the same before and after each step, so it cancels: S_rel is the linear
+    baseline |<x, x'> + 1| / (|x|^2 + 1) exactly, as for the model without noise."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 5, generator=g, dtype=torch.float64), torch.arange(12) % 3
+    torch.manual_seed(0)
+    model = NoisyLinear().double()
+    est = local_elasticity(model, x, y, lr=0.5, cluster=False)
+    torch.testing.assert_close(est.similarity, linear_baseline_similarity(x), rtol=1e-9, atol=1e-9)
+
+
+def test_relative_stability_of_a_model_with_output_noise_is_that_of_the_clean_model():
+    """The clean, deformed and noisy images get the same noise draws, which cancel from D_f and G_f."""
+    torch.manual_seed(0)
+    clean = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 4))
+
+    class OutputNoise(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.clean = clean
+
+        def forward(self, x):
+            z = self.clean(x)
+            return z + torch.randn_like(z)
+
+    x, _ = images()
+    for reps in (1, 3):
+        a = relative_stability(clean, x, delta=0.6, num_deformations=reps, num_bootstrap=0)
+        b = relative_stability(OutputNoise(), x, delta=0.6, num_deformations=reps, num_bootstrap=0)
+        assert b.rf == pytest.approx(a.rf, rel=1e-5), reps
+
+
+def test_elasticity_one_step_at_a_time_equals_the_batched_path(monkeypatch):
+    """The path for models vmap cannot batch gives the batched path's result on a plain model."""
+    x, y = images(12)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10)).double()
+    batched = local_elasticity(model, x.double(), y, cluster=False, chunk_size=5)
+    monkeypatch.setattr(elasticity_module._Passes, "batched", False)
+    looped = local_elasticity(model, x.double(), y, cluster=False, chunk_size=5)
+    torch.testing.assert_close(looped.similarity, batched.similarity, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(looped.kernel, batched.kernel, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(looped.lr, batched.lr, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("measure", list(MEASURE))
+def test_parameters_changed_in_place_by_the_forward_are_restored(measure):
+    torch.manual_seed(0)
+    model = ClipsWeights()
+    with torch.no_grad():
+        model.net[0].weight.mul_(10)  # outside the clipping range
+    before = state(model)
+    x, y = images()
+    with pytest.warns(RuntimeWarning, match=r"changed parameters \['Conv2d.weight'\] in place.*restored"):
+        MEASURE[measure](model, x, y)
+    assert_same_state(before, model)
+
+
+def test_parameters_changed_in_place_without_a_copy_is_an_error(monkeypatch):
+    from cm_monitor import _model
+
+    monkeypatch.setattr(_model, "PARAMETER_COPY_BYTES", 0)
+    model = ClipsWeights()
+    with torch.no_grad():
+        model.net[0].weight.mul_(10)
+    x, _ = images()
+    with pytest.raises(RuntimeError, match=r"changed parameters \['Conv2d.weight'\].*PARAMETER_COPY_BYTES"):
+        relative_stability(model, x, num_bootstrap=0)
+
+
+def test_buffers_replaced_by_the_forward_are_put_back():
+    class Replaces(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+            self.register_buffer("seen", torch.zeros(3))
+
+        def forward(self, x):
+            self.seen = self.seen + 1  # a new tensor object, not an in-place change
+            self.register_buffer("extra", torch.ones(1))  # and a new buffer
+            return self.net(x)
+
+    model = Replaces()
+    seen, before = model.seen, state(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about: parameters untouched
+        relative_stability(model, images()[0], delta=0.6, num_bootstrap=0)
+    assert model.seen is seen and "extra" not in dict(model.named_buffers())
+    assert_same_state(before, model)
+
+
+# ------------------------------------------------------------------ the monitors, in training
+
+pl = pytest.importorskip("lightning.pytorch")
+pytest.importorskip("sklearn.datasets")
+
+
+class OddModule(pl.LightningModule):
+    def __init__(self, name: str):
+        super().__init__()
+        self.net = ODD[name]()
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=3e-3)
+
+
+def fit_odd(tmp_path, name, callbacks):
+    import lightning
+    from test_callback import loaders, trainer
+
+    lightning.seed_everything(0, verbose=False)
+    module = OddModule(name)
+    train, val = loaders(num_val=100)
+    t = trainer(tmp_path, callbacks, max_epochs=2, limit_train_batches=5)
+    t.fit(module, train, val)
+    return module, t
+
+
+def monitors():
+    from test_callback import FAST
+    from test_monitors import DIFFEO_FAST, ELASTIC_FAST
+
+    from cm_monitor import CMDimensionMonitor, DiffeoStabilityMonitor, ElasticityMonitor
+
+    return [
+        CMDimensionMonitor(**{**FAST, "num_pairs": 0, "max_classes": 3, "dims": [1, 64], "max_steps": 20}),
+        DiffeoStabilityMonitor(**DIFFEO_FAST),
+        ElasticityMonitor(**{**ELASTIC_FAST, "num_anchors": 2}),
+    ]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("name", list(ODD))
+def test_training_is_bit_identical_with_and_without_the_monitors(tmp_path, name):
+    plain, t0 = fit_odd(tmp_path / "plain", name, [])
+    watched, t1 = fit_odd(tmp_path / "watched", name, monitors())
+    for (k, a), (_, b) in zip(plain.state_dict().items(), watched.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k  # buffers updated in the forward (observers, counters) included
+    assert torch.equal(t0.callback_metrics["val_loss"], t1.callback_metrics["val_loss"])
+    for key in ("cm/dim", "diffeo/rf", "elasticity/ratio"):
+        assert key in t1.callback_metrics, key
