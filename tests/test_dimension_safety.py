@@ -148,7 +148,7 @@ def test_passes_hold_what_the_planes_memory_bound_allows():
 
     small = default_dims(64)
     assert rows_per_pass(64, small, OptimizerSettings(), 2048) == 2048  # chunk_size bounds
-    assert rows_per_pass(1024, [1, 1024], OptimizerSettings(), 2048) == MAX_BASIS_ELEMENTS // 1024**2  # dense bases
+    assert rows_per_pass(256, [1, 256], OptimizerSettings(), 10_000) == MAX_BASIS_ELEMENTS // 256**2  # dense bases
     D = 3 * 224 * 224
     rows = rows_per_pass(D, default_dims(D), OptimizerSettings(), 2048)  # structured planes: rows × D bounded
     assert rows == MAX_PROBLEM_ELEMENTS // D == 111
