@@ -53,7 +53,7 @@ def fit(tmp_path, callbacks, model=None, val=None, **kwargs):
 # ------------------------------------------------------------------ 1. failures never end training
 
 
-class FailingCM(CMDimensionMonitor):
+class FailingDiffeo(DiffeoStabilityMonitor):
     """Raises inside the measurement at the given epochs (on the given ranks)."""
 
     def __init__(self, fail_epochs=(), fail_ranks=(0,), error=RuntimeError, **kwargs):
@@ -67,18 +67,19 @@ class FailingCM(CMDimensionMonitor):
 
 
 def test_a_failed_measurement_is_a_warning_and_training_goes_on(tmp_path):
-    monitor = FailingCM(fail_epochs={1}, **FAST)
-    record = Record("cm")
-    with pytest.warns(RuntimeWarning, match=r"FailingCM \(epoch 1\): the measurement failed \(RuntimeError: boom"):
-        _, model = fit(tmp_path, [monitor, record], max_epochs=3, limit_train_batches=8)
-    assert model.train_steps == 24  # every epoch trained
-    assert record.series("cm/measured") == [1.0, 0.0, 1.0]
-    assert record.series("cm/failed") == [0.0, 1.0, 0.0]
-    assert record.series("cm/nonfinite") == [0.0, 0.0, 0.0]
-    dims = record.series("cm/dim")
-    assert dims[1] == dims[0] and dims[2] != dims[0]  # the failed validation logs the last values again
+    monitor = FailingDiffeo(fail_epochs={1}, **DIFFEO_FAST)
+    record = Record("diffeo")
+    match = r"FailingDiffeo \(epoch 1\): the measurement failed \(RuntimeError: boom on rank 0\)"
+    with pytest.warns(RuntimeWarning, match=match):
+        _, model = fit(tmp_path, [monitor, record], max_epochs=3)
+    assert model.train_steps == 9  # every epoch trained
+    assert record.series("diffeo/measured") == [1.0, 0.0, 1.0]
+    assert record.series("diffeo/failed") == [0.0, 1.0, 0.0]
+    assert record.series("diffeo/nonfinite") == [0.0, 0.0, 0.0]
+    rf = record.series("diffeo/rf")
+    assert rf[1] == rf[0] and rf[2] != rf[0]  # the failed validation logs the last values again
     assert all(row.keys() == record.rows[0].keys() for row in record.rows)  # one consistent set of keys
-    assert record.series("cm/seconds")[1] > 0  # the failed attempt's time is reported
+    assert record.series("diffeo/seconds")[1] > 0  # the failed attempt's time is reported
     assert monitor.num_measurements == 2
 
 
@@ -160,7 +161,7 @@ def test_interrupts_are_not_swallowed(tmp_path, monkeypatch):
             monitor._attempt(None, None)
     # and through a fit: SystemExit ends it
     with pytest.raises(SystemExit):
-        fit(tmp_path, [FailingCM(fail_epochs={0}, error=SystemExit, **FAST)], max_epochs=1)
+        fit(tmp_path, [FailingDiffeo(fail_epochs={0}, error=SystemExit, **DIFFEO_FAST)], max_epochs=1)
 
 
 class OOMAbove(nn.Module):
@@ -263,7 +264,7 @@ def val_without(cls: int, keep: int = 0) -> DataLoader:
 
 @pytest.mark.parametrize("classes", [None, list(range(9))])
 def test_a_class_missing_from_validation_data_is_left_out(tmp_path, classes):
-    monitor = CMDimensionMonitor(**{**FAST, "classes": classes})
+    monitor = CMDimensionMonitor(**{**FAST, "classes": classes, "num_pairs": 1, "dims": [1, 8, 64]})
     match = r"1 of the model's 10 classes have fewer than `num_anchors` = 2 validation examples \(class 9: 0;"
     with pytest.warns(UserWarning, match=match):
         t, _ = fit(tmp_path, [monitor], val=val_without(9), max_epochs=1)
