@@ -377,14 +377,16 @@ class BreakAt(Callback):
 def test_numerical_failure_keeps_the_last_value(tmp_path):
     model = DigitsCNN()
     wrapper = NaNOutside(model.net)
-    monitor = CMDimensionMonitor(**FAST, get_model=lambda m: wrapper)
+    monitor = CMDimensionMonitor(**FAST, get_model=lambda m: wrapper, on_nonfinite="keep_last")
     stopper = EarlyStopping(monitor="cm/dim", mode="max", patience=10)
     logger = TensorBoardLogger(tmp_path, name="tb", version=0)
     train, val = loaders()
     with pytest.warns(RuntimeWarning, match=r"(?s)epoch 1.*NaN/inf during the optimization for class \[0, 1,"):
         trainer(tmp_path, [monitor, stopper, BreakAt(wrapper, 1)], logger=logger).fit(model, train, val)
     s = scalars(logger.log_dir)
-    assert [v for _, v in s["cm/measured"]] == [1.0, 1.0]
+    assert [v for _, v in s["cm/measured"]] == [1.0, 0.0]  # epoch 1 was not measured: the model was broken
+    assert [v for _, v in s["cm/nonfinite"]] == [0.0, 1.0]
+    assert [v for _, v in s["cm/failed"]] == [0.0, 0.0]
     for key in ("cm/dim", "cm/dim_std", "cm/boundary_dim", "cm/dim_class_3"):
         assert len(s[key]) == 2 and s[key][1][1] == s[key][0][1], key  # epoch 1 logs epoch 0's value
         assert all(math.isfinite(v) for _, v in s[key])
@@ -392,25 +394,31 @@ def test_numerical_failure_keeps_the_last_value(tmp_path):
 
 
 def test_numerical_failure_at_the_first_measurement(tmp_path):
-    # nothing to log yet: the keys are missing (a warning says so) and training goes on ...
+    # keep_last with nothing to keep: the keys are missing (a warning says so) and training goes on ...
     model = DigitsCNN()
-    monitor = CMDimensionMonitor(**FAST, get_model=lambda m: NaNOutside(m.net, limit=0.0))
+    monitor = CMDimensionMonitor(**FAST, get_model=lambda m: NaNOutside(m.net, limit=0.0), on_nonfinite="keep_last")
     t = trainer(tmp_path, [monitor], max_epochs=1)
     with pytest.warns(RuntimeWarning, match=r"no earlier value to log instead: \['cm/boundary_dim'"):
         t.fit(model, *loaders())
     assert "cm/dim" not in t.callback_metrics and "cm/dim_class_0" not in t.callback_metrics
-    assert t.callback_metrics["cm/measured"] == 1.0 and t.callback_metrics["cm/seconds"] > 0
+    assert t.callback_metrics["cm/nonfinite"] == 1.0 and t.callback_metrics["cm/measured"] == 0.0
+    assert t.callback_metrics["cm/seconds"] > 0
     assert "val_loss" in t.callback_metrics and model.train_steps > 0
 
-    # ... unless a callback monitors one of them: then a clear error, not EarlyStopping's "not available"
+    # ... unless a callback monitors one of them: then NaN, not EarlyStopping's "not available" error;
+    # EarlyStopping stops on it (check_finite), ModelCheckpoint ranks it last and training goes on
     for watcher in (
         EarlyStopping(monitor="cm/dim", mode="max"),
         ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="cm/boundary_dim", mode="max"),
     ):
-        monitor = CMDimensionMonitor(**FAST, get_model=lambda m: NaNOutside(m.net, limit=0.0))
-        match = rf"monitors \['{watcher.monitor}'\], but after the measurement at epoch 0.*came out NaN/inf"
-        with pytest.raises(RuntimeError, match=match):
-            trainer(tmp_path, [monitor, watcher], max_epochs=1).fit(DigitsCNN(), *loaders())
+        monitor = CMDimensionMonitor(**FAST, get_model=lambda m: NaNOutside(m.net, limit=0.0), on_nonfinite="keep_last")
+        t = trainer(tmp_path, [monitor, watcher], max_epochs=2, limit_train_batches=2)
+        with pytest.warns(
+            RuntimeWarning, match=rf"\['{watcher.monitor}'\] monitored by another callback but without a value"
+        ):
+            t.fit(DigitsCNN(), *loaders())
+        assert math.isnan(t.callback_metrics[watcher.monitor].item())
+        assert t.current_epoch == (1 if isinstance(watcher, EarlyStopping) else 2)
 
 
 def test_a_second_fit_starts_a_new_series(tmp_path):
@@ -752,18 +760,24 @@ def test_error_when_validation_is_disabled(tmp_path):
     _fit_expecting(tmp_path, MisconfigurationException, "limit_val_batches=0", limit_val_batches=0)
 
 
-def test_error_too_few_examples_of_a_class(tmp_path):
+def test_error_too_few_examples_of_a_class_named_in_classes(tmp_path):
+    # a short class is an error only where `classes` or `pairs` names it (else it is left out: test_robustness.py)
     (_, _), (xv, yv) = digits()
     keep = torch.cat([(yv != 3).nonzero().squeeze(1), (yv == 3).nonzero().squeeze(1)[:1]])
     val = DataLoader(TensorDataset(xv[keep], yv[keep]), batch_size=100)
-    _fit_expecting(tmp_path, ValueError, r"Too few validation examples.*class 3: 1\b.*num_anchors", val=val)
+    match = r"Too few validation examples.*class 3: 1\b.*num_anchors.*`classes=` or `pairs=` names \[3\]"
+    _fit_expecting(tmp_path, ValueError, match, monitor=CMDimensionMonitor(**{**FAST, "classes": [0, 3]}), val=val)
+    with_pairs = {k: v for k, v in FAST.items() if k != "num_pairs"} | {"pairs": [(3, 5)]}
+    _fit_expecting(tmp_path, ValueError, match, monitor=CMDimensionMonitor(**with_pairs), val=val)
 
 
-def test_error_class_missing_from_validation_data(tmp_path):
+def test_error_every_class_too_short(tmp_path):
     (_, _), (xv, yv) = digits()
-    keep = (yv != 9).nonzero().squeeze(1)
-    val = DataLoader(TensorDataset(xv[keep], yv[keep]), batch_size=100)
-    _fit_expecting(tmp_path, ValueError, r"class 9: 0", val=val)
+    one = torch.stack([(yv == c).nonzero()[0, 0] for c in range(10)])  # one example of each class
+    val = DataLoader(TensorDataset(xv[one], yv[one]), batch_size=100)
+    _fit_expecting(
+        tmp_path, ValueError, r"Too few validation examples to draw 2 anchors.*class 0: 1, class 1: 1", val=val
+    )
 
 
 class TensorOnly(Dataset):

@@ -6,8 +6,9 @@
   per class is drawn on global rank 0 (with a private generator, inside
   :func:`~lightning.pytorch.utilities.seed.isolate_rng`, after the module's batch-transfer hooks)
   and broadcast to every rank, so all ranks measure the same anchors although each one sees its
-  own shard of the validation data. Errors (no validation data, too few examples of a class, an
-  unrecognized batch) are raised then, on every rank, not in the middle of the run;
+  own shard of the validation data. Errors (no validation data, an unrecognized batch, too few
+  examples of a class the monitor was told to measure) are raised then, on every rank, not in the
+  middle of the run;
 * **schedule**: measure at the first validation of the run, then at the first validation at least
   ``every_n_epochs`` epochs after the previous measurement; never during the sanity check or
   outside ``trainer.fit``;
@@ -21,17 +22,26 @@
 * **agreement across ranks**: every rank measures (a model may issue collectives in its forward),
   then global rank 0's values, notes and timing are broadcast, so all ranks log the same keys and
   the same values, and ``EarlyStopping`` decides the same on all of them;
-* **numerical failure**: non-finite values are never logged. A key keeps its last finite value
-  (with a warning); a key that has no finite value yet is not logged, and if another callback
-  (``EarlyStopping``, ``ModelCheckpoint``) monitors it the monitor raises a clear error instead
-  of letting that callback fail on a missing key;
+* **failures never end training**: an exception in a measurement (CUDA out of memory after one
+  retry with half the ``chunk_size``) becomes a warning, the last values are logged again with
+  ``{prefix}/failed = 1``, and training goes on (``strict=True`` raises instead). A failure on any
+  rank reaches every rank (a flag gathered from all of them), so they log the same keys;
+* **a broken model is visible**: when the model returned NaN/inf (the subclass reports it in
+  :attr:`Measurement.nonfinite`) the validation logs ``{prefix}/nonfinite = 1`` and, by
+  ``on_nonfinite``, NaN (``"log_nan"``), the last finite values (``"keep_last"``) or raises.
+  Other non-finite values (a quantity undefined for this model, e.g. an uncertainty without
+  resolved classes) are not logged: the key keeps its last finite value, with a warning. A key
+  that another callback (``EarlyStopping``, ``ModelCheckpoint``) monitors and that has no value
+  is logged as NaN rather than left missing;
+* **incomplete validation data**: classes with fewer than ``num_anchors`` validation examples are
+  left out of the measurement with a warning (an error if the monitor was told to measure them);
 * **state**: anchors, seed, chosen targets and the last values are in :meth:`state_dict`, so a run
   resumed from a checkpoint continues the same series. Each ``trainer.fit`` that does not resume
   from a checkpoint starts a new series (anchors drawn again, last values forgotten).
 
 A subclass sets :attr:`prefix`, implements :meth:`_measure` (and optionally :meth:`_setup_targets`,
-:meth:`_check_targets`, :meth:`_config`, :meth:`_extra_state`, :meth:`_load_extra_state`,
-:meth:`_summary`).
+:meth:`_check_targets`, :meth:`_explicit_classes`, :meth:`_measured_classes`, :meth:`_config`,
+:meth:`_extra_state`, :meth:`_load_extra_state`, :meth:`_summary`).
 """
 
 from __future__ import annotations
@@ -67,6 +77,13 @@ from cm_monitor.anchors import AnchorSample, BatchReader, make_batch_reader, sam
 
 _STATE_VERSION = 1
 
+#: The values of ``on_nonfinite``.
+NONFINITE_POLICIES = ("log_nan", "keep_last", "raise")
+#: CUDA out of memory (``torch.cuda.OutOfMemoryError`` before torch 2.5).
+_OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
+    {getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)} - {None}
+)
+
 
 @dataclass
 class Measurement:
@@ -74,16 +91,34 @@ class Measurement:
 
     Attributes:
         values: metric name (without the monitor's prefix, e.g. ``"dim"``) → value. NaN/inf marks
-            a value that could not be measured: it is not logged (its last finite value is logged
-            again). Keys missing here also keep their last value.
+            a value that could not be measured. Without :attr:`nonfinite` it is not logged (its
+            last finite value is logged again); with it, ``on_nonfinite`` decides. Keys missing
+            here keep their last value.
         figures: tag (without prefix) → function that builds a matplotlib figure (called on global
             rank zero only, and only when a TensorBoard logger is attached).
         notes: short warnings to report (rank zero) about this measurement.
+        nonfinite: set when the model returned NaN/inf (on the anchors or on the inputs the
+            measurement built from them): what came out non-finite, for the warning or the error.
     """
 
     values: dict[str, float]
     figures: dict[str, Callable[[], Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    nonfinite: str | None = None
+
+
+@dataclass
+class _Outcome:
+    """What one validation's measurement came to, the same on every rank."""
+
+    seconds: float = 0.0
+    fraction: float = 0.0
+    failed: bool = False
+    nonfinite: bool = False
+
+    @property
+    def measured(self) -> bool:
+        return self.seconds > 0 and not (self.failed or self.nonfinite)
 
 
 def check_int(value: object, name: str, minimum: int = 1, allow_none: bool = False) -> int | None:
@@ -145,6 +180,14 @@ class GeometryMonitor(Callback):
         log_figures: also send figures to TensorBoard loggers.
         prog_bar: show the headline metric in the progress bar.
         verbose: report each measurement (value, seconds, fraction of the epoch) in one line.
+        strict: raise when a measurement fails (an exception in it, CUDA out of memory included)
+            instead of warning and going on with ``{prefix}/failed = 1``. The errors of the start of
+            fit (no validation data, unreadable batches, ...) are raised either way.
+        on_nonfinite: what a validation logs when the model returned NaN/inf during the measurement
+            (``{prefix}/nonfinite = 1``): ``"log_nan"`` (default) logs NaN for the monitor's values,
+            so a diverged run looks broken and ``EarlyStopping(check_finite=True)`` (its default)
+            stops it; ``"keep_last"`` logs the last finite values again (NaN for a key that has none
+            yet and that another callback monitors); ``"raise"`` raises a ``RuntimeError``.
     """
 
     #: Prefix of the logged keys, e.g. ``"cm"`` → ``cm/dim``. Set by subclasses (the default of
@@ -152,6 +195,8 @@ class GeometryMonitor(Callback):
     prefix: str = "geometry"
     #: Keys shown in the progress bar when ``prog_bar=True`` (without prefix).
     prog_bar_keys: tuple[str, ...] = ()
+    #: The argument(s) that name classes to measure (for messages), if the monitor has any.
+    _explicit_classes_arg: str | None = None
 
     def __init__(
         self,
@@ -171,6 +216,8 @@ class GeometryMonitor(Callback):
         log_figures: bool = True,
         prog_bar: bool = False,
         verbose: bool = True,
+        strict: bool = False,
+        on_nonfinite: str = "log_nan",
     ) -> None:
         super().__init__()
         if prefix is not None:
@@ -204,10 +251,20 @@ class GeometryMonitor(Callback):
                 f"`output_transform` must be None or a function (model output -> logits [N, C]), got {output_transform!r}."
             )
         self.output_transform = output_transform
-        for name, flag in (("log_figures", log_figures), ("prog_bar", prog_bar), ("verbose", verbose)):
+        for name, flag in (
+            ("log_figures", log_figures),
+            ("prog_bar", prog_bar),
+            ("verbose", verbose),
+            ("strict", strict),
+        ):
             if not isinstance(flag, bool):
                 raise TypeError(f"`{name}` must be a bool, got {flag!r}.")
-        self.log_figures, self.prog_bar, self.verbose = log_figures, prog_bar, verbose
+        self.log_figures, self.prog_bar, self.verbose, self.strict = log_figures, prog_bar, verbose, strict
+        if on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(
+                f"`on_nonfinite` must be one of {', '.join(map(repr, NONFINITE_POLICIES))}, got {on_nonfinite!r}."
+            )
+        self.on_nonfinite = on_nonfinite
 
         # state (see state_dict)
         self.anchors: Tensor | None = None
@@ -239,6 +296,16 @@ class GeometryMonitor(Callback):
 
     def _check_targets(self, num_classes: int) -> None:
         """Raise a clear error if the configured targets do not fit a model with ``num_classes`` classes."""
+
+    def _explicit_classes(self) -> set[int]:
+        """Classes the user asked to measure by name: too few validation examples of them is an error."""
+        return set()
+
+    def _measured_classes(self) -> list[int]:
+        """The classes a measurement covers (default: those of the anchors)."""
+        if self.anchor_labels is None:
+            return []
+        return sorted(set(self.anchor_labels.tolist()))
 
     def _measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module | list[nn.Module]
@@ -340,14 +407,22 @@ class GeometryMonitor(Callback):
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or self.anchors is None:
             return
         epoch = trainer.current_epoch
-        seconds = fraction = 0.0
+        outcome = _Outcome()
         if self._due(epoch) and self._within_budget(trainer, epoch):
-            seconds, fraction = self._run_measurement(trainer, pl_module, epoch)
+            outcome = self._run_measurement(trainer, pl_module, epoch)
         values = dict(self.last_values)
-        values[f"{self.prefix}/seconds"] = seconds
-        values[f"{self.prefix}/cost_frac"] = fraction
-        values[f"{self.prefix}/measured"] = 1.0 if seconds > 0 else 0.0
+        values[f"{self.prefix}/seconds"] = outcome.seconds
+        values[f"{self.prefix}/cost_frac"] = outcome.fraction
+        values[f"{self.prefix}/measured"] = float(outcome.measured)
+        values[f"{self.prefix}/failed"] = float(outcome.failed)
+        values[f"{self.prefix}/nonfinite"] = float(outcome.nonfinite)
+        values[f"{self.prefix}/num_classes_measured"] = float(len(self._measured_classes()))
         self._log_values(pl_module, values)
+
+    def _always_logged(self) -> set[str]:
+        """Keys logged at every validation, whatever the measurement gave."""
+        names = ("seconds", "cost_frac", "measured", "failed", "nonfinite", "num_classes_measured")
+        return {f"{self.prefix}/{k}" for k in names}
 
     # ------------------------------------------------------------------ state
 
@@ -422,19 +497,20 @@ class GeometryMonitor(Callback):
         members = logits_models(members, self.output_transform)  # logits [N, C] from any output
         return members[0] if len(members) == 1 else members
 
-    def _run_measurement(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> tuple[float, float]:
+    def _run_measurement(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> _Outcome:
+        name = type(self).__name__
         device = pl_module.device
         synchronize(device)
         start = time.perf_counter()
         with isolate_rng():  # a model that draws random numbers in eval mode must not shift training's
-            result = self._measure(trainer, pl_module, self._model(pl_module))
+            result, error, notes = self._attempt(trainer, pl_module)
             # drawing and writing the figures is part of the cost (rank 0 only); a failure there
             # must not leave the other ranks waiting in the broadcast below
-            if self.log_figures and trainer.is_global_zero and result.figures:
+            if result is not None and self.log_figures and trainer.is_global_zero and result.figures:
                 try:
                     self._log_figures(trainer, result.figures)
                 except Exception as err:
-                    result.notes.append(f"figures not written ({type(err).__name__}: {err})")
+                    notes.append(f"figures not written ({type(err).__name__}: {err})")
         synchronize(device)
         end = time.perf_counter()
         seconds = end - start
@@ -442,11 +518,23 @@ class GeometryMonitor(Callback):
         interval = end - self._interval_start if self._interval_start is not None else seconds
         fraction = seconds / interval if interval > 0 else 1.0
 
+        # A failure on any rank is a failure on all of them: every rank learns it here (one
+        # collective, which every rank reaches, failed or not), so all log the same keys.
+        cause = None if error is None else f"{type(error).__name__}: {error}"
+        if not self.strict:
+            error = None  # its traceback holds the failed attempt's tensors
+        causes = self._gather_causes(trainer, cause)
+        if causes and self.strict:
+            if error is not None:
+                raise error
+            raise RuntimeError(f"{name} (epoch {epoch}): the measurement failed on another rank: {'; '.join(causes)}.")
+
         # Every rank measured the same anchors with the same random numbers; rank 0's outcome is
         # what all of them log, so that they agree on the keys (finite or not) and the values.
         local = {
-            "values": {f"{self.prefix}/{k}": float(v) for k, v in result.values.items()},
-            "notes": list(result.notes),
+            "values": {} if result is None else {f"{self.prefix}/{k}": float(v) for k, v in result.values.items()},
+            "notes": notes + ([] if result is None else list(result.notes)),
+            "nonfinite": None if result is None else result.nonfinite,
             "seconds": seconds,
             "fraction": fraction,
         }
@@ -454,29 +542,109 @@ class GeometryMonitor(Callback):
         seconds, fraction = shared["seconds"], shared["fraction"]
         self._fit_seconds += seconds
         self._last_seconds = seconds
-        bad = sorted(k for k, v in shared["values"].items() if not math.isfinite(v))
-        fresh = {k: v for k, v in shared["values"].items() if k not in bad}
-        self.last_values.update(fresh)
-        self.last_measured_epoch = epoch
-        self.num_measurements += 1
+        self.last_measured_epoch = epoch  # a failed attempt counts for the schedule (its cost is paid)
+        outcome = _Outcome(seconds=max(seconds, 1e-9), fraction=fraction)
         notes = list(shared["notes"])
-        kept = [k for k in bad if k in self.last_values]
-        missing = [k for k in bad if k not in self.last_values]
+        values: dict[str, float] = shared["values"]
+        if causes:
+            outcome.failed = True
+            values = {}
+            notes.append(
+                f"the measurement failed ({'; '.join(causes)}). Training goes on: the last values are logged "
+                f"again, with {self.prefix}/failed = 1 (pass `strict=True` to raise instead)."
+            )
+        else:
+            self.num_measurements += 1
+            if shared["nonfinite"] is not None:
+                outcome.nonfinite = True
+                what = f"the model returned NaN/inf ({shared['nonfinite']})"
+                if self.on_nonfinite == "raise":
+                    raise RuntimeError(f"{name} (epoch {epoch}): {what}; `on_nonfinite='raise'`.")
+                if self.on_nonfinite == "log_nan":
+                    # every value of the monitor is NaN now, also those this measurement did not give
+                    self.last_values = {k: math.nan for k in self.last_values}
+                    self.last_values.update(values)
+                    notes.append(f"{what}: its values are logged as NaN, with {self.prefix}/nonfinite = 1.")
+                else:
+                    notes.append(
+                        f"{what}: its last finite values are logged again (`on_nonfinite='keep_last'`), with "
+                        f"{self.prefix}/nonfinite = 1."
+                    )
+                    self._keep_finite(values, notes)
+            else:
+                self._keep_finite(values, notes)
+        notes += self._fill_watched_keys(trainer, epoch, None if causes else set(values))
+        for note in notes:
+            rank_zero_warn(f"{name} (epoch {epoch}): {note}", category=RuntimeWarning)
+
+        if self.verbose and outcome.measured:
+            n = len(self.prefix) + 1
+            fresh = {k[n:]: v for k, v in values.items() if math.isfinite(v)}
+            rank_zero_info(
+                f"{name} epoch {epoch}: {self._summary(fresh)} | measured in {seconds:.2f} s, "
+                f"{100 * fraction:.0f}% of the epoch"
+            )
+        return outcome
+
+    def _attempt(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> tuple[Measurement | None, Exception | None, list[str]]:
+        """Measure: ``(result, None, notes)``, or ``(None, error, notes)`` when it raised.
+
+        CUDA out of memory is retried once with half the ``chunk_size`` (kept from then on).
+        ``KeyboardInterrupt`` and ``SystemExit`` are not caught.
+        """
+        notes: list[str] = []
+        try:
+            return self._measure(trainer, pl_module, self._model(pl_module)), None, notes
+        except _OOM_ERRORS as err:
+            chunk = getattr(self, "chunk_size", None)
+            if not (isinstance(chunk, int) and chunk > 1):
+                return None, err, notes
+            first = f"{type(err).__name__}: {err}"
+        except Exception as err:
+            return None, err, notes
+        # retried outside the `except` block, so that the tensors of the first attempt (held by
+        # its traceback) are freed first
+        self.chunk_size = chunk // 2
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        try:
+            result = self._measure(trainer, pl_module, self._model(pl_module))
+        except Exception as err:
+            notes.append(f"out of memory with chunk_size = {chunk} ({first}); the retry with {chunk // 2} failed too.")
+            return None, err, notes
+        notes.append(
+            f"out of memory with chunk_size = {chunk} ({first}); measured with chunk_size = {chunk // 2}, "
+            "which is kept from now on."
+        )
+        return result, None, notes
+
+    def _gather_causes(self, trainer: pl.Trainer, cause: str | None) -> list[str]:
+        """The failures of all ranks (``"rank r: Type: message"``), the same list on every rank."""
+        if trainer.world_size <= 1:
+            return [] if cause is None else [cause]
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            causes: list[str | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(causes, cause)
+            return [f"rank {rank}: {c}" for rank, c in enumerate(causes) if c is not None]
+        # another kind of strategy: a flag, reduced over the ranks
+        flag = torch.tensor(float(cause is not None), device=trainer.strategy.root_device)
+        if float(trainer.strategy.reduce(flag, reduce_op="max")) == 0:
+            return []
+        return [f"rank {trainer.global_rank}: {cause}" if cause is not None else "on another rank"]
+
+    def _keep_finite(self, values: Mapping[str, float], notes: list[str]) -> None:
+        """Take the finite values; a non-finite one keeps the key's last finite value (noted)."""
+        bad = sorted(k for k, v in values.items() if not math.isfinite(v))
+        self.last_values.update({k: v for k, v in values.items() if k not in bad})
+        kept = [k for k in bad if math.isfinite(self.last_values.get(k, math.nan))]
+        missing = [k for k in bad if k not in kept]
         if kept:
             notes.append(f"non-finite values not logged, their last value is logged again: {kept}")
         if missing:
             notes.append(f"non-finite values not logged, and there is no earlier value to log instead: {missing}")
-        for note in notes:
-            rank_zero_warn(f"{type(self).__name__} (epoch {epoch}): {note}", category=RuntimeWarning)
-        self._check_watched_keys(trainer, epoch)
-
-        if self.verbose:
-            n = len(self.prefix) + 1
-            rank_zero_info(
-                f"{type(self).__name__} epoch {epoch}: {self._summary({k[n:]: v for k, v in fresh.items()})} | "
-                f"measured in {seconds:.2f} s, {100 * fraction:.0f}% of the epoch"
-            )
-        return max(seconds, 1e-9), fraction
 
     def _watched_keys(self, trainer: pl.Trainer, strict_only: bool = False) -> set[str]:
         """Keys under this monitor's prefix that other callbacks monitor (``strict_only``: those that
@@ -490,23 +658,29 @@ class GeometryMonitor(Callback):
             and (getattr(cb, "strict", True) or not strict_only)
         }
 
-    def _check_watched_keys(self, trainer: pl.Trainer, epoch: int) -> None:
-        """Raise a clear error if another callback strictly monitors one of our keys that has no value.
+    def _fill_watched_keys(self, trainer: pl.Trainer, epoch: int, produced: set[str] | None) -> list[str]:
+        """NaN for the keys another callback strictly monitors that have no value yet; notes saying so.
 
         Such a callback (``EarlyStopping(strict=True)``, ``ModelCheckpoint``) would fail on the
-        missing key anyway; this says why. Keys that something else logs are left alone.
+        missing key and end the fit: NaN is what it gets instead (``EarlyStopping`` stops on it
+        with ``check_finite=True``; ``ModelCheckpoint`` ranks it last). A key that a measurement
+        which did not fail (``produced``: its keys) does not give at all is a configuration
+        error, raised. Keys that something else logs are left alone.
         """
-        always = {f"{self.prefix}/{k}" for k in ("seconds", "cost_frac", "measured")}
         watched = self._watched_keys(trainer, strict_only=True)
-        absent = sorted(k for k in watched if k not in self.last_values and k not in always)
-        absent = [k for k in absent if k not in trainer.callback_metrics]
-        if absent:
+        known = set(self.last_values) | self._always_logged() | set(trainer.callback_metrics)
+        absent = sorted(k for k in watched if k not in known)
+        unknown = [k for k in absent if produced is not None and k not in produced]
+        if unknown:
             raise RuntimeError(
-                f"{type(self).__name__}: another callback monitors {absent}, but after the measurement at epoch "
-                f"{epoch} this monitor has no value to log for it: either it came out NaN/inf or could not be "
-                "measured, and no earlier measurement of this run gave a value (see the warnings above), or "
-                f"this monitor does not log it with its configuration. It logs: {sorted(set(self.last_values) | always)}."
+                f"{type(self).__name__}: another callback monitors {unknown}, but the measurement at epoch {epoch} "
+                f"does not give it: this monitor does not log it with its configuration. It logs: "
+                f"{sorted(set(produced or ()) | set(self.last_values) | self._always_logged())}."
             )
+        if not absent:
+            return []
+        self.last_values.update(dict.fromkeys(absent, math.nan))
+        return [f"{absent} monitored by another callback but without a value yet: logged as NaN."]
 
     def _log_values(self, pl_module: pl.LightningModule, values: Mapping[str, float]) -> None:
         # All ranks hold rank 0's values (broadcast above): `max` over identical values is exact.
@@ -575,19 +749,52 @@ class GeometryMonitor(Callback):
                 f"{name}: the validation data has class id {top}, but the model returns logits for "
                 f"{num_classes} classes."
             )
-        try:
-            sample.check_classes(range(num_classes), self.num_anchors)
-        except ValueError as err:
-            raise ValueError(f"{name}: {err}") from err
-        self.anchors, self.anchor_labels, self.num_classes = sample.inputs, sample.labels, num_classes
+        inputs, labels = self._drop_short_classes(sample, num_classes)
+        self.anchors, self.anchor_labels, self.num_classes = inputs, labels, num_classes
         self._setup_targets(num_classes, torch.Generator().manual_seed(self.seed + 1))
         if self.verbose:
             rank_zero_info(
-                f"{name}: drew {sample.inputs.shape[0]} anchors ({self.num_anchors} per class, "
-                f"{num_classes} classes, shape {tuple(sample.inputs.shape[1:])}) from "
-                f"{sample.num_batches} validation batches in {time.perf_counter() - start:.2f} s; they stay "
-                "fixed for the run."
+                f"{name}: drew {inputs.shape[0]} anchors ({self.num_anchors} per class, "
+                f"{len(self._measured_classes())} of the model's {num_classes} classes measured, shape "
+                f"{tuple(inputs.shape[1:])}) from {sample.num_batches} validation batches in "
+                f"{time.perf_counter() - start:.2f} s; they stay fixed for the run."
             )
+
+    def _drop_short_classes(self, sample: AnchorSample, num_classes: int) -> tuple[Tensor, Tensor]:
+        """The anchors without the classes that have fewer than ``num_anchors`` validation examples.
+
+        Those classes are left out with a warning, unless the monitor was told to measure them
+        (:meth:`_explicit_classes`), or no class is left: then an error names them.
+        """
+        name = type(self).__name__
+        counts = {c: sample.counts.get(c, 0) for c in range(num_classes)}
+        short = sorted(c for c, n in counts.items() if n < self.num_anchors)
+        named = sorted(c for c in self._explicit_classes() if c in short)
+        try:
+            if named:
+                sample.check_classes(named, self.num_anchors)
+            if len(short) == num_classes:
+                sample.check_classes(short, self.num_anchors)
+        except ValueError as err:
+            why = f" ({self._explicit_classes_arg} names {named})" if named else ""
+            raise ValueError(f"{name}: {err}{why}") from err
+        if not short:
+            return sample.inputs, sample.labels
+        keep = ~torch.isin(sample.labels, torch.tensor(short, device=sample.labels.device))
+        listed = ", ".join(f"class {c}: {counts[c]}" for c in short)
+        hint = (
+            f", or name them in {self._explicit_classes_arg} to make this an error"
+            if self._explicit_classes_arg
+            else ""
+        )
+        rank_zero_warn(
+            f"{name}: {len(short)} of the model's {num_classes} classes have fewer than `num_anchors` = "
+            f"{self.num_anchors} validation examples ({listed}; read {sample.num_batches} batches): they are left "
+            f"out of the measurement (no anchors of them; `{self.prefix}/num_classes_measured` says how many "
+            f"classes are measured). Lower `num_anchors` to include them{hint}.",
+            category=UserWarning,
+        )
+        return sample.inputs[keep], sample.labels[keep]
 
     def _val_dataloader(self, trainer: pl.Trainer) -> tuple[Any, int | None]:
         name = type(self).__name__

@@ -58,11 +58,11 @@ class CMDimensionMonitor(GeometryMonitor):
 
     Args:
         every_n_epochs: measure every this many epochs (see above).
-        num_anchors: anchors drawn per class. Every class needs at least this many validation
-            examples (else an error at the start of fit). All of them calibrate the temperature;
-            ``anchors_per_target`` of them per class anchor the planes.
-        classes: the classes whose manifold is measured (default: all classes of the model, or a subset
-            of ``max_classes`` of them).
+        num_anchors: anchors drawn per class. A class with fewer validation examples is left out
+            (with a warning; an error at the start of fit if ``classes`` or ``pairs`` names it). All
+            of them calibrate the temperature; ``anchors_per_target`` of them per class anchor the planes.
+        classes: the classes whose manifold is measured (default: all classes of the model that have
+            ``num_anchors`` validation examples, or a subset of ``max_classes`` of them).
         max_classes: for a model with more classes than this (and ``classes=None``), a fixed random
             subset of ``max_classes`` classes is measured: drawn once with ``seed`` and saved in
             checkpoints (common random numbers), anchors only of these classes, per-class keys only
@@ -96,7 +96,8 @@ class CMDimensionMonitor(GeometryMonitor):
             which settings to reduce. ``None``: no limit.
         seed: seeds the anchors, the pairs and the planes; fixed for the run.
         max_cost_frac, batch_to_inputs, input_key, label_key, dataloader_idx, max_scan_batches, get_model,
-        output_transform, prefix, log_figures, prog_bar, verbose: see :class:`~cm_monitor.callbacks.base.GeometryMonitor`.
+        output_transform, prefix, log_figures, prog_bar, verbose, strict, on_nonfinite: see
+            :class:`~cm_monitor.callbacks.base.GeometryMonitor`.
 
     Logged metrics (through ``LightningModule.log``, at every validation of ``trainer.fit``
     after the sanity check; the same values on every rank):
@@ -124,14 +125,19 @@ class CMDimensionMonitor(GeometryMonitor):
     * ``cm/seconds``: wall time of the measurement (0 at validations without one).
     * ``cm/cost_frac``: that time as a fraction of the epoch so far (training + validation +
       measurement since the epoch, or the previous validation, started).
-    * ``cm/measured``: 1 when the values were measured at this validation, 0 when repeated.
+    * ``cm/measured``: 1 when the values were measured at this validation, 0 when repeated (also
+      when the measurement failed or the model returned NaN/inf).
+    * ``cm/failed``: 1 when the measurement raised (a warning gives the cause; the last values are
+      logged again and training goes on), else 0.
+    * ``cm/nonfinite``: 1 when the model returned NaN/inf during the measurement, else 0; the values
+      are then NaN (``on_nonfinite="log_nan"``) or the last finite ones (``"keep_last"``).
+    * ``cm/num_classes_measured``: how many classes are measured (the classes with fewer than
+      ``num_anchors`` validation examples are left out; more than ``max_classes`` are subsampled).
 
     A class whose curve never reaches ``threshold`` even at ``d = D`` is logged with dimension 0
-    (``d* = D``) and a warning. A class whose optimization produced NaN/inf keeps its last value
-    (and so do the means), with a warning: NaN is never logged. If that happens at the first
-    measurement of a run, there is no value to log yet: the key is missing from that validation's
-    metrics, and if ``EarlyStopping`` or ``ModelCheckpoint`` monitors it the monitor raises a
-    ``RuntimeError`` that says so.
+    (``d* = D``) and a warning. A class whose optimization produced NaN/inf (the model returned
+    NaN/inf) is NaN, and so are the means, with ``cm/nonfinite = 1`` (``on_nonfinite``). If a key
+    that ``EarlyStopping`` or ``ModelCheckpoint`` monitors has no value yet, it is logged as NaN.
 
     With a :class:`~lightning.pytorch.loggers.TensorBoardLogger`, each measurement also adds the
     figure ``cm/curves`` (IMAGES tab): per class and per pair, the reached probability against
@@ -139,8 +145,9 @@ class CMDimensionMonitor(GeometryMonitor):
 
     Raises:
         ValueError, TypeError: on invalid arguments (at construction) and, at the start of fit,
-            when the validation batches cannot be read, a class has fewer than ``num_anchors``
-            validation examples, or the classes/pairs do not fit the model.
+            when the validation batches cannot be read, a class that ``classes`` or ``pairs`` names
+            has fewer than ``num_anchors`` validation examples (or fewer than two classes have), or
+            the classes/pairs do not fit the model.
         MisconfigurationException: at the start of fit, when the run has no validation data.
 
     Example::
@@ -156,6 +163,7 @@ class CMDimensionMonitor(GeometryMonitor):
 
     prefix = "cm"
     prog_bar_keys = ("dim",)
+    _explicit_classes_arg = "`classes=` or `pairs=`"
 
     def __init__(
         self,
@@ -189,6 +197,8 @@ class CMDimensionMonitor(GeometryMonitor):
         log_figures: bool = True,
         prog_bar: bool = False,
         verbose: bool = True,
+        strict: bool = False,
+        on_nonfinite: str = "log_nan",
     ) -> None:
         super().__init__(
             every_n_epochs=every_n_epochs,
@@ -206,6 +216,8 @@ class CMDimensionMonitor(GeometryMonitor):
             log_figures=log_figures,
             prog_bar=prog_bar,
             verbose=verbose,
+            strict=strict,
+            on_nonfinite=on_nonfinite,
         )
         self.classes = _check_classes(classes)
         self.max_classes = check_int(max_classes, "max_classes", minimum=2, allow_none=True)
@@ -277,9 +289,22 @@ class CMDimensionMonitor(GeometryMonitor):
             "num_bootstrap": self.num_bootstrap,
         }  # max_seconds only decides whether to run
 
+    def _explicit_classes(self) -> set[int]:
+        return set(self.classes or ()) | {c for p in self.pairs_arg or () for c in p}
+
+    def _measured_classes(self) -> list[int]:
+        return list(self.targets or ())
+
     def _setup_targets(self, num_classes: int, generator: torch.Generator) -> None:
         self._check_targets(num_classes)
-        self.targets = list(self.classes) if self.classes is not None else self._class_subset(num_classes, generator)
+        assert self.anchor_labels is not None
+        available = sorted(set(self.anchor_labels.tolist()))  # classes with enough validation examples
+        if len(available) < 2:
+            raise ValueError(
+                f"{type(self).__name__} needs anchors of at least two classes, but only class {available} has "
+                f"`num_anchors` = {self.num_anchors} validation examples."
+            )
+        self.targets = list(self.classes) if self.classes is not None else self._class_subset(available, generator)
         if self.pairs_arg is not None:
             self.pairs = list(self.pairs_arg)
         else:
@@ -288,18 +313,19 @@ class CMDimensionMonitor(GeometryMonitor):
             pick = torch.randperm(len(pool), generator=generator)[:n].sort().values.tolist()
             self.pairs = [pool[i] for i in pick]
 
-    def _class_subset(self, num_classes: int, generator: torch.Generator) -> list[int]:
-        """All classes, or for a model with more than ``max_classes`` a fixed random subset of them;
-        the anchors are then reduced to those classes (fewer problems, a smaller checkpoint)."""
-        if self.max_classes is None or num_classes <= self.max_classes:
-            return list(range(num_classes))
-        subset = torch.randperm(num_classes, generator=generator)[: self.max_classes].sort().values
+    def _class_subset(self, available: list[int], generator: torch.Generator) -> list[int]:
+        """All ``available`` classes, or when there are more than ``max_classes`` a fixed random subset
+        of them; the anchors are then reduced to those classes (fewer problems, a smaller checkpoint)."""
+        if self.max_classes is None or len(available) <= self.max_classes:
+            return list(available)
+        pick = torch.randperm(len(available), generator=generator)[: self.max_classes]
+        subset = torch.tensor(available)[pick].sort().values
         assert self.anchors is not None and self.anchor_labels is not None
         keep = torch.isin(self.anchor_labels, subset.to(self.anchor_labels.device))
         self.anchors, self.anchor_labels = self.anchors[keep], self.anchor_labels[keep]
         if self.verbose:
             rank_zero_info(
-                f"{type(self).__name__}: the model has {num_classes} classes, more than `max_classes` = "
+                f"{type(self).__name__}: there are {len(available)} classes to measure, more than `max_classes` = "
                 f"{self.max_classes}: measuring the fixed random subset {subset.tolist()} (anchors of these classes only)."
             )
         return subset.tolist()
@@ -417,7 +443,7 @@ class CMDimensionMonitor(GeometryMonitor):
             "dims": self.grid(),
             "generator": self.seed,  # an int: the same planes and anchor subsets at every evaluation
             "anchors_per_target": self.anchors_per_target,
-            "chunk_size": self._pass_rows,
+            "chunk_size": min(self._pass_rows, self.chunk_size),  # an out-of-memory retry halves chunk_size
             "num_bootstrap": self.num_bootstrap,
             "settings": self.settings,
         }
@@ -484,7 +510,19 @@ class CMDimensionMonitor(GeometryMonitor):
 
             return curves_figure(cm, boundary, suptitle=f"epoch {epoch}")
 
-        return Measurement(values=values, figures={"curves": figure}, notes=notes)
+        return Measurement(values=values, figures={"curves": figure}, notes=notes, nonfinite=_nonfinite(cm, boundary))
+
+
+def _nonfinite(cm: DimensionEstimate, boundary: DimensionEstimate | None) -> str | None:
+    """What came out NaN/inf because of the model's output, or None."""
+    causes = []
+    if not math.isfinite(cm.temperature):
+        causes.append("on the anchors: no temperature")
+    for est, what in ((cm, "class"), (boundary, "pair")):
+        bad = [] if est is None else [t for t, f in zip(est.targets, est.failed.tolist(), strict=True) if f]
+        if bad:
+            causes.append(f"NaN/inf during the optimization for {what} {bad}")
+    return "; ".join(causes) or None
 
 
 def _locality(est: DimensionEstimate) -> dict[str, float]:
@@ -532,8 +570,7 @@ def _read(est: DimensionEstimate, what: str, notes: list[str]) -> tuple[dict[Any
             f"plane dimension d = {low}, so their dimension is at least {est.input_dim - low}, logged as that, "
             f"without uncertainty ({hint})."
         )
-    if bad:  # a mean over the other targets would not be comparable with earlier ones
-        notes.append(f"NaN/inf during the optimization for {what} {bad}: no value for them nor for the mean.")
+    if bad:  # a mean over the other targets would not be comparable with earlier ones (see _nonfinite)
         return per_target, math.nan, math.nan
     n = len(per_target)
     # the uncertainty of the mean from the targets that have one (none if no target has one)

@@ -50,7 +50,8 @@ class DiffeoStabilityMonitor(GeometryMonitor):
         chunk_size: images per forward pass.
         seed: seeds the probe images, the deformations and the noise.
         max_cost_frac, batch_to_inputs, input_key, label_key, dataloader_idx, max_scan_batches, get_model,
-        output_transform, prefix, log_figures, prog_bar, verbose: see :class:`~cm_monitor.callbacks.base.GeometryMonitor`.
+        output_transform, prefix, log_figures, prog_bar, verbose, strict, on_nonfinite: see
+            :class:`~cm_monitor.callbacks.base.GeometryMonitor`.
 
     Logged metrics (through ``LightningModule.log``, at every validation of ``trainer.fit`` after
     the sanity check):
@@ -59,13 +60,14 @@ class DiffeoStabilityMonitor(GeometryMonitor):
     * ``diffeo/log10_rf``: ``log10 R_f`` (the natural scale of its curve).
     * ``diffeo/rf_std``, ``diffeo/log10_rf_std``: bootstrap standard deviations over images.
     * ``diffeo/df``, ``diffeo/gf``: stability to deformations and to noise.
-    * ``diffeo/seconds``, ``diffeo/cost_frac``, ``diffeo/measured``: cost of the measurement, as
+    * ``diffeo/seconds``, ``diffeo/cost_frac``, ``diffeo/measured``, ``diffeo/failed``,
+      ``diffeo/nonfinite``, ``diffeo/num_classes_measured``: cost and state of the measurement, as
       for ``cm/``.
 
-    Non-finite values (the model returned NaN/inf, or ``R_f = 0`` for ``log10``) are not logged:
-    the last value is kept and a warning says so. At the first measurement of a run there is no
-    last value: the key is missing from that validation's metrics, and if ``EarlyStopping`` or
-    ``ModelCheckpoint`` monitors it the monitor raises a ``RuntimeError`` that says so.
+    When the model returns NaN/inf, ``diffeo/nonfinite`` is 1 and the values are NaN or the last
+    finite ones (``on_nonfinite``). Other non-finite values (``R_f = 0`` for ``log10``) are not
+    logged: the last value is kept and a warning says so; a key that ``EarlyStopping`` or
+    ``ModelCheckpoint`` monitors is logged as NaN while it has no value.
 
     Raises:
         ValueError: at the start of fit, when the validation inputs are not images
@@ -111,6 +113,8 @@ class DiffeoStabilityMonitor(GeometryMonitor):
         log_figures: bool = True,
         prog_bar: bool = False,
         verbose: bool = True,
+        strict: bool = False,
+        on_nonfinite: str = "log_nan",
     ) -> None:
         super().__init__(
             every_n_epochs=every_n_epochs,
@@ -128,6 +132,8 @@ class DiffeoStabilityMonitor(GeometryMonitor):
             log_figures=log_figures,
             prog_bar=prog_bar,
             verbose=verbose,
+            strict=strict,
+            on_nonfinite=on_nonfinite,
         )
         if (delta is None) == (temperature is None):
             raise ValueError("Pass exactly one of `delta` (pixels) and `temperature` (pixel convention).")
@@ -233,6 +239,10 @@ class DiffeoStabilityMonitor(GeometryMonitor):
             "df": est.df,
             "gf": est.gf,
         }
-        if self.num_bootstrap > 0:  # NaN here is a failed value: reported, not logged
+        if self.num_bootstrap > 0:  # NaN here (without `failed`) is a value that is not defined: not logged
             values["rf_std"], values["log10_rf_std"] = est.rf_std, est.log10_rf_std
-        return Measurement(values=values, notes=notes)
+        nonfinite = None
+        if est.failed:
+            nonfinite = "on the probe images or their deformed/noisy versions"
+            notes = [n for n in notes if "returned NaN/inf" not in n]  # the monitor's own warning says it
+        return Measurement(values=values, notes=notes, nonfinite=nonfinite)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cm_monitor._model import measuring, model_float_dtype
 from cm_monitor.anchors import BatchReader
 from cm_monitor.callbacks.base import GeometryMonitor, Measurement, check_int
 from cm_monitor.elasticity import ElasticityEstimate, check_groups, local_elasticity
@@ -72,7 +73,8 @@ class ElasticityMonitor(GeometryMonitor):
             probes carry only the inputs and the training labels.
         seed: seeds the probe inputs and the clustering.
         max_cost_frac, batch_to_inputs, input_key, label_key, dataloader_idx, max_scan_batches, get_model,
-        output_transform, prefix, log_figures, prog_bar, verbose: see :class:`~cm_monitor.callbacks.base.GeometryMonitor`.
+        output_transform, prefix, log_figures, prog_bar, verbose, strict, on_nonfinite: see
+            :class:`~cm_monitor.callbacks.base.GeometryMonitor`.
             ``get_model`` must return one ``nn.Module`` (no ensembles).
 
     Logged metrics (through ``LightningModule.log``, at every validation of ``trainer.fit`` after
@@ -89,7 +91,10 @@ class ElasticityMonitor(GeometryMonitor):
       run. A ``ratio`` near ``ratio_baseline`` says no more than the inputs' own similarity.
     * ``elasticity/linearity_error``: relative change of the kernelized similarity when the step is
       halved (with ``check_linearity``).
-    * ``elasticity/seconds``, ``elasticity/cost_frac``, ``elasticity/measured``: cost, as for ``cm/``.
+    * ``elasticity/seconds``, ``elasticity/cost_frac``, ``elasticity/measured``, ``elasticity/failed``,
+      ``elasticity/nonfinite``, ``elasticity/num_classes_measured``: cost and state of the
+      measurement, as for ``cm/`` (a probe whose loss gradient is exactly zero, so that there is no
+      SGD step to take, makes the measurement fail: ``elasticity/failed = 1``).
 
     With a :class:`~lightning.pytorch.loggers.TensorBoardLogger`, each measurement also adds the
     image ``elasticity/similarity``: the similarity matrix with the inputs sorted by class.
@@ -130,6 +135,8 @@ class ElasticityMonitor(GeometryMonitor):
         log_figures: bool = True,
         prog_bar: bool = False,
         verbose: bool = True,
+        strict: bool = False,
+        on_nonfinite: str = "log_nan",
     ) -> None:
         super().__init__(
             every_n_epochs=every_n_epochs,
@@ -147,6 +154,8 @@ class ElasticityMonitor(GeometryMonitor):
             log_figures=log_figures,
             prog_bar=prog_bar,
             verbose=verbose,
+            strict=strict,
+            on_nonfinite=on_nonfinite,
         )
         if lr is not None and not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
             raise ValueError(f"`lr` must be a positive number or None, got {lr!r}.")
@@ -193,6 +202,10 @@ class ElasticityMonitor(GeometryMonitor):
             found = self.groups(self.anchors, self.anchor_labels)
             self.anchor_groups = check_groups(found, self.anchors.shape[0], "groups(inputs, labels)")
 
+    def _preflight(self, trainer: pl.Trainer, model: nn.Module | list[nn.Module]) -> None:
+        if isinstance(model, list):  # at the start of fit, not as a failed measurement later
+            raise TypeError(f"{type(self).__name__} measures one model; `get_model` returned a list of {len(model)}.")
+
     def _summary(self, values: Mapping[str, float]) -> str:
         if "ratio" not in values:
             return "no value"
@@ -208,34 +221,35 @@ class ElasticityMonitor(GeometryMonitor):
         assert self.anchors is not None and self.anchor_labels is not None
         if isinstance(model, list):
             raise TypeError(f"{type(self).__name__} measures one model; `get_model` returned a list of {len(model)}.")
+        keys = ["intra", "inter", "ratio", "cluster_ari", "ratio_baseline", "cluster_ari_baseline"]
+        if self.check_linearity:
+            keys.append("linearity_error")
+        # a model that returns NaN/inf has no loss gradient to step along: say so, rather than the
+        # core's "zero gradient" error (one forward pass of the probes)
+        with measuring([model], grad=False):
+            out = model(self.anchors.to(model_float_dtype([model], self.anchors.dtype)))
+        if isinstance(out, Tensor) and out.is_floating_point() and not bool(torch.isfinite(out).all()):
+            return Measurement(values=dict.fromkeys(keys, math.nan), nonfinite="on the probe inputs")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            try:
-                est = local_elasticity(
-                    model,
-                    self.anchors,
-                    self.anchor_labels,
-                    groups=self.anchor_groups,
-                    lr=self.lr,
-                    relative_step=self.relative_step,
-                    loss_fn=self.loss_fn,
-                    check_linearity=self.check_linearity,
-                    generator=self.seed,
-                    chunk_size=self.chunk_size,
-                )
-            except ValueError as err:  # e.g. a probe the model fits exactly: no SGD step to take
-                return Measurement(values={}, notes=[f"not measured: {err}"])
+            # raises (a failed measurement) e.g. when a probe is fitted exactly: no SGD step to take
+            est = local_elasticity(
+                model,
+                self.anchors,
+                self.anchor_labels,
+                groups=self.anchor_groups,
+                lr=self.lr,
+                relative_step=self.relative_step,
+                loss_fn=self.loss_fn,
+                check_linearity=self.check_linearity,
+                generator=self.seed,
+                chunk_size=self.chunk_size,
+            )
         self.last_estimate = est
-        values = {
-            "intra": est.intra,
-            "inter": est.inter,
-            "ratio": est.ratio,
-            "cluster_ari": est.cluster_ari,
-            "ratio_baseline": est.ratio_baseline,
-            "cluster_ari_baseline": est.cluster_ari_baseline,
-        }
-        if self.check_linearity:
-            values["linearity_error"] = est.linearity_error
+        values = {key: getattr(est, key) for key in keys}
+        nonfinite = None
+        if not (bool(torch.isfinite(est.similarity).all()) and bool(torch.isfinite(est.kernel).all())):
+            nonfinite = "in the similarities: the model returned NaN/inf after an SGD step, or a step did not move its own prediction"
         epoch = trainer.current_epoch
 
         def figure() -> Any:
@@ -243,6 +257,5 @@ class ElasticityMonitor(GeometryMonitor):
 
             return similarity_figure(est.symmetric_similarity, est.groups, title=f"local elasticity, epoch {epoch}")
 
-        return Measurement(
-            values=values, figures={"similarity": figure}, notes=sorted({str(w.message) for w in caught})
-        )
+        notes = sorted({str(w.message) for w in caught if nonfinite is None or "NaN/inf" not in str(w.message)})
+        return Measurement(values=values, figures={"similarity": figure}, notes=notes, nonfinite=nonfinite)

@@ -1,0 +1,347 @@
+"""The monitors never take training down (issue 13): failed measurements, NaN/inf from the model,
+incomplete validation data, and a failure on one rank of two (DDP on CPU).
+
+Fits are tiny (digits, a few batches); the measurements use the fast settings of test_callback.py.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import timedelta
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping
+from lightning.pytorch.strategies import DDPStrategy
+from test_callback import FAST, DigitsCNN, digits, loaders, trainer
+from test_monitors import DIFFEO_FAST, ELASTIC_FAST
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from cm_monitor import CMDimensionMonitor, DiffeoStabilityMonitor, ElasticityMonitor
+
+MONITORS = {"cm": CMDimensionMonitor, "diffeo": DiffeoStabilityMonitor, "elasticity": ElasticityMonitor}
+SETTINGS = {"cm": FAST, "diffeo": DIFFEO_FAST, "elasticity": ELASTIC_FAST}
+HEADLINE = {"cm": "cm/dim", "diffeo": "diffeo/rf", "elasticity": "elasticity/ratio"}
+
+
+class Record(Callback):
+    """The monitor's logged values after each validation of the fit (the rows EarlyStopping sees)."""
+
+    def __init__(self, prefix: str):
+        self.prefix, self.rows = prefix, []
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            metrics = trainer.callback_metrics
+            self.rows.append({k: v.item() for k, v in metrics.items() if k.startswith(f"{self.prefix}/")})
+
+    def series(self, key: str) -> list[float | None]:
+        return [row.get(key) for row in self.rows]
+
+
+def fit(tmp_path, callbacks, model=None, val=None, **kwargs):
+    kwargs.setdefault("limit_train_batches", 3)
+    model = model if model is not None else DigitsCNN()
+    train, default_val = loaders()
+    t = trainer(tmp_path, callbacks, **kwargs)
+    t.fit(model, train, val if val is not None else default_val)
+    return t, model
+
+
+# ------------------------------------------------------------------ 1. failures never end training
+
+
+class FailingDiffeo(DiffeoStabilityMonitor):
+    """Raises inside the measurement at the given epochs (on the given ranks)."""
+
+    def __init__(self, fail_epochs=(), fail_ranks=(0,), error=RuntimeError, **kwargs):
+        super().__init__(**kwargs)
+        self.fail_epochs, self.fail_ranks, self.error = set(fail_epochs), set(fail_ranks), error
+
+    def _measure(self, trainer, pl_module, model):
+        if trainer.current_epoch in self.fail_epochs and trainer.global_rank in self.fail_ranks:
+            raise self.error(f"boom on rank {trainer.global_rank}")
+        return super()._measure(trainer, pl_module, model)
+
+
+def test_a_failed_measurement_is_a_warning_and_training_goes_on(tmp_path):
+    monitor = FailingDiffeo(fail_epochs={1}, **DIFFEO_FAST)
+    record = Record("diffeo")
+    match = r"FailingDiffeo \(epoch 1\): the measurement failed \(RuntimeError: boom on rank 0\)"
+    with pytest.warns(RuntimeWarning, match=match):
+        _, model = fit(tmp_path, [monitor, record], max_epochs=3)
+    assert model.train_steps == 9  # every epoch trained
+    assert record.series("diffeo/measured") == [1.0, 0.0, 1.0]
+    assert record.series("diffeo/failed") == [0.0, 1.0, 0.0]
+    assert record.series("diffeo/nonfinite") == [0.0, 0.0, 0.0]
+    rf = record.series("diffeo/rf")
+    assert rf[1] == rf[0] and rf[2] != rf[0]  # the failed validation logs the last values again
+    assert all(row.keys() == record.rows[0].keys() for row in record.rows)  # one consistent set of keys
+    assert record.series("diffeo/seconds")[1] > 0  # the failed attempt's time is reported
+    assert monitor.num_measurements == 2
+
+
+class ExplodingNet(nn.Module):
+    """The model, but its forward raises after ``after`` calls with autograd on in eval mode (i.e. inside
+    a cutting-plane optimization, not training nor validation)."""
+
+    def __init__(self, net, after=3):
+        super().__init__()
+        self.net, self.after, self.calls = net, after, 0
+
+    def forward(self, x):
+        if torch.is_grad_enabled() and not self.training:
+            self.calls += 1
+            if self.calls > self.after:
+                raise RuntimeError("exploded mid-optimization")
+        return self.net(x)
+
+
+class Snapshot(Callback):
+    """Before the monitor: put dropout in training mode, give every parameter a grad, keep modes, weights
+    and grads; after it: compare (callbacks run in list order)."""
+
+    def __init__(self):
+        self.before, self.checked = None, 0
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        state = (
+            [m.training for m in pl_module.modules()],
+            {k: v.clone() for k, v in pl_module.state_dict().items()},
+            [None if p.grad is None else p.grad.clone() for p in pl_module.parameters()],
+        )
+        if self.before is None:
+            pl_module.net[8].train()  # a mode the monitor must leave as it found it
+            for p in pl_module.parameters():  # grads the monitor must not touch (e.g. accumulation mid-way)
+                p.grad = torch.randn_like(p)
+            self.before = (
+                [m.training for m in pl_module.modules()],
+                state[1],
+                [p.grad.clone() for p in pl_module.parameters()],
+            )
+            return
+        modes, weights, grads = state
+        assert modes == self.before[0]
+        assert all(torch.equal(weights[k], v) for k, v in self.before[1].items())
+        assert all(torch.equal(a, b) for a, b in zip(grads, self.before[2], strict=True))
+        self.before, self.checked = None, self.checked + 1
+
+
+def test_a_failure_inside_the_model_leaves_modes_weights_and_grads(tmp_path):
+    model = DigitsCNN()
+    wrapper = ExplodingNet(model.net)
+    snapshot = Snapshot()
+    monitor = CMDimensionMonitor(**FAST, get_model=lambda m: wrapper)
+    with pytest.warns(RuntimeWarning, match=r"failed \(RuntimeError: exploded mid-optimization\)"):
+        t, _ = fit(tmp_path, [snapshot, monitor, snapshot], model=model, max_epochs=1)
+    assert snapshot.checked == 1 and wrapper.calls == 4
+    assert t.callback_metrics["cm/failed"] == 1.0 and t.callback_metrics["cm/measured"] == 0.0
+    assert "cm/dim" not in t.callback_metrics  # nothing measured yet, nothing made up
+
+    # strict=True: the error itself, not a warning
+    wrapper = ExplodingNet(DigitsCNN().net)
+    with pytest.raises(RuntimeError, match="exploded mid-optimization"):
+        fit(tmp_path, [CMDimensionMonitor(**FAST, get_model=lambda m: wrapper, strict=True)], max_epochs=1)
+
+
+def test_interrupts_are_not_swallowed(tmp_path, monkeypatch):
+    monitor = CMDimensionMonitor(**FAST)
+    monkeypatch.setattr(monitor, "_model", lambda pl_module: None)
+    for error in (KeyboardInterrupt, SystemExit):
+
+        def measure(*args, error=error):
+            raise error()
+
+        monkeypatch.setattr(monitor, "_measure", measure)
+        with pytest.raises(error):
+            monitor._attempt(None, None)
+    # and through a fit: SystemExit ends it
+    with pytest.raises(SystemExit):
+        fit(tmp_path, [FailingDiffeo(fail_epochs={0}, error=SystemExit, **DIFFEO_FAST)], max_epochs=1)
+
+
+class OOMAbove(nn.Module):
+    """Raises CUDA's out-of-memory error for batches larger than ``limit`` (on any device)."""
+
+    def __init__(self, net, limit):
+        super().__init__()
+        self.net, self.limit = net, limit
+
+    def forward(self, x):
+        if x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated, batch of {x.shape[0]})")
+        return self.net(x)
+
+
+@pytest.mark.parametrize("limit", [8, 4])
+def test_out_of_memory_is_retried_once_with_half_the_chunk_size(tmp_path, limit):
+    # the probes are forwarded 30 at a time, in chunks of `chunk_size` = 16: 16 > 8 runs out, 8 does not;
+    # with a limit of 4, the retry with 8 runs out too
+    monitor = DiffeoStabilityMonitor(**DIFFEO_FAST, chunk_size=16, get_model=lambda m: OOMAbove(m.net, limit))
+    with pytest.warns(
+        RuntimeWarning, match=r"out of memory with chunk_size = 16 \(OutOfMemoryError: CUDA out of memory"
+    ):
+        t, _ = fit(tmp_path, [monitor], max_epochs=1)
+    assert monitor.chunk_size == 8
+    if limit == 8:
+        assert t.callback_metrics["diffeo/measured"] == 1.0 and t.callback_metrics["diffeo/failed"] == 0.0
+        assert math.isfinite(t.callback_metrics["diffeo/rf"].item())
+    else:
+        assert t.callback_metrics["diffeo/measured"] == 0.0 and t.callback_metrics["diffeo/failed"] == 1.0
+
+
+# ------------------------------------------------------------------ 3. a broken run is visible
+
+
+class BreakWeights(Callback):
+    """Sets every parameter to NaN at the end of training epoch ``epoch`` (after its validation)."""
+
+    def __init__(self, epoch=0):
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            with torch.no_grad():
+                for p in pl_module.parameters():
+                    p.fill_(math.nan)
+
+
+@pytest.mark.parametrize("kind", ["cm", "diffeo", "elasticity"])
+def test_nan_weights_are_logged_as_nan_and_early_stopping_stops(tmp_path, kind):
+    key = HEADLINE[kind]
+    record = Record(kind)
+    stopper = EarlyStopping(monitor=key, mode="max", patience=10)  # check_finite=True by default
+    monitor = MONITORS[kind](**SETTINGS[kind])
+    assert monitor.on_nonfinite == "log_nan"  # the default
+    with pytest.warns(RuntimeWarning, match=r"\(epoch 1\): the model returned NaN/inf .*logged as NaN"):
+        t, _ = fit(tmp_path, [monitor, BreakWeights(0), record, stopper], max_epochs=4)
+    assert stopper.stopped_epoch == 1 and t.current_epoch == 2  # stopped by the NaN, not by max_epochs
+    assert record.series(f"{kind}/measured") == [1.0, 0.0]
+    assert record.series(f"{kind}/nonfinite") == [0.0, 1.0]
+    assert record.series(f"{kind}/failed") == [0.0, 0.0]
+    first, second = record.series(key)
+    assert math.isfinite(first) and math.isnan(second)
+
+
+def test_nan_weights_keep_last_and_raise(tmp_path):
+    record = Record("cm")
+    stopper = EarlyStopping(monitor="cm/dim", mode="max", patience=10)
+    monitor = CMDimensionMonitor(**FAST, on_nonfinite="keep_last")
+    with pytest.warns(RuntimeWarning, match=r"\(epoch 1\): the model returned NaN/inf .*last finite values"):
+        t, _ = fit(tmp_path, [monitor, BreakWeights(0), record, stopper], max_epochs=2)
+    assert stopper.stopped_epoch == 0 and t.current_epoch == 2  # not stopped: it looks healthy
+    assert record.series("cm/nonfinite") == [0.0, 1.0] and record.series("cm/measured") == [1.0, 0.0]
+    first, second = record.series("cm/dim")
+    assert math.isfinite(first) and second == first
+    assert record.series("cm/dim_class_4")[1] == record.series("cm/dim_class_4")[0]
+
+    monitor = CMDimensionMonitor(**FAST, on_nonfinite="raise")
+    with pytest.raises(RuntimeError, match=r"\(epoch 1\): the model returned NaN/inf \(.*\); `on_nonfinite='raise'`"):
+        fit(tmp_path, [monitor, BreakWeights(0)], max_epochs=2)
+
+
+@pytest.mark.parametrize("kind", ["cm", "diffeo", "elasticity"])
+def test_on_nonfinite_is_validated(kind):
+    with pytest.raises(ValueError, match=r"`on_nonfinite` must be one of 'log_nan', 'keep_last', 'raise', got 'nan'"):
+        MONITORS[kind](on_nonfinite="nan")
+    with pytest.raises(TypeError, match=r"`strict` must be a bool"):
+        MONITORS[kind](strict="yes")
+
+
+# ------------------------------------------------------------------ 5. incomplete validation data
+
+
+def val_without(cls: int, keep: int = 0) -> DataLoader:
+    """The digits validation set with only ``keep`` examples of class ``cls``."""
+    (_, _), (xv, yv) = digits()
+    idx = torch.cat([(yv != cls).nonzero().squeeze(1), (yv == cls).nonzero().squeeze(1)[:keep]])
+    return DataLoader(TensorDataset(xv[idx], yv[idx]), batch_size=100)
+
+
+@pytest.mark.parametrize("classes", [None, list(range(9))])
+def test_a_class_missing_from_validation_data_is_left_out(tmp_path, classes):
+    monitor = CMDimensionMonitor(**{**FAST, "classes": classes, "num_pairs": 1, "dims": [1, 8, 64]})
+    match = r"1 of the model's 10 classes have fewer than `num_anchors` = 2 validation examples \(class 9: 0;"
+    with pytest.warns(UserWarning, match=match):
+        t, _ = fit(tmp_path, [monitor], val=val_without(9), max_epochs=1)
+    assert monitor.targets == list(range(9)) and 9 not in monitor.anchor_labels.tolist()
+    assert all(c in monitor.targets for p in monitor.pairs for c in p)
+    m = t.callback_metrics
+    assert m["cm/num_classes_measured"] == 9.0 and m["cm/measured"] == 1.0
+    assert "cm/dim_class_8" in m and "cm/dim_class_9" not in m
+    assert math.isclose(m["cm/dim"].item(), sum(m[f"cm/dim_class_{c}"].item() for c in range(9)) / 9, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["diffeo", "elasticity"])
+def test_a_short_class_is_left_out_by_the_other_monitors(tmp_path, kind):
+    monitor = MONITORS[kind](**SETTINGS[kind])
+    with pytest.warns(UserWarning, match=r"\(class 3: 1;"):
+        t, _ = fit(tmp_path, [monitor], val=val_without(3, keep=1), max_epochs=1)
+    labels = monitor.anchor_labels.tolist()
+    assert 3 not in labels and sorted(set(labels)) == [c for c in range(10) if c != 3]
+    assert len(labels) == 9 * SETTINGS[kind]["num_anchors"]
+    assert t.callback_metrics[f"{kind}/num_classes_measured"] == 9.0
+    assert t.callback_metrics[f"{kind}/measured"] == 1.0
+
+
+# ------------------------------------------------------------------ 1. under DDP: 2 CPU processes
+
+
+class RankFailingDiffeo(DiffeoStabilityMonitor):
+    """Fails on rank 1 at epoch 0; writes what each rank logged, and rank 0's warnings, to files."""
+
+    def __init__(self, out_dir, **kwargs):
+        super().__init__(**kwargs)
+        self.out_dir = str(out_dir)
+
+    def _measure(self, trainer, pl_module, model):
+        if trainer.current_epoch == 0 and trainer.global_rank == 1:
+            raise RuntimeError("boom on rank 1")
+        return super()._measure(trainer, pl_module, model)
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            super().on_validation_epoch_end(trainer, pl_module)
+        if not trainer.sanity_checking:
+            logged = {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("diffeo/")}
+            torch.save(
+                {"logged": logged, "warnings": [str(w.message) for w in caught]},
+                f"{self.out_dir}/epoch{trainer.current_epoch}_{trainer.global_rank}.pt",
+            )
+
+
+def ddp_trainer(callbacks):
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=DDPStrategy(start_method="spawn", process_group_backend="gloo", timeout=timedelta(seconds=60)),
+        max_epochs=2,
+        limit_train_batches=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+
+
+@pytest.mark.slow
+def test_ddp_a_failure_on_one_rank_reaches_every_rank(tmp_path):
+    pl.seed_everything(0)
+    monitor = RankFailingDiffeo(tmp_path, **DIFFEO_FAST, log_figures=False)
+    ddp_trainer([monitor]).fit(DigitsCNN(), *loaders())
+    ranks = [[torch.load(tmp_path / f"epoch{e}_{r}.pt") for r in range(2)] for e in range(2)]
+    for epoch, (failed, measured) in enumerate([(1.0, 0.0), (0.0, 1.0)]):
+        zero, one = ranks[epoch]
+        assert zero["logged"] == one["logged"]  # the same keys and values on both ranks
+        assert zero["logged"]["diffeo/failed"] == failed and zero["logged"]["diffeo/measured"] == measured
+    assert "diffeo/rf" not in ranks[0][0]["logged"] and math.isfinite(ranks[1][0]["logged"]["diffeo/rf"])
+    # rank 0, which measured fine, reports rank 1's failure
+    assert any("the measurement failed (rank 1: RuntimeError: boom on rank 1)" in w for w in ranks[0][0]["warnings"])
