@@ -63,7 +63,11 @@ def main() -> None:
     est = cm_dimension(model, anchors, labels, classes=[0, 1], anchors_per_target=2)
     seconds = time.perf_counter() - t0
     print(f"cm_dimension: {seconds:.1f} s   peak RSS: {peak_rss_gib():.2f} GiB")
-    print(f"temperature: {est.temperature:.3g}   mean Adam steps per problem: {est.steps.float().mean():.0f}")
+    steps = est.steps[est.probed].float()
+    print(
+        f"temperature: {est.temperature:.3g}   problems optimized: {steps.numel()} of {est.steps.numel()} "
+        f"(search: {est.search})   mean steps per problem: {steps.mean():.0f}"
+    )
     for c, d, s, f in zip(
         est.targets, est.cutting_dim.tolist(), est.dimension_std.tolist(), est.dimension_frac.tolist(), strict=True
     ):
