@@ -1091,6 +1091,11 @@ def test_many_classes_measure_a_fixed_subset(tmp_path):
     trainer(tmp_path, [explicit], max_epochs=1).fit(ManyClasses(), blobs(seed=1), blobs())
     assert explicit.targets == [0, 29] and explicit.anchors.shape[0] == 30 * FAST["num_anchors"]
     assert CMDimensionMonitor(**{**kw, "max_classes": None}).max_classes is None
+    # two measured classes of thirty: their pair has no anchor of another class, so no boundary is drawn
+    two = CMDimensionMonitor(**{**kw, "max_classes": 2, "num_pairs": 3})
+    trainer(tmp_path, [two], max_epochs=1).fit(ManyClasses(), blobs(seed=1), blobs())
+    assert len(two.targets) == 2 and two.pairs == [] and "cm/dim" in two.last_values
+    assert not any(k.startswith("cm/boundary") for k in two.last_values)
     with pytest.raises(ValueError, match="max_classes"):
         CMDimensionMonitor(max_classes=1)
 

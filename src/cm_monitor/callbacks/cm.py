@@ -308,7 +308,9 @@ class CMDimensionMonitor(GeometryMonitor):
         if self.pairs_arg is not None:
             self.pairs = list(self.pairs_arg)
         else:
-            pool = list(itertools.combinations(sorted(self.targets), 2))
+            labels = set(self.anchor_labels.tolist())
+            # a pair needs anchors of another class (or to cover every class of the model)
+            pool = [p for p in itertools.combinations(sorted(self.targets), 2) if labels - set(p) or num_classes == 2]
             n = len(pool) if self.num_pairs is None else min(self.num_pairs, len(pool))
             pick = torch.randperm(len(pool), generator=generator)[:n].sort().values.tolist()
             self.pairs = [pool[i] for i in pick]
