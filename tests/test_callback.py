@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from modules import NetModule
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -1044,24 +1045,11 @@ def test_default_settings_in_a_fit(tmp_path):
     assert monitor.last_cm.readoff == "fraction" and monitor.last_cm.threshold == 0.9
 
 
-class ManyClasses(pl.LightningModule):
+class ManyClasses(NetModule):
     """A linear model on 16-dimensional Gaussian blobs of 30 classes."""
 
     def __init__(self):
-        super().__init__()
-        self.net = nn.Linear(16, 30)
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        return nn.functional.cross_entropy(self(batch[0]), batch[1])
-
-    def validation_step(self, batch, batch_idx):
-        self.log("val_loss", nn.functional.cross_entropy(self(batch[0]), batch[1]))
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-2)
+        super().__init__(nn.Linear(16, 30), lr=1e-2)
 
 
 def blobs(n_per_class=12, seed=0):

@@ -214,24 +214,12 @@ def test_buffers_replaced_by_the_forward_are_put_back():
 
 pl = pytest.importorskip("lightning.pytorch")
 pytest.importorskip("sklearn.datasets")
+from modules import NetModule  # noqa: E402
 
 
-class OddModule(pl.LightningModule):
+class OddModule(NetModule):
     def __init__(self, name: str):
-        super().__init__()
-        self.net = ODD[name]()
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        return nn.functional.cross_entropy(self(batch[0]), batch[1])
-
-    def validation_step(self, batch, batch_idx):
-        self.log("val_loss", nn.functional.cross_entropy(self(batch[0]), batch[1]))
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=3e-3)
+        super().__init__(ODD[name](), lr=3e-3)
 
 
 def fit_odd(tmp_path, name, callbacks):
