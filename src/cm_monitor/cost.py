@@ -68,11 +68,9 @@ def time_pass(model: ModelLike, inputs: Tensor, rows: int, repeats: int = 3) -> 
     cutting planes take it) on ``rows`` inputs built from ``inputs``, in eval mode (modes restored)."""
     members = as_members(model)
     device = model_device(members, inputs.device)
-    dtype = model_float_dtype(members, inputs.dtype)
-    index = torch.arange(rows, device=inputs.device) % inputs.shape[0]
     times = []
     with measuring(members):
-        x = inputs.detach()[index].to(device, dtype).clone().requires_grad_(True)
+        x = _probe_batch(members, inputs, rows)
         for _ in range(repeats):
             synchronize(device)
             start = time.perf_counter()
@@ -87,8 +85,6 @@ def activation_bytes_per_row(model: ModelLike, inputs: Tensor, rows: int = 4) ->
     """Bytes autograd saves for the backward pass of one input row (the model's activations), from
     a forward pass of ``rows`` inputs built from ``inputs`` in eval mode (modes restored)."""
     members = as_members(model)
-    device = model_device(members, inputs.device)
-    dtype = model_float_dtype(members, inputs.dtype)
     saved = 0
     weights = {t.data_ptr() for m in members for t in (*m.parameters(), *m.buffers())}
 
@@ -98,11 +94,17 @@ def activation_bytes_per_row(model: ModelLike, inputs: Tensor, rows: int = 4) ->
             saved += t.numel() * t.element_size()
         return t
 
-    index = torch.arange(rows, device=inputs.device) % inputs.shape[0]
     with measuring(members), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        x = inputs.detach()[index].to(device, dtype).clone().requires_grad_(True)
-        ensemble_log_probs(members, x)
+        ensemble_log_probs(members, _probe_batch(members, inputs, rows))
     return saved / rows
+
+
+def _probe_batch(members: list, inputs: Tensor, rows: int) -> Tensor:
+    """``rows`` inputs cycled from ``inputs``, on the model's device and in its dtype, requiring grad."""
+    index = torch.arange(rows, device=inputs.device) % inputs.shape[0]
+    device = model_device(members, inputs.device)
+    dtype = model_float_dtype(members, inputs.dtype)
+    return inputs.detach()[index].to(device, dtype).clone().requires_grad_(True)
 
 
 def pool_bytes(input_dim: int, max_dim: int, dense: bool, rows: int, bytes_per_element: int = 4) -> int:
@@ -114,15 +116,24 @@ def pool_bytes(input_dim: int, max_dim: int, dense: bool, rows: int, bytes_per_e
 
 
 def estimate_cost(
-    model: ModelLike, inputs: Tensor, *, problems: int, per_pass: int, max_steps: int, state_bytes_per_row: int = 0
+    model: ModelLike,
+    inputs: Tensor,
+    *,
+    problems: int,
+    per_pass: int,
+    max_steps: int,
+    bytes_per_row: float | None = None,
 ) -> CostEstimate:
     """Upper bound on the time of one measurement of ``problems`` problems run ``per_pass`` at a
     time (see :func:`cm_monitor.cutting.rows_per_pass`; the module docstring says what is bounded),
-    and its memory: ``per_pass`` rows of activations plus ``state_bytes_per_row`` each (:func:`pool_bytes`)."""
+    and its memory: ``per_pass`` rows of ``bytes_per_row`` each (default: the activations alone,
+    :func:`activation_bytes_per_row`; add :func:`pool_bytes` for the pool's own state)."""
     if problems < 1 or per_pass < 1:
         raise ValueError(f"`problems` and `per_pass` must be >= 1, got {problems} and {per_pass}.")
     rows = min(per_pass, problems)
-    memory = int(rows * (activation_bytes_per_row(model, inputs) + state_bytes_per_row))
+    if bytes_per_row is None:
+        bytes_per_row = activation_bytes_per_row(model, inputs)
+    memory = int(rows * bytes_per_row)
     seconds = time_pass(model, inputs, rows)
     passes = math.ceil(problems / per_pass) * (max_steps + 1)
     return CostEstimate(

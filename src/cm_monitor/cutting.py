@@ -270,8 +270,7 @@ def optimize_planes(
     dtype = torch.float64 if anchors.dtype == torch.float64 else torch.float32
     flat = anchors.reshape(anchors.shape[0], D).to(dtype)
     search = make_search(resolve_search(settings), G, K)
-    in_flight = G * K if resolve_search(settings) == "grid" else G  # a bisection runs one problem per group
-    rows = min(rows_per_pass(D, dims, settings, chunk_size), in_flight)
+    rows = min(rows_per_pass(D, dims, settings, chunk_size), search.in_flight)
     pool = _Pool(rows, flat, anchors.shape[1:], group_anchor, group_targets, group_seeds, dims, settings, space)
     out = _Outcomes(G, K, device)
     free = list(range(rows))
@@ -433,7 +432,7 @@ class _Pool:
         full = len(rows_list) == self.theta.shape[0]
         rows = torch.tensor(rows_list, device=self.theta.device)
         idx = slice(None) if full else rows  # every row: views instead of gathers
-        loss, ok, lv, sv = self._evaluate(members, None if full else rows, idx, num_classes, model_dtype)
+        loss, ok, lv, sv = self._evaluate(members, idx, num_classes, model_dtype)
         s = self.settings
         steps = self.steps[idx]
         done = ~ok | ((lv - math.log(self.k)).abs() <= s.tol) | (steps >= s.max_steps)
@@ -457,20 +456,14 @@ class _Pool:
         return finished, success
 
     def _evaluate(
-        self,
-        members: list[nn.Module],
-        rows: Tensor | None,
-        idx: Tensor | slice,
-        num_classes: int,
-        model_dtype: torch.dtype,
+        self, members: list[nn.Module], idx: Tensor | slice, num_classes: int, model_dtype: torch.dtype
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Forward the plane points of ``idx`` (``rows`` None: every row); record what they reached.
+        """Forward the plane points of the rows ``idx`` (a slice: every row); record what they reached.
         Returns the loss (with autograd), whether it is finite, and the detached loss and score."""
         space = self.space
-        theta = self.theta if rows is None else self.theta[rows]
-        mask = self.mask if rows is None else self.mask[rows]
-        x0 = self.x0 if rows is None else self.x0[rows]
-        raw = x0 + space.scale * self.planes.apply(theta * mask, rows)
+        x0 = self.x0[idx]
+        rows = None if isinstance(idx, slice) else idx
+        raw = x0 + space.scale * self.planes.apply(self.theta[idx] * self.mask[idx], rows)
         x = raw.clamp(space.low, space.high) if space.clip else raw
         try:
             logp, p = ensemble_log_probs(

@@ -26,6 +26,8 @@ class GridSearch:
 
     def __init__(self, groups: int, num_dims: int) -> None:
         self._queue = deque((g, j) for g in range(groups) for j in range(num_dims))
+        #: problems that can run at once: all of them
+        self.in_flight = groups * num_dims
 
     def take(self, n: int) -> list[tuple[int, int]]:
         """Up to ``n`` problems ``(group, grid index)`` to start now."""
@@ -55,6 +57,8 @@ class BisectionSearch:
         self.lo = [-1] * groups
         self.hi = [num_dims] * groups
         self._ready = deque(range(groups))
+        #: problems that can run at once: one per group
+        self.in_flight = groups
 
     def take(self, n: int) -> list[tuple[int, int]]:
         out = []

@@ -344,14 +344,14 @@ class CMDimensionMonitor(GeometryMonitor):
     def _preflight(self, trainer: pl.Trainer, model: nn.Module | list[nn.Module]) -> None:
         assert self.anchors is not None
         with isolate_rng():
-            rows, state = self._rows_within_memory(model)
+            rows, per_row = self._rows_within_memory(model)
             local = estimate_cost(
                 model,
                 self.anchors,
                 problems=self._num_problems(),
                 per_pass=rows,
                 max_steps=self.settings.max_steps,
-                state_bytes_per_row=state,
+                bytes_per_row=per_row,
             )
         self.cost_estimate = est = trainer.strategy.broadcast(local, src=0)  # every rank decides alike
         self._pass_rows = max(1, est.rows_per_pass)  # chunk_size, or less where memory says so
@@ -365,9 +365,10 @@ class CMDimensionMonitor(GeometryMonitor):
                 "`max_classes`), the step budget (`max_steps`), or raise `max_seconds`; nothing was trained yet."
             )
 
-    def _rows_within_memory(self, model: nn.Module | list[nn.Module]) -> tuple[int, int]:
+    def _rows_within_memory(self, model: nn.Module | list[nn.Module]) -> tuple[int, float]:
         """Rows per pass that fit in half the free memory of the model's device (``chunk_size`` scaled
-        down if needed), and the pool's own bytes per row. Refuses when not even one row fits."""
+        down if needed), and the bytes per row (activations and the pool's own state). Refuses when
+        not even one row fits."""
         assert self.anchors is not None
         grid = self.grid()
         D = self.anchors[0].numel()
@@ -377,7 +378,7 @@ class CMDimensionMonitor(GeometryMonitor):
         device = model_device(as_members(model), self.anchors.device)
         free = available_bytes(device)
         if free is None or rows * per_row <= free / 2:
-            return rows, state
+            return rows, per_row
         fit = int(free / 2 // per_row)
         name = type(self).__name__
         if fit < 1:
@@ -390,7 +391,7 @@ class CMDimensionMonitor(GeometryMonitor):
             f"the {free / 2**30:.1f} GiB free on {device}: running {fit} per pass instead "
             "(`chunk_size` scaled down; the answers do not depend on it, only the time does)."
         )
-        return fit, state
+        return fit, per_row
 
     def _check_targets(self, num_classes: int) -> None:
         name = type(self).__name__
