@@ -13,13 +13,14 @@ from collections.abc import Sequence
 from cm_monitor.dimension import DimensionEstimate
 
 
-def _new_figure(ncols: int, width: float = 5.0, height: float = 3.8):
+def _new_figure(ncols: int, width: float = 5.0, height: float = 3.8, nrows: int = 1):
+    """A figure of ``nrows × ncols`` axes (a flat list); ``width`` is per column, ``height`` the whole."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width * ncols, height), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, ncols, squeeze=False)[0]
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     return fig, list(axes)
 
 
@@ -27,22 +28,52 @@ def _target_name(t: object) -> str:
     return str(t) if isinstance(t, int) else "–".join(str(c) for c in t)  # type: ignore[union-attr]
 
 
-def plot_curves(ax, est: DimensionEstimate, *, title: str | None = None, legend: bool = True) -> None:
+#: Curves drawn in colour, with a legend entry, in a compact panel (:func:`curves_figure`).
+COMPACT_LABELED = 5
+
+
+def labeled_targets(est: DimensionEstimate, limit: int) -> list[int]:
+    """Indices of at most ``limit`` targets that show the spread of ``d*``: evenly spaced in the order of
+    ``d*`` (smallest to largest, never reached last), the extremes included."""
+    n = len(est.targets)
+    if n <= limit:
+        return list(range(n))
+    d = [v if math.isfinite(v) else math.inf for v in est.cutting_dim.tolist()]
+    order = sorted(range(n), key=lambda i: (d[i], i))
+    picks = sorted({round(k * (n - 1) / (limit - 1)) for k in range(limit)})
+    return sorted(order[p] for p in picks)
+
+
+def plot_curves(
+    ax, est: DimensionEstimate, *, title: str | None = None, legend: bool = True, compact: bool = False
+) -> None:
     """Draw ``est.curve`` against the plane dimension ``d`` on ``ax``.
 
     One line per target on a log axis (``d*`` varies over decades where ``D - d*`` does not), with a
     dot at every ``d`` where the plane of at least one anchor was optimized (a bisection skips the
     others: nested planes imply the curve there), the level the curve is read at as a dashed line and ``d*`` as a ringed
     dot on it; the title gives both the mean dimension ``D - d*`` and the mean ``d*``.
+
+    ``compact=True`` is for small displays (a TensorBoard thumbnail): larger fonts, short labels, and
+    with more than :data:`COMPACT_LABELED` targets only that many in colour (spread over ``d*``, from the
+    smallest to the largest; see :func:`labeled_targets`), the others thin and grey.
     """
     import matplotlib as mpl
 
     dims = est.dims.tolist()
-    cmap = mpl.colormaps["tab10" if len(est.targets) <= 10 else "tab20"]
+    shown = set(labeled_targets(est, COMPACT_LABELED)) if compact else set(range(len(est.targets)))
+    cmap = mpl.colormaps["tab10" if len(shown) <= 10 else "tab20"]
+    colors = {i: cmap(k % cmap.N) for k, i in enumerate(sorted(shown))}
+    others = False
     for i, t in enumerate(est.targets):
-        color = cmap(i % cmap.N)
         curve = est.curve[i].tolist()
-        ax.plot(dims, curve, lw=1.4, color=color, label=_target_name(t))
+        if i not in shown:  # compact: the context, without a legend entry each
+            label = None if others else f"other {'classes' if est.kind == 'cm' else 'pairs'}"
+            ax.plot(dims, curve, lw=0.8, color="0.75", label=label, zorder=1)
+            others = True
+            continue
+        color = colors[i]
+        ax.plot(dims, curve, lw=2.0 if compact else 1.4, color=color, label=_target_name(t), zorder=2)
         probed = [True] * len(dims) if est.probed is None else est.probed[i].any(0).tolist()
         ax.plot(
             [d for d, p in zip(dims, probed, strict=True) if p],
@@ -52,14 +83,18 @@ def plot_curves(ax, est: DimensionEstimate, *, title: str | None = None, legend:
         )
         d = float(est.cutting_dim[i])
         if math.isfinite(d):
-            ax.plot([d], [est.level], "o", ms=5, color=color, mec="black", mew=0.5)
+            ax.plot([d], [est.level], "o", ms=7 if compact else 5, color=color, mec="black", mew=0.5, zorder=3)
     ax.axhline(est.level, color="black", ls="--", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlim(min(dims) * 0.9, est.input_dim * 1.1)
     ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("plane dimension d (log)")
+    ax.set_xlabel("plane dimension d" if compact else "plane dimension d (log)")
     score = "p of the class" if est.kind == "cm" else "k · min p of the set"
-    if est.readoff == "fraction":
+    if compact:
+        score = "p" if est.kind == "cm" else f"{len(est.targets[0])}·min p"
+        ylabel = f"anchors with {score} ≥ {est.threshold:g}" if est.readoff == "fraction" else f"mean best {score}"
+        ax.set_ylabel(ylabel)
+    elif est.readoff == "fraction":
         ax.set_ylabel(f"fraction of anchors reaching {score} >= {est.threshold:g}")
     else:
         ax.set_ylabel(f"reached {score} (mean over anchors)")
@@ -67,17 +102,29 @@ def plot_curves(ax, est: DimensionEstimate, *, title: str | None = None, legend:
     if title is None:
         what = "class manifolds" if est.kind == "cm" else "boundaries"
         title = (
-            f"{what}: mean D − d* = {est.mean_dimension:.1f}, mean d* = {est.mean_cutting_dim:.1f} "
+            f"{what}: D − d* = {est.mean_dimension:.1f} (D = {est.input_dim})"
+            if compact
+            else f"{what}: mean D − d* = {est.mean_dimension:.1f}, mean d* = {est.mean_cutting_dim:.1f} "
             f"(D = {est.input_dim}, T = {est.temperature:.3g})"
         )
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=13 if compact else 10)
+    if compact:
+        ax.tick_params(labelsize=11)
+        ax.xaxis.label.set_size(12)
+        ax.yaxis.label.set_size(12)
     if legend:
+        handles, labels = ax.get_legend_handles_labels()
+        order = sorted(range(len(labels)), key=lambda k: labels[k].startswith("other "))  # the grey ones last
         ax.legend(
+            [handles[k] for k in order],
+            [labels[k] for k in order],
             title="class" if est.kind == "cm" else "pair",
-            fontsize=7,
-            title_fontsize=8,
-            ncol=2 if len(est.targets) > 5 else 1,
-            loc="lower right",
+            fontsize=10 if compact else 7,
+            title_fontsize=10 if compact else 8,
+            ncol=2 if len(shown) > 5 else 1,
+            loc="upper left" if compact else "lower right",
+            bbox_to_anchor=(1.01, 1.0) if compact else None,
+            borderaxespad=0.0 if compact else None,
         )
 
 
@@ -87,7 +134,11 @@ def curves_figure(
     *,
     suptitle: str | None = None,
 ):
-    """A figure of reached probability against plane dimension: class manifolds, then boundaries.
+    """A figure of reached probability against plane dimension: class manifolds above, boundaries below.
+
+    Made to be read at TensorBoard's thumbnail size (about 500 pixels wide): one panel per row, large
+    fonts, and at most :data:`COMPACT_LABELED` curves in colour per panel (see :func:`plot_curves`
+    with ``compact=True``).
 
     Args:
         cm: a :func:`~cm_monitor.cm_dimension` result (or None).
@@ -100,11 +151,11 @@ def curves_figure(
     ests = [e for e in (cm, boundary) if e is not None]
     if not ests:
         raise ValueError("Nothing to plot: pass `cm` and/or `boundary`.")
-    fig, axes = _new_figure(len(ests))
+    fig, axes = _new_figure(1, width=6.4, height=3.3 * len(ests), nrows=len(ests))
     for ax, est in zip(axes, ests, strict=True):
-        plot_curves(ax, est)
+        plot_curves(ax, est, compact=True)
     if suptitle:
-        fig.suptitle(suptitle, fontsize=11)
+        fig.suptitle(suptitle, fontsize=14)
     return fig
 
 
