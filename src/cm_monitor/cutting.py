@@ -17,6 +17,7 @@ Both are monotone in ``d`` for nested planes (the best over a plane can only gro
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -244,6 +245,7 @@ def optimize_planes(
     chunk_size: int,
     num_classes: int,
     model_dtype: torch.dtype,
+    progress: Callable[[int, int], None] | None = None,
 ) -> CuttingOutcome:
     """Optimize the (group, d) problems the search asks for; see the module docstring.
 
@@ -263,6 +265,9 @@ def optimize_planes(
         chunk_size: at most this many problems per forward pass; with dense planes also at most
             :data:`MAX_BASIS_ELEMENTS` basis elements, with structured ones at most
             :data:`MAX_PROBLEM_ELEMENTS` input elements (problems × D) per pass (at least one).
+        progress: called as ``progress(done, total)`` when problems finish: problems done, and the
+            most the search runs (``G · K`` on the grid, ``G · ceil(log2(K + 1))`` by bisection); the
+            last call is ``(total, total)``.
     """
     device = anchors.device
     D = anchors[0].numel()
@@ -274,6 +279,7 @@ def optimize_planes(
     pool = _Pool(rows, flat, anchors.shape[1:], group_anchor, group_targets, group_seeds, dims, settings, space)
     out = _Outcomes(G, K, device)
     free = list(range(rows))
+    done, total = 0, G * problems_per_group(settings, K)
     while True:
         started = search.take(len(free))
         if started:
@@ -286,9 +292,14 @@ def optimize_planes(
         )
         if finished:
             out.record([pool.problem[r] for r in finished], finished, pool)
+            done += len(finished)
+            if progress is not None:
+                progress(min(done, total), total)
         for r, ok in zip(finished, success, strict=True):
             search.report(*pool.problem[r], ok)
             free.append(r)
+    if progress is not None:
+        progress(total, total)
     return out.result()
 
 

@@ -371,6 +371,7 @@ def relative_stability(
     chunk_size: int = 1024,
     fold_fraction: float | None = None,
     output_transform: OutputTransform | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> StabilityEstimate:
     """Relative stability ``R_f`` of a model's output to small diffeomorphisms vs matched noise.
 
@@ -412,6 +413,9 @@ def relative_stability(
             applied; default :func:`~cm_monitor.default_output_transform` (a tensor, the first
             element of a tuple, ``out["logits"]`` or ``out.logits``). A single logit ``[N, 1]`` is
             read as two classes ``[0, z]``.
+        progress: called as ``progress(done, total)`` after each forward pass of ``chunk_size``
+            images: passes done and their total (clean, deformed and noisy images). For a progress
+            display; it must not raise.
 
     A model that draws random numbers in its forward (noise layers, MC dropout) draws the same ones
     for the clean, deformed and noisy images (every forward pass of the measurement starts from
@@ -462,6 +466,8 @@ def relative_stability(
     fold_fraction = float(fold_fraction)
     _warn_folds(fold_fraction, temperature, cutoff, h, w)
 
+    passes = [0, 3 * math.ceil(xr.shape[0] / chunk_size)]  # done, total
+
     def f(batch: Tensor) -> Tensor:
         outs = []
         for start in range(0, batch.shape[0], chunk_size):
@@ -472,6 +478,9 @@ def relative_stability(
                     f"The model's output (after `output`) must be a tensor [N, ...]; got {type(out).__name__} {getattr(out, 'shape', '')}."
                 )
             outs.append(out.reshape(chunk.shape[0], -1).double())
+            passes[0] += 1
+            if progress is not None:
+                progress(min(passes[0], passes[1]), passes[1])
         return torch.cat(outs)
 
     with measuring(members, grad=False):

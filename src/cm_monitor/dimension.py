@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -230,6 +230,7 @@ def cm_dimension(
     max_steps: int | None = None,
     scale: float | str | None = None,
     output_transform: OutputTransform | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> DimensionEstimate:
     """Effective dimension of each class manifold ``{x : p_c(x) >= threshold}``, by cutting planes.
 
@@ -244,7 +245,10 @@ def cm_dimension(
         anchors: ``[A, *shape]`` float inputs (vectors, images, sequences of feature vectors).
         labels: ``[A]`` integer class of each anchor. Anchors of class ``c`` are not used for ``c``.
         classes: target classes (default: all ``C``).
-        dims: grid of plane dimensions in ``[1, D]`` (default :func:`~cm_monitor.planes.default_dims`).
+        dims: grid of plane dimensions in ``[1, D]`` (default: ``default_dims(D)``, about 24
+            log-spaced values, see :func:`~cm_monitor.planes.default_dims`). :class:`~cm_monitor.CMDimensionMonitor` uses a coarser default
+            (``dims=10``: ``default_dims(D, 10)``); ``d*`` is interpolated between grid points, so the two
+            defaults give numbers that are not comparable: pass ``dims=monitor.grid()`` to compare.
         threshold: (calibrated) target probability that counts as reaching the class manifold. The
             default 0.9 was chosen by the controls in ``docs/method.md``; the reference reads 0.5.
         generator: a CPU ``torch.Generator`` or an int seed (default seed 0). The global RNG is not used.
@@ -260,6 +264,9 @@ def cm_dimension(
             :func:`~cm_monitor.default_output_transform` (a tensor, the first element of a tuple,
             ``out["logits"]`` or ``out.logits``). A single logit ``[N, 1]`` is read as two classes
             ``[0, z]`` (class 1 has probability ``sigmoid(z)``).
+        progress: called as ``progress(done, total)`` each time cutting-plane problems finish, with
+            the problems done and their total (with a bisection, the most it may run; the last call
+            is ``(total, total)``). For a progress display; it must not raise.
 
     Returns:
         A :class:`DimensionEstimate` with ``targets`` the classes.
@@ -295,6 +302,7 @@ def cm_dimension(
         settings=_settings(settings, lr, max_steps, scale),
         output_transform=output_transform,
         k=1,
+        progress=progress,
     )
 
 
@@ -316,6 +324,7 @@ def boundary_dimension(
     max_steps: int | None = None,
     scale: float | str | None = None,
     output_transform: OutputTransform | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> DimensionEstimate:
     """Effective dimension of the low-confidence boundaries among sets of classes.
 
@@ -358,6 +367,7 @@ def boundary_dimension(
         settings=_settings(settings, lr, max_steps, scale),
         output_transform=output_transform,
         k=k,
+        progress=progress,
     )
 
 
@@ -437,6 +447,7 @@ def _estimate(
     settings: OptimizerSettings,
     output_transform: OutputTransform | None,
     k: int,
+    progress: Callable[[int, int], None] | None = None,
 ) -> DimensionEstimate:
     members = logits_models(as_members(model), output_transform)
     check_float_inputs(anchors, "anchors")
@@ -506,6 +517,7 @@ def _estimate(
             chunk_size=chunk_size,
             num_classes=num_classes,
             model_dtype=dtype,
+            progress=progress,
         )
 
     T, A, K = len(targets), max(u.numel() for u in per_target), len(dim_grid)

@@ -109,6 +109,7 @@ def local_elasticity(
     generator: torch.Generator | int | None = None,
     chunk_size: int = 64,
     output_transform: OutputTransform | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ElasticityEstimate:
     """Local elasticity similarities of ``model`` among ``inputs`` (one SGD step per input).
 
@@ -140,6 +141,9 @@ def local_elasticity(
             :func:`~cm_monitor.default_output_transform` (a tensor, the first element of a tuple,
             ``out["logits"]`` or ``out.logits``). A single logit ``[N, 1]`` is read as two classes
             ``[0, z]``, so cross-entropy on it is the binary cross-entropy of ``z``.
+        progress: called as ``progress(done, total)`` after each chunk: batched passes done and their
+            total (with ``lr=None`` the per-example gradient norms are one pass per chunk too). For a
+            progress display; it must not raise.
 
     A model that draws random numbers in its forward (noise layers, MC dropout) is measured as one
     fixed function: every forward pass starts from the same seed, so the prediction before and after
@@ -221,15 +225,22 @@ def local_elasticity(
             raise explain_inference_tensors(err) from err
         f0 = f0.detach()
         chunks = [slice(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)]
+        ticks = [0, len(chunks) * (2 if lr is None else 1)]  # passes done, total
+
+        def tick() -> None:
+            ticks[0] += 1
+            if progress is not None:
+                progress(min(ticks[0], ticks[1]), ticks[1])
 
         if lr is None:
             w_norm = torch.sqrt(sum(p.double().pow(2).sum() for p in passes.params.values()))
-            g_norm = torch.cat(
-                [
+            norms = []
+            for sl in chunks:
+                norms.append(
                     torch.sqrt(sum(g.double().pow(2).flatten(1).sum(1) for g in passes.grads(x, y, sl).values()))
-                    for sl in chunks
-                ]
-            )
+                )
+                tick()
+            g_norm = torch.cat(norms)
             if not bool(torch.isfinite(g_norm).all()):
                 return _failed(
                     "the loss gradient with respect to the parameters is NaN/inf at some input (the model's backward "
@@ -259,6 +270,7 @@ def local_elasticity(
                     stepped[k] = p - e * g_par[k]
                 out[scale].append(passes.stepped_logits(stepped, x) - f0)
             del g_par
+            tick()
         delta = torch.cat(out[1.0]).double()
         half = torch.cat(out[0.5]).double() if check_linearity else None
 
