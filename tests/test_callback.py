@@ -467,11 +467,16 @@ def test_two_monitors_need_different_prefixes(tmp_path):
 
 
 def test_monitoring_a_key_the_monitor_does_not_log_is_a_clear_error(tmp_path):
+    # known from the configuration: an error at the start of fit, before any training step
     stopper = EarlyStopping(monitor="cm/boundary_dim", mode="max")
-    with pytest.raises(RuntimeError, match=r"monitors \['cm/boundary_dim'\].*does not log it with its configuration"):
+    model = DigitsCNN()
+    with pytest.raises(
+        MisconfigurationException, match=r"monitor='cm/boundary_dim'\) watches a key this monitor never"
+    ):
         trainer(tmp_path, [CMDimensionMonitor(**{**FAST, "num_pairs": 0}), stopper], max_epochs=1).fit(
-            DigitsCNN(), *loaders()
+            model, *loaders()
         )
+    assert model.train_steps == 0
 
 
 def test_uncertainties_are_never_a_made_up_zero(tmp_path):

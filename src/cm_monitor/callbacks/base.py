@@ -15,10 +15,19 @@
 * **logging**: through :meth:`~lightning.pytorch.core.LightningModule.log` from
   ``on_validation_epoch_end``, so every logger, ``EarlyStopping`` and ``ModelCheckpoint`` see the
   values; at validations without a measurement the last measured values are logged again;
-  figures go to every :class:`~lightning.pytorch.loggers.TensorBoardLogger`;
-* **cost**: each measurement is timed; its seconds and its fraction of the epoch are logged and
-  reported in one line (rank zero); with ``max_cost_frac`` a budget postpones measurements that
-  would take more than that fraction of the fit's wall time;
+  figures go to every logger (:mod:`cm_monitor.callbacks.figures`: TensorBoard, W&B, MLflow, a
+  PNG file under the ``log_dir`` of any other), and a figure that cannot be logged is a warning;
+* **progress**: a measurement that runs longer than a few seconds shows how many of its problems
+  are done and the time left, in the Trainer's progress bar (rank zero; nothing when the progress
+  bar is disabled; :mod:`cm_monitor.callbacks.progress`);
+* **cost**: each measurement is timed; its seconds and its share of the time since the epoch (or
+  the previous validation) started are logged and reported in one line (rank zero); with
+  ``max_cost_frac`` a budget postpones measurements that would take more than that fraction of
+  the fit's wall time. Both count the time other monitors of the Trainer spent measuring as
+  neither this monitor's time nor training time, so each monitor's share is its own;
+* **keys known at fit start**: a key under this monitor's prefix that ``EarlyStopping`` or
+  ``ModelCheckpoint`` watches and that this configuration never logs (a typo, ``cm/boundary_dim``
+  with ``num_pairs=0``) is an error at the start of fit, before any training;
 * **agreement across ranks**: every rank measures (a model may issue collectives in its forward),
   then global rank 0's values, notes and timing are broadcast, so all ranks log the same keys and
   the same values, and ``EarlyStopping`` decides the same on all of them;
@@ -46,7 +55,9 @@ A subclass sets :attr:`prefix`, implements :meth:`_measure` (and optionally :met
 
 from __future__ import annotations
 
+import difflib
 import math
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,7 +66,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -74,6 +84,8 @@ from cm_monitor._model import (
     synchronize,
 )
 from cm_monitor.anchors import AnchorSample, BatchReader, make_batch_reader, sample_anchors
+from cm_monitor.callbacks.figures import FigureWriter
+from cm_monitor.callbacks.progress import MeasurementProgress
 
 _STATE_VERSION = 1
 
@@ -95,7 +107,7 @@ class Measurement:
             last finite value is logged again); with it, ``on_nonfinite`` decides. Keys missing
             here keep their last value.
         figures: tag (without prefix) → function that builds a matplotlib figure (called on global
-            rank zero only, and only when a TensorBoard logger is attached).
+            rank zero only, once per measurement, and only when the Trainer has a logger).
         notes: short warnings to report (rank zero) about this measurement.
         nonfinite: set when the model returned NaN/inf (on the anchors or on the inputs the
             measurement built from them): what came out non-finite, for the warning or the error.
@@ -146,7 +158,7 @@ class GeometryMonitor(Callback):
             run is always measured); validations in between log the last measured values again.
         num_anchors: anchors drawn per class from the validation data.
         max_cost_frac: a budget: at most this fraction of the fit's wall time (since its start, this
-            process) is spent measuring. A due measurement is postponed to a later validation
+            process; the time other monitors spend measuring is not counted) is spent measuring. A due measurement is postponed to a later validation
             (the last values are logged again, ``{prefix}/measured = 0``) while the previous
             measurement's duration says it would exceed the budget; the first measurement of
             each ``trainer.fit`` (a resumed one included) always runs. ``None``: no budget. The
@@ -177,7 +189,8 @@ class GeometryMonitor(Callback):
         prefix: the logged keys are ``{prefix}/...`` (default: the monitor's, e.g. ``cm``). Two
             monitors of the same kind in one Trainer (other settings, or one per validation
             dataloader) need different prefixes.
-        log_figures: also send figures to TensorBoard loggers.
+        log_figures: also send figures to the Trainer's loggers (TensorBoard, W&B, MLflow; a PNG
+            file under the ``log_dir`` of any other logger, e.g. ``CSVLogger``).
         prog_bar: show the headline metric in the progress bar.
         verbose: report each measurement (value, seconds, fraction of the epoch) in one line.
         strict: raise when a measurement fails (an exception in it, CUDA out of memory included)
@@ -197,6 +210,9 @@ class GeometryMonitor(Callback):
     prog_bar_keys: tuple[str, ...] = ()
     #: The argument(s) that name classes to measure (for messages), if the monitor has any.
     _explicit_classes_arg: str | None = None
+    #: Every key (without prefix, as regular expressions) the monitor logs with some configuration:
+    #: a watched key that matches one but that this configuration does not log is an error at fit start.
+    _key_patterns: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -265,6 +281,7 @@ class GeometryMonitor(Callback):
                 f"`on_nonfinite` must be one of {', '.join(map(repr, NONFINITE_POLICIES))}, got {on_nonfinite!r}."
             )
         self.on_nonfinite = on_nonfinite
+        self._figure_writer = FigureWriter(type(self).__name__)
 
         # state (see state_dict)
         self.anchors: Tensor | None = None
@@ -281,6 +298,9 @@ class GeometryMonitor(Callback):
         self._fit_start: float | None = None
         self._fit_seconds = 0.0  # seconds spent measuring in this fit (for the budget)
         self._last_seconds: float | None = None  # duration of the last measurement in this fit
+        # other monitors' measuring seconds (their `total_seconds`) when the fit / interval started
+        self._others_at_fit_start = 0.0
+        self._others_at_interval_start = 0.0
 
     # ------------------------------------------------------------------ subclass interface
 
@@ -312,6 +332,11 @@ class GeometryMonitor(Callback):
     ) -> Measurement:
         """Measure ``model`` on :attr:`anchors` and return the values to log."""
         raise NotImplementedError
+
+    def _loggable_keys(self) -> set[str]:
+        """The keys (without prefix) a measurement can log with this configuration; called at the start of
+        fit, after the targets are chosen. The keys logged at every validation are added by the base class."""
+        return set()
 
     def _extra_state(self) -> dict[str, Any]:
         return {}
@@ -355,6 +380,7 @@ class GeometryMonitor(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Draw the anchors (new run) or check the restored ones (run resumed from a checkpoint)."""
         self._interval_start = self._fit_start = time.perf_counter()
+        self._others_at_fit_start = self._others_at_interval_start = self._others_seconds(trainer)
         self._fit_seconds, self._last_seconds = 0.0, None
         model = self._model(pl_module)
         if not self._restored:  # a new series, also when this monitor served an earlier fit
@@ -379,6 +405,7 @@ class GeometryMonitor(Callback):
                 )
             self.num_classes = num_classes
         self._check_targets(self.num_classes)
+        self._check_watched_keys(trainer)
         self._preflight(trainer, model)
         self._warn_budget_with_watchers(trainer)
 
@@ -396,11 +423,13 @@ class GeometryMonitor(Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._interval_start = time.perf_counter()
+        self._others_at_interval_start = self._others_seconds(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # validations inside an epoch (val_check_interval < 1): the next interval starts now
         if not trainer.sanity_checking:
             self._interval_start = time.perf_counter()
+            self._others_at_interval_start = self._others_seconds(trainer)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Measure (when due) and log; every rank runs this and logs the same keys."""
@@ -476,7 +505,9 @@ class GeometryMonitor(Callback):
         """Whether one more measurement, as long as the last one, keeps within ``max_cost_frac``."""
         if self.max_cost_frac is None or self._last_seconds is None or self._fit_start is None:
             return True
-        elapsed = time.perf_counter() - self._fit_start
+        # the fit's wall time without the other monitors' measurements: each monitor's own share
+        others = self._others_seconds(trainer) - self._others_at_fit_start
+        elapsed = time.perf_counter() - self._fit_start - others
         spent, next_cost = self._fit_seconds, self._last_seconds
         fits = spent + next_cost <= self.max_cost_frac * (elapsed + next_cost)
         fits = bool(trainer.strategy.broadcast(fits, src=0))  # rank 0's clock decides for all ranks
@@ -487,6 +518,56 @@ class GeometryMonitor(Callback):
                 f"max_cost_frac = {self.max_cost_frac:g}; the last values are logged again."
             )
         return fits
+
+    def _others_seconds(self, trainer: pl.Trainer) -> float:
+        """Seconds the Trainer's other monitors have spent measuring (in this process)."""
+        return sum(
+            cb.total_seconds
+            for cb in getattr(trainer, "callbacks", ())
+            if cb is not self and isinstance(cb, GeometryMonitor)
+        )
+
+    def _cost_fraction(self, trainer: pl.Trainer, seconds: float, end: float) -> float:
+        """``seconds`` as a share of the time since the epoch (or the previous validation) started, not
+        counting the other monitors' measurements in it: what the share would be with this monitor alone."""
+        if self._interval_start is None:
+            return 1.0
+        others = self._others_seconds(trainer) - self._others_at_interval_start
+        interval = end - self._interval_start - others
+        return min(1.0, seconds / interval) if interval > 0 else 1.0
+
+    def _progress(self, trainer: pl.Trainer, unit: str = "problems") -> MeasurementProgress:
+        """The progress display of one measurement (use it as a context manager; see
+        :mod:`cm_monitor.callbacks.progress`); pass ``progress.part(...)`` or ``progress`` to the core."""
+        return MeasurementProgress(trainer, f"{self.prefix} measurement", unit)
+
+    def _check_watched_keys(self, trainer: pl.Trainer) -> None:
+        """At the start of fit: a key under this prefix that another callback monitors and that this
+        configuration never logs is an error (close to a logged key, or one the monitor logs only with
+        another configuration); any other unknown key under the prefix is a warning (the module may log it)."""
+        n = len(self.prefix) + 1
+        known = self._loggable_keys() | {k[n:] for k in self._always_logged()}
+        for cb in trainer.callbacks:
+            key = getattr(cb, "monitor", None)
+            if cb is self or not isinstance(key, str) or not key.startswith(f"{self.prefix}/"):
+                continue
+            name = key[n:]
+            if name in known:
+                continue
+            close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.75)
+            listed = ", ".join(f"{self.prefix}/{k}" for k in sorted(known))
+            where = f"{type(cb).__name__}(monitor={key!r})"
+            if close or any(re.fullmatch(p, name) for p in self._key_patterns):
+                hint = f" Did you mean {' or '.join(repr(f'{self.prefix}/{k}') for k in close)}?" if close else ""
+                raise MisconfigurationException(
+                    f"{type(self).__name__}: {where} watches a key this monitor never logs with its configuration."
+                    f"{hint} It logs: {listed}. Nothing was trained yet."
+                )
+            rank_zero_warn(
+                f"{type(self).__name__}: {where} watches {key!r}, which is not a key of this monitor (it logs: "
+                f"{listed}). Unless the LightningModule logs it, the first measurement raises.",
+                category=UserWarning,
+            )
 
     def _model(self, pl_module: pl.LightningModule) -> nn.Module | list[nn.Module]:
         model = pl_module if self.get_model is None else self.get_model(pl_module)
@@ -515,8 +596,7 @@ class GeometryMonitor(Callback):
         end = time.perf_counter()
         seconds = end - start
         self.total_seconds += seconds
-        interval = end - self._interval_start if self._interval_start is not None else seconds
-        fraction = seconds / interval if interval > 0 else 1.0
+        fraction = self._cost_fraction(trainer, seconds, end)
 
         # A failure on any rank is a failure on all of them: every rank learns it here (one
         # collective, which every rank reaches, failed or not), so all log the same keys.
@@ -699,14 +779,11 @@ class GeometryMonitor(Callback):
             )
 
     def _log_figures(self, trainer: pl.Trainer, figures: Mapping[str, Callable[[], Any]]) -> None:
-        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        if not loggers:
-            return
+        """Every figure to every logger (built once each, closed after); failures are warned once, never raised."""
         # the step Lightning gives the scalars logged at this validation, so that they line up
         step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
-        for tag, build in figures.items():
-            for lg in loggers:
-                lg.experiment.add_figure(f"{self.prefix}/{tag}", build(), global_step=step, close=True)
+        tagged = {f"{self.prefix}/{tag}": build for tag, build in figures.items()}
+        self._figure_writer.write(trainer.loggers, tagged, step)
 
     # -------------------------------------------------------------- anchors at fit start
 

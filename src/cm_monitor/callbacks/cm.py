@@ -81,8 +81,12 @@ class CMDimensionMonitor(GeometryMonitor):
             (about four times the optimizer steps of the default bisection).
         anchors_per_target: at most this many anchors (a random subset, fixed) per class or pair;
             ``None`` uses all anchors of other classes. The main knob of the cost with ``dims``.
-        dims: the grid of plane dimensions: an int (that many log-spaced values from 1 to ``D``)
-            or explicit values in ``[1, D]``.
+        dims: the grid of plane dimensions: an int (about that many log-spaced values from 1 to
+            ``D``: ``default_dims(D, dims)``) or explicit values in ``[1, D]``. Note: the default, 10
+            values, is coarser than the default of :func:`~cm_monitor.cm_dimension` (about 24,
+            ``default_dims(D)``), to keep the monitor cheap; ``d*`` is interpolated between grid points,
+            so numbers measured on the two default grids are not comparable. To compare with the
+            function, pass it this monitor's grid: ``cm_dimension(..., dims=monitor.grid())``.
         settings: optimizer settings of each cutting-plane problem
             (:class:`~cm_monitor.OptimizerSettings`; default: the package's).
         max_steps: overrides ``settings.max_steps`` (Adam steps per problem at most).
@@ -124,7 +128,8 @@ class CMDimensionMonitor(GeometryMonitor):
       boundaries (when there are pairs).
     * ``cm/seconds``: wall time of the measurement (0 at validations without one).
     * ``cm/cost_frac``: that time as a fraction of the epoch so far (training + validation +
-      measurement since the epoch, or the previous validation, started).
+      measurement since the epoch, or the previous validation, started), not counting the time other
+      monitors of the Trainer spent measuring: each monitor's own share, as if it were alone.
     * ``cm/measured``: 1 when the values were measured at this validation, 0 when repeated (also
       when the measurement failed or the model returned NaN/inf).
     * ``cm/failed``: 1 when the measurement raised (a warning gives the cause; the last values are
@@ -137,11 +142,17 @@ class CMDimensionMonitor(GeometryMonitor):
     A class whose curve never reaches ``threshold`` even at ``d = D`` is logged with dimension 0
     (``d* = D``) and a warning. A class whose optimization produced NaN/inf (the model returned
     NaN/inf) is NaN, and so are the means, with ``cm/nonfinite = 1`` (``on_nonfinite``). If a key
-    that ``EarlyStopping`` or ``ModelCheckpoint`` monitors has no value yet, it is logged as NaN.
+    that ``EarlyStopping`` or ``ModelCheckpoint`` monitors has no value yet, it is logged as NaN. A
+    ``cm/`` key that they monitor and that this configuration never logs (a typo such as ``cm/dims``,
+    ``cm/boundary_dim`` with ``num_pairs=0``, ``cm/dim_class_{c}`` of a class not measured) is an
+    error at the start of fit, before any training.
 
-    With a :class:`~lightning.pytorch.loggers.TensorBoardLogger`, each measurement also adds the
-    figure ``cm/curves`` (IMAGES tab): per class and per pair, the reached probability against
-    the plane dimension ``d`` (log axis), the threshold and ``d*``.
+    Each measurement also adds the figure ``cm/curves`` to every logger (TensorBoard's IMAGES tab,
+    W&B, MLflow; a PNG under the ``log_dir`` of any other, e.g. ``CSVLogger``): per class and per
+    pair, the reached probability against the plane dimension ``d`` (log axis), the threshold and
+    ``d*`` (with many classes, five of them in colour, spread from the smallest ``d*`` to the
+    largest). A measurement longer than a few seconds shows its progress (problems done, time left)
+    in the Trainer's progress bar.
 
     Raises:
         ValueError, TypeError: on invalid arguments (at construction) and, at the start of fit,
@@ -164,6 +175,13 @@ class CMDimensionMonitor(GeometryMonitor):
     prefix = "cm"
     prog_bar_keys = ("dim",)
     _explicit_classes_arg = "`classes=` or `pairs=`"
+    _key_patterns = (
+        r"dim(_std|_frac)?",
+        r"dim_class_\d+",
+        r"dim_p[0-9.]+",
+        r"boundary_dim(_std|_frac)?",
+        r"cutting_dim|temperature|saturated|unreached|success_dist_(median|p90)|outside_frac",
+    )
 
     def __init__(
         self,
@@ -334,12 +352,37 @@ class CMDimensionMonitor(GeometryMonitor):
 
     def _num_problems(self) -> int:
         """(target, anchor, plane dimension) problems of one measurement, classes and pairs."""
+        return sum(self._problem_counts())
+
+    def _problem_counts(self) -> tuple[int, int]:
+        """Problems of one measurement (at most, with a bisection): of the classes, of the pairs."""
         assert self.anchor_labels is not None and self.targets is not None
         labels = self.anchor_labels.cpu()
         cap = self.anchors_per_target or labels.numel()
-        sets = [(c,) for c in self.targets] + [tuple(p) for p in self.pairs or []]
-        usable = [int((~torch.isin(labels, torch.tensor(t))).sum()) for t in sets]
-        return sum(min(cap, n) for n in usable) * problems_per_group(self.settings, len(self.grid()))
+        per_group = problems_per_group(self.settings, len(self.grid()))
+
+        def usable(t: tuple[int, ...]) -> int:  # as the core: a set of every class is anchored by all anchors
+            if len(set(t)) == self.num_classes:
+                return labels.numel()
+            return int((~torch.isin(labels, torch.tensor(t))).sum())
+
+        def count(sets: list[tuple[int, ...]]) -> int:
+            return sum(min(cap, usable(t)) for t in sets) * per_group
+
+        return count([(c,) for c in self.targets]), count([tuple(p) for p in self.pairs or []])
+
+    def _loggable_keys(self) -> set[str]:
+        keys = {"dim", "dim_frac", "cutting_dim", "temperature", "saturated", "unreached", "outside_frac"}
+        keys |= {"success_dist_median", "success_dist_p90"}
+        keys |= {f"dim_class_{c}" for c in self.targets or ()}
+        keys |= {f"dim_p{100 * t:g}" for t in self.extra_thresholds}
+        # an uncertainty needs a bootstrap and two anchors per target (see `_measure`)
+        with_std = self.num_bootstrap > 0 and (self.anchors_per_target is None or self.anchors_per_target > 1)
+        if with_std:
+            keys.add("dim_std")
+        if self.pairs:
+            keys |= {"boundary_dim", "boundary_dim_frac"} | ({"boundary_dim_std"} if with_std else set())
+        return keys
 
     def _preflight(self, trainer: pl.Trainer, model: nn.Module | list[nn.Module]) -> None:
         assert self.anchors is not None
@@ -452,11 +495,18 @@ class CMDimensionMonitor(GeometryMonitor):
         }
         D = self.anchors[0].numel()
         notes: list[str] = []
-        with warnings.catch_warnings():
+        n_cm, n_pairs = self._problem_counts()
+        with warnings.catch_warnings(), self._progress(trainer) as progress:
             # the core warns about NaN/inf on every rank; the notes below say it once, on rank 0
             warnings.filterwarnings("ignore", message="NaN/inf appeared while optimizing", category=RuntimeWarning)
             cm = cm_dimension(
-                model, self.anchors, self.anchor_labels, classes=self.targets, threshold=self.threshold, **common
+                model,
+                self.anchors,
+                self.anchor_labels,
+                classes=self.targets,
+                threshold=self.threshold,
+                progress=progress.part(0, n_cm, n_cm + n_pairs),
+                **common,
             )
             boundary = None
             if self.pairs:
@@ -466,6 +516,7 @@ class CMDimensionMonitor(GeometryMonitor):
                     self.anchor_labels,
                     pairs=self.pairs,
                     threshold=self.boundary_threshold,
+                    progress=progress.part(n_cm, n_pairs, n_cm + n_pairs),
                     **common,
                 )
         self.last_cm, self.last_boundary = cm, boundary

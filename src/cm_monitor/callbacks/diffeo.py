@@ -85,6 +85,7 @@ class DiffeoStabilityMonitor(GeometryMonitor):
 
     prefix = "diffeo"
     prog_bar_keys = ("log10_rf",)
+    _key_patterns = (r"(log10_)?rf(_std)?", r"df|gf")
 
     def __init__(
         self,
@@ -193,6 +194,10 @@ class DiffeoStabilityMonitor(GeometryMonitor):
             "num_bootstrap": self.num_bootstrap,
         }
 
+    def _loggable_keys(self) -> set[str]:
+        keys = {"rf", "log10_rf", "df", "gf"}
+        return keys | {"rf_std", "log10_rf_std"} if self.num_bootstrap > 0 else keys
+
     def _check_targets(self, num_classes: int) -> None:
         assert self.anchors is not None
         shape = tuple(self.anchors.shape[1:])
@@ -213,7 +218,7 @@ class DiffeoStabilityMonitor(GeometryMonitor):
     ) -> Measurement:
         assert self.anchors is not None
         notes: list[str] = []
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, self._progress(trainer, "passes") as progress:
             warnings.simplefilter("always")
             est = relative_stability(
                 model,
@@ -229,6 +234,7 @@ class DiffeoStabilityMonitor(GeometryMonitor):
                 num_bootstrap=self.num_bootstrap,
                 chunk_size=self.chunk_size,
                 fold_fraction=self._known_fold_fraction(),  # checked once per run, not at every measurement
+                progress=progress if progress.enabled else None,
             )
         notes.extend(sorted({str(w.message) for w in caught}))
         self.last_estimate = est

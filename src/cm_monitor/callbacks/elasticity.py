@@ -96,8 +96,8 @@ class ElasticityMonitor(GeometryMonitor):
       measurement, as for ``cm/`` (a probe whose loss gradient is exactly zero, so that there is no
       SGD step to take, makes the measurement fail: ``elasticity/failed = 1``).
 
-    With a :class:`~lightning.pytorch.loggers.TensorBoardLogger`, each measurement also adds the
-    image ``elasticity/similarity``: the similarity matrix with the inputs sorted by class.
+    Each measurement also adds the figure ``elasticity/similarity`` to every logger (see
+    :class:`~cm_monitor.CMDimensionMonitor`): the similarity matrix with the inputs sorted by class.
 
     Example::
 
@@ -110,6 +110,7 @@ class ElasticityMonitor(GeometryMonitor):
 
     prefix = "elasticity"
     prog_bar_keys = ("ratio",)
+    _key_patterns = (r"intra|inter|ratio(_baseline)?|cluster_ari(_baseline)?|linearity_error",)
 
     def __init__(
         self,
@@ -202,6 +203,10 @@ class ElasticityMonitor(GeometryMonitor):
             found = self.groups(self.anchors, self.anchor_labels)
             self.anchor_groups = check_groups(found, self.anchors.shape[0], "groups(inputs, labels)")
 
+    def _loggable_keys(self) -> set[str]:
+        keys = {"intra", "inter", "ratio", "cluster_ari", "ratio_baseline", "cluster_ari_baseline"}
+        return keys | {"linearity_error"} if self.check_linearity else keys
+
     def _preflight(self, trainer: pl.Trainer, model: nn.Module | list[nn.Module]) -> None:
         if isinstance(model, list):  # at the start of fit, not as a failed measurement later
             raise TypeError(f"{type(self).__name__} measures one model; `get_model` returned a list of {len(model)}.")
@@ -230,7 +235,7 @@ class ElasticityMonitor(GeometryMonitor):
             out = model(self.anchors.to(model_float_dtype([model], self.anchors.dtype)))
         if isinstance(out, Tensor) and out.is_floating_point() and not bool(torch.isfinite(out).all()):
             return Measurement(values=dict.fromkeys(keys, math.nan), nonfinite="on the probe inputs")
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, self._progress(trainer, "passes") as progress:
             warnings.simplefilter("always")
             # raises (a failed measurement) e.g. when a probe is fitted exactly: no SGD step to take
             est = local_elasticity(
@@ -244,6 +249,7 @@ class ElasticityMonitor(GeometryMonitor):
                 check_linearity=self.check_linearity,
                 generator=self.seed,
                 chunk_size=self.chunk_size,
+                progress=progress if progress.enabled else None,
             )
         self.last_estimate = est
         values = {key: getattr(est, key) for key in keys}
