@@ -819,16 +819,7 @@ class GeometryMonitor(Callback):
         sample = AnchorSample(
             payload["inputs"].to(device), payload["labels"].to(device), payload["counts"], payload["n"]
         )
-        num_classes = self._num_classes(model, sample.inputs)
-        top = int(sample.labels.max())
-        if top >= num_classes:
-            raise ValueError(
-                f"{name}: the validation data has class id {top}, but the model returns logits for "
-                f"{num_classes} classes."
-            )
-        inputs, labels = self._drop_short_classes(sample, num_classes)
-        self.anchors, self.anchor_labels, self.num_classes = inputs, labels, num_classes
-        self._setup_targets(num_classes, torch.Generator().manual_seed(self.seed + 1))
+        inputs, _, num_classes = self._adopt_anchors(sample, model)
         if self.verbose:
             rank_zero_info(
                 f"{name}: drew {inputs.shape[0]} anchors ({self.num_anchors} per class, "
@@ -836,6 +827,21 @@ class GeometryMonitor(Callback):
                 f"{tuple(inputs.shape[1:])}) from {sample.num_batches} validation batches in "
                 f"{time.perf_counter() - start:.2f} s; they stay fixed for the run."
             )
+
+    def _adopt_anchors(self, sample: AnchorSample, model: nn.Module | list[nn.Module]) -> tuple[Tensor, Tensor, int]:
+        """Take ``sample`` (on the model's device) as this run's anchors: check its class ids against the
+        model's classes, leave out short classes, choose the targets. Returns ``(inputs, labels, num_classes)``."""
+        num_classes = self._num_classes(model, sample.inputs)
+        top = int(sample.labels.max())
+        if top >= num_classes:
+            raise ValueError(
+                f"{type(self).__name__}: the validation data has class id {top}, but the model returns logits for "
+                f"{num_classes} classes."
+            )
+        inputs, labels = self._drop_short_classes(sample, num_classes)
+        self.anchors, self.anchor_labels, self.num_classes = inputs, labels, num_classes
+        self._setup_targets(num_classes, torch.Generator().manual_seed(self.seed + 1))
+        return inputs, labels, num_classes
 
     def _drop_short_classes(self, sample: AnchorSample, num_classes: int) -> tuple[Tensor, Tensor]:
         """The anchors without the classes that have fewer than ``num_anchors`` validation examples.
@@ -953,16 +959,20 @@ class GeometryMonitor(Callback):
             # creating a DataLoader iterator draws from the global RNG (and shuffling or workers
             # more): isolate it so that training sees exactly the random numbers it would without us
             with isolate_rng(), torch.no_grad():
-                return sample_anchors(
-                    loader,
-                    self.num_anchors,
-                    generator=torch.Generator().manual_seed(self.seed),
-                    read_batch=self._read_batch,
-                    max_batches=max_batches,
-                    transform=transfer,
-                )
+                return self._sample_from(loader, max_batches, transfer)
         finally:
             trainer.state.stage = stage
+
+    def _sample_from(self, loader: Any, max_batches: int | None, transform: Callable[[Any], Any]) -> AnchorSample:
+        """The anchor sample of this monitor's ``num_anchors`` and ``seed`` from ``loader`` (no Trainer needed)."""
+        return sample_anchors(
+            loader,
+            self.num_anchors,
+            generator=torch.Generator().manual_seed(self.seed),
+            read_batch=self._read_batch,
+            max_batches=max_batches,
+            transform=transform,
+        )
 
     def _num_classes(self, model: nn.Module | list[nn.Module], anchors: Tensor) -> int:
         """Number of classes: one forward pass on two anchors, in eval mode, modes restored."""
