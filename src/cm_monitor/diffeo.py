@@ -266,6 +266,16 @@ class StabilityEstimate:
     identity_rf: float = math.nan
     failed: bool = False
 
+    def __repr__(self) -> str:
+        """A one-line summary: ``R_f`` and ``log10 R_f`` ± std, ``D_f``, ``G_f``, the deformations, flags."""
+        flag = ", failed (NaN/inf)" if self.failed else ""
+        return (
+            f"StabilityEstimate(rf={self.rf:.4g} ± {self.rf_std:.2g}, log10_rf={self.log10_rf:.3g} ± "
+            f"{self.log10_rf_std:.2g}, df={self.df:.4g}, gf={self.gf:.4g}; {self.num_images} images × "
+            f"{self.num_deformations} deformations, delta={self.delta:.3g} px (T={self.temperature:.3g}), "
+            f"cutoff={self.cutoff:g}, reduction={self.reduction!r}, fold_fraction={self.fold_fraction:.2g}{flag})"
+        )
+
     def as_dict(self) -> dict[str, float]:
         """The headline values as plain floats."""
         return {"rf": self.rf, "df": self.df, "gf": self.gf, "log10_rf": self.log10_rf}

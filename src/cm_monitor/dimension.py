@@ -32,6 +32,9 @@ from cm_monitor.calibration import calibrate_temperature
 from cm_monitor.cutting import OptimizerSettings, PlaneSpace, data_scale, optimize_planes, resolve_search
 from cm_monitor.planes import check_dims, plane_seed
 
+#: Targets listed by ``repr(DimensionEstimate)`` (the rest are counted).
+_REPR_TARGETS = 20
+
 
 @dataclass(frozen=True)
 class DimensionEstimate:
@@ -192,6 +195,37 @@ class DimensionEstimate:
                 "`settings=OptimizerSettings(search='grid')` to re-read at other thresholds."
             )
         return thr
+
+    def __repr__(self) -> str:
+        """A summary: ``D``, threshold, grid, then ``D - d*`` ± std per target with its flags
+        (``saturated``: a lower bound; ``unreached``: never reached; ``failed``: NaN/inf), and the mean.
+        The tensors are attributes (``est.scores``, ...)."""
+        dims = [int(d) for d in self.dims.tolist()]
+        grid = dims if len(dims) <= 8 else [*dims[:3], "...", *dims[-2:]]
+        lines = [
+            f"DimensionEstimate(kind={self.kind!r}, D={self.input_dim}, threshold={self.threshold:g}, "
+            f"readoff={self.readoff!r}, search={self.search!r}, dims=[{', '.join(map(str, grid))}] (K={len(dims)}), "
+            f"temperature={self.temperature:.3g},"
+        ]
+        name = "class" if self.kind == "cm" else "classes"
+        rows = zip(
+            self.targets,
+            self.dimension.tolist(),
+            self.dimension_std.tolist(),
+            self.failed.tolist(),
+            self.saturated.tolist(),
+            torch.isnan(self.cutting_dim).tolist(),
+            strict=True,
+        )
+        for i, (t, d, s, failed, saturated, unreached) in enumerate(rows):
+            if i == _REPR_TARGETS:
+                lines.append(f"  ... {len(self.targets) - i} more targets")
+                break
+            flags = "failed" if failed else "saturated" if saturated else "unreached" if unreached else ""
+            label = t if isinstance(t, int) else "-".join(map(str, t))
+            lines.append(f"  {name} {label}: {d:.2f} ± {s:.2f}" + (f"  [{flags}]" if flags else ""))
+        lines.append(f"  mean: {self.mean_dimension:.2f} ± {self.mean_dimension_std:.2f} of D = {self.input_dim})")
+        return "\n".join(lines)
 
     def as_dict(self) -> dict[str, float]:
         """Mean, uncertainty and per-target dimensions as plain floats, keyed as

@@ -83,6 +83,17 @@ class ElasticityEstimate:
         """``(S_rel + S_relᵀ) / 2``."""
         return (self.similarity + self.similarity.T) / 2
 
+    def __repr__(self) -> str:
+        """A one-line summary: inputs and groups, the summaries next to their input-space baselines."""
+        groups = self.labels if self.groups is None else self.groups
+        flag = "" if bool(torch.isfinite(self.similarity).all()) else ", non-finite similarities"
+        return (
+            f"ElasticityEstimate(N={self.labels.numel()} inputs in {groups.unique().numel()} groups, "
+            f"intra={self.intra:.4g}, inter={self.inter:.4g}, ratio={self.ratio:.4g} (input baseline "
+            f"{self.ratio_baseline:.4g}), cluster_ari={self.cluster_ari:.3g} (baseline {self.cluster_ari_baseline:.3g}), "
+            f"linearity_error={self.linearity_error:.2g}{flag})"
+        )
+
     def as_dict(self) -> dict[str, float]:
         """The summaries as plain floats, keyed like the callback's metrics."""
         return {
