@@ -7,6 +7,7 @@ it during training and log the results.
 """
 
 from cm_monitor._model import default_output_transform
+from cm_monitor.analysis import analyze
 from cm_monitor.callbacks import CMDimensionMonitor, DiffeoStabilityMonitor, ElasticityMonitor
 from cm_monitor.cutting import REFERENCE_SETTINGS, OptimizerSettings
 from cm_monitor.diffeo import StabilityEstimate, relative_stability
@@ -32,6 +33,7 @@ __all__ = [
     "OptimizerSettings",
     "StabilityEstimate",
     "__version__",
+    "analyze",
     "boundary_dimension",
     "class_contrast",
     "cm_dimension",
