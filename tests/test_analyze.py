@@ -281,5 +281,8 @@ def test_argument_errors(run):
         analyze(ckpts, model_class=DigitsModule, data=val_loader, measurements=[CMDimensionMonitor()], seed=3)
     with pytest.raises(TypeError, match="iterator"):
         analyze(ckpts, model_class=DigitsModule, data=iter(val_loader()), measurements=["cm"])
+    vectors = [(x.flatten(1), y) for x, y in val_loader()]  # the MLP takes them, the deformations do not
+    with pytest.raises(ValueError, match=r"(?s)needs validation inputs of shape \[N, C, H, W\].*leave 'diffeo' out"):
+        analyze(ckpts, model_class=DigitsModule, data=vectors, measurements=["cm", "diffeo"])
     with pytest.raises(ValueError, match="no attribute 'Nope'"):
         analyze(ckpts, model_class=f"{FIXTURES}:Nope", data=val_loader)

@@ -238,7 +238,7 @@ def make_monitors(
 
 def draw_anchors(
     monitor: GeometryMonitor,
-    loaders: Any,
+    loaders: Sequence[Any],
     module: nn.Module,
     datamodule: pl.LightningDataModule | None = None,
     device: torch.device | None = None,
@@ -258,7 +258,11 @@ def draw_anchors(
     on_device = AnchorSample(sample.inputs.to(device), sample.labels.to(device), sample.counts, sample.num_batches)
     monitor._reset_series()
     monitor._adopt_anchors(on_device, monitor._model(module))
-    monitor._check_targets(monitor.num_classes)
+    try:
+        monitor._check_targets(monitor.num_classes)
+    except (TypeError, ValueError) as err:  # the data or the model do not suit this measurement
+        name = next((k for k, v in MEASUREMENTS.items() if type(monitor) is v), type(monitor).__name__)
+        raise type(err)(f"{err} To analyze without it, leave {name!r} out of `measurements` (`--measure`).") from err
 
 
 def measure(
@@ -284,7 +288,7 @@ def measure(
     values[f"{p}/num_classes_measured"] = float(len(monitor._measured_classes()))
     notes = list(result.notes)
     if result.nonfinite is not None:
-        notes.append(f"the model returned NaN/inf ({result.nonfinite}); its values are NaN.")
+        notes.append(f"the model returned NaN/inf ({result.nonfinite}); the values that depend on it are NaN.")
     return values, notes
 
 
@@ -499,8 +503,12 @@ def _import_file(path: Path, name: str) -> Any:
     return module
 
 
-def load_data(data: Any, data_kwargs: Mapping[str, Any] | None = None) -> tuple[Any, pl.LightningDataModule | None]:
-    """``(validation dataloader(s), data module or None)`` from ``data`` (see :func:`analyze`)."""
+def load_data(
+    data: Any, data_kwargs: Mapping[str, Any] | None = None
+) -> tuple[list[Any], pl.LightningDataModule | None]:
+    """``(validation dataloaders, data module or None)`` from ``data`` (see :func:`analyze`): a data
+    module's ``val_dataloader()`` may give several (the monitors' ``dataloader_idx`` picks one); any
+    other ``data`` is one loader, e.g. a list of batches."""
     obj = load_object(data, "data") if isinstance(data, str) else data
     if callable(obj) and not isinstance(obj, pl.LightningDataModule | Iterable):
         obj = obj(**(data_kwargs or {}))
@@ -509,25 +517,22 @@ def load_data(data: Any, data_kwargs: Mapping[str, Any] | None = None) -> tuple[
     if isinstance(obj, pl.LightningDataModule):
         obj.prepare_data()
         obj.setup("fit")
-        return obj.val_dataloader(), obj
+        loaders = obj.val_dataloader()
+        if isinstance(loaders, Mapping):
+            return list(loaders.values()), obj
+        return (list(loaders) if isinstance(loaders, list | tuple) else [loaders]), obj
     if not isinstance(obj, Iterable):
         raise TypeError(
             f"`data` gave a {type(obj).__name__}; expected a LightningDataModule, a DataLoader of validation batches, "
             "or a class or function returning one."
         )
-    return obj, None
+    return [obj], None
 
 
-def _pick_loader(loaders: Any, idx: int, name: str) -> Any:
-    if isinstance(loaders, Mapping):
-        flat = list(loaders.values())
-    elif isinstance(loaders, list | tuple):
-        flat = list(loaders)
-    else:
-        flat = [loaders]
-    if idx >= len(flat):
-        raise ValueError(f"{name}: `dataloader_idx={idx}` but there are {len(flat)} validation dataloaders.")
-    loader = flat[idx]
+def _pick_loader(loaders: Sequence[Any], idx: int, name: str) -> Any:
+    if idx >= len(loaders):
+        raise ValueError(f"{name}: `dataloader_idx={idx}` but there are {len(loaders)} validation dataloaders.")
+    loader = loaders[idx]
     if iter(loader) is loader:
         raise TypeError(
             f"{name}: the validation data is an iterator, which is read once; each measurement reads it, so pass a "
