@@ -332,14 +332,15 @@ class CMDimensionMonitor(GeometryMonitor):
             )
         return subset.tolist()
 
-    def _num_problems(self) -> int:
-        """(target, anchor, plane dimension) problems of one measurement, classes and pairs."""
+    def _num_problems(self, shares: int = 1) -> int:
+        """(target, anchor, plane dimension) problems of one measurement, classes and pairs, on one of
+        ``shares`` ranks (each optimizes every ``shares``-th (target, anchor) group of each kind)."""
         assert self.anchor_labels is not None and self.targets is not None
         labels = self.anchor_labels.cpu()
         cap = self.anchors_per_target or labels.numel()
-        sets = [(c,) for c in self.targets] + [tuple(p) for p in self.pairs or []]
-        usable = [int((~torch.isin(labels, torch.tensor(t))).sum()) for t in sets]
-        return sum(min(cap, n) for n in usable) * problems_per_group(self.settings, len(self.grid()))
+        per_kind = [[(c,) for c in self.targets], [tuple(p) for p in self.pairs or []]]
+        groups = [sum(min(cap, int((~torch.isin(labels, torch.tensor(t))).sum())) for t in sets) for sets in per_kind]
+        return sum(math.ceil(g / shares) for g in groups) * problems_per_group(self.settings, len(self.grid()))
 
     def _preflight(self, trainer: pl.Trainer, model: nn.Module | list[nn.Module]) -> None:
         assert self.anchors is not None
@@ -348,7 +349,7 @@ class CMDimensionMonitor(GeometryMonitor):
             local = estimate_cost(
                 model,
                 self.anchors,
-                problems=self._num_problems(),
+                problems=self._num_problems(trainer.world_size),  # this rank's share
                 per_pass=rows,
                 max_steps=self.settings.max_steps,
                 bytes_per_row=per_row,
@@ -438,9 +439,14 @@ class CMDimensionMonitor(GeometryMonitor):
             raise ValueError(f"`dims` holds {bad}, above D = {D} (the number of input elements).")
         return list(self.dims)
 
-    def _measure(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module | list[nn.Module]
-    ) -> Measurement:
+    def _measure_part(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        model: nn.Module | list[nn.Module],
+        part: tuple[int, int],
+    ) -> tuple[DimensionEstimate, DimensionEstimate | None]:
+        """This rank's share of the (target, anchor) groups, classes and pairs (partial estimates)."""
         assert self.anchors is not None and self.anchor_labels is not None and self.targets is not None
         common = {
             "dims": self.grid(),
@@ -449,11 +455,10 @@ class CMDimensionMonitor(GeometryMonitor):
             "chunk_size": min(self._pass_rows, self.chunk_size),  # an out-of-memory retry halves chunk_size
             "num_bootstrap": self.num_bootstrap,
             "settings": self.settings,
+            "part": part,
         }
-        D = self.anchors[0].numel()
-        notes: list[str] = []
         with warnings.catch_warnings():
-            # the core warns about NaN/inf on every rank; the notes below say it once, on rank 0
+            # the core warns about NaN/inf on every rank; the notes of _finish say it once, on rank 0
             warnings.filterwarnings("ignore", message="NaN/inf appeared while optimizing", category=RuntimeWarning)
             cm = cm_dimension(
                 model, self.anchors, self.anchor_labels, classes=self.targets, threshold=self.threshold, **common
@@ -468,7 +473,23 @@ class CMDimensionMonitor(GeometryMonitor):
                     threshold=self.boundary_threshold,
                     **common,
                 )
+        return cm, boundary
+
+    def _finish(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        parts: list[tuple[DimensionEstimate, DimensionEstimate | None]],
+    ) -> Measurement:
+        """Merge the ranks' shares into the estimates of the whole measurement, and read the values."""
+        assert self.anchors is not None
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="NaN/inf appeared while optimizing", category=RuntimeWarning)
+            cm = DimensionEstimate.merge([p[0] for p in parts])
+            boundary = None if parts[0][1] is None else DimensionEstimate.merge([p[1] for p in parts])  # type: ignore[misc]
         self.last_cm, self.last_boundary = cm, boundary
+        D = self.anchors[0].numel()
+        notes: list[str] = []
 
         values: dict[str, float] = {}
         per_class, mean, std = _read(cm, "class", notes)

@@ -208,11 +208,15 @@ class DiffeoStabilityMonitor(GeometryMonitor):
             return "no value"
         return f"{self.prefix}/rf = {values['rf']:.4g} (log10 {values.get('log10_rf', math.nan):.3g} ± {values.get('log10_rf_std', math.nan):.2g})"
 
-    def _measure(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module | list[nn.Module]
-    ) -> Measurement:
+    def _measure_part(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        model: nn.Module | list[nn.Module],
+        part: tuple[int, int],
+    ) -> tuple[StabilityEstimate, list[str]]:
+        """This rank's share of the probe images (a partial estimate) and the core's warnings."""
         assert self.anchors is not None
-        notes: list[str] = []
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             est = relative_stability(
@@ -229,8 +233,18 @@ class DiffeoStabilityMonitor(GeometryMonitor):
                 num_bootstrap=self.num_bootstrap,
                 chunk_size=self.chunk_size,
                 fold_fraction=self._known_fold_fraction(),  # checked once per run, not at every measurement
+                part=part,
             )
-        notes.extend(sorted({str(w.message) for w in caught}))
+        return est, [str(w.message) for w in caught]
+
+    def _finish(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, parts: list[tuple[StabilityEstimate, list[str]]]
+    ) -> Measurement:
+        """Merge the ranks' shares into ``R_f`` of all probe images."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            est = StabilityEstimate.merge([p[0] for p in parts])
+        notes = sorted({note for _, part_notes in parts for note in part_notes} | {str(w.message) for w in caught})
         self.last_estimate = est
         self._folds = (self._deformation_key(), est.fold_fraction)
         values = {
