@@ -3,12 +3,14 @@
 :class:`GeometryMonitor` does everything that does not depend on what is measured:
 
 * **anchors**: at the start of fit, a stratified random sample of ``num_anchors`` validation inputs
-  per class is drawn on global rank 0 (with a private generator, inside
+  per class is drawn (with a private generator, inside
   :func:`~lightning.pytorch.utilities.seed.isolate_rng`, after the module's batch-transfer hooks)
-  and broadcast to every rank, so all ranks measure the same anchors although each one sees its
-  own shard of the validation data. Errors (no validation data, an unrecognized batch, too few
-  examples of a class the monitor was told to measure) are raised then, on every rank, not in the
-  middle of the run;
+  from the whole validation set: each rank samples its own shard with keys that depend on each
+  input's content (:class:`~cm_monitor.anchors.StratifiedReservoir`), and the ranks' samples are
+  gathered and merged (:func:`~cm_monitor.anchors.merge_samples`), so every rank gets the same
+  anchors, whatever the number of ranks and however the data is sharded. Errors (no validation
+  data, an unrecognized batch, too few examples of a class the monitor was told to measure) are
+  raised then, on every rank, not in the middle of the run;
 * **schedule**: measure at the first validation of the run, then at the first validation at least
   ``every_n_epochs`` epochs after the previous measurement; never during the sanity check or
   outside ``trainer.fit``;
@@ -19,9 +21,12 @@
 * **cost**: each measurement is timed; its seconds and its fraction of the epoch are logged and
   reported in one line (rank zero); with ``max_cost_frac`` a budget postpones measurements that
   would take more than that fraction of the fit's wall time;
-* **agreement across ranks**: every rank measures (a model may issue collectives in its forward),
-  then global rank 0's values, notes and timing are broadcast, so all ranks log the same keys and
-  the same values, and ``EarlyStopping`` decides the same on all of them;
+* **work split across ranks**: rank ``r`` of ``n`` measures share ``(r, n)`` of the work
+  (:meth:`_measure_part`: every ``n``-th (target, anchor) group, probe image or SGD step), the
+  shares are gathered (one collective, which carries the failures too) and every rank merges them
+  (:meth:`_finish`) into the values one process would measure; then global rank 0's values, notes
+  and timing are broadcast, so all ranks log the same keys and the same values, and
+  ``EarlyStopping`` decides the same on all of them;
 * **failures never end training**: an exception in a measurement (CUDA out of memory after one
   retry with half the ``chunk_size``) becomes a warning, the last values are logged again with
   ``{prefix}/failed = 1``, and training goes on (``strict=True`` raises instead). A failure on any
@@ -179,9 +184,10 @@ class GeometryMonitor(Callback):
             ``label``, ``labels``, ``target``, ``targets``, ``class``, ``classes``).
         dataloader_idx: which validation dataloader the anchors come from, when there are several.
         max_scan_batches: read at most this many validation batches when drawing anchors (default:
-            the whole validation dataloader, i.e. this rank's shard of it; ``limit_val_batches``
+            the whole validation dataloader: each rank reads its shard of it; ``limit_val_batches``
             and ``fast_dev_run`` do not shrink it. A dataloader without a length is read for as
-            many batches as one validation epoch reads).
+            many batches as one validation epoch reads). Under DDP each rank reads this many
+            batches of its own shard, so the anchors then depend on the number of ranks.
         get_model: maps the LightningModule to the ``nn.Module`` (or list of them: an ensemble)
             that returns logits ``[N, C]`` for a batch of inputs; default: the LightningModule
             itself. The monitor calls ``model(inputs)`` with the tensor of inputs only: a

@@ -51,8 +51,9 @@ class CMDimensionMonitor(GeometryMonitor):
     the last values, so leave room for them in the patience).
 
     Anchors: ``num_anchors`` per class, a uniform random sample of each class of the validation
-    data (the batches one validation epoch reads), drawn once at the start of fit on global rank 0
-    and broadcast to all ranks; they, the random planes (same ``seed``) and the chosen boundary
+    data (the batches one validation epoch reads), drawn once at the start of fit from the whole
+    validation set (under DDP too: each rank samples its shard, the samples merge, see
+    ``docs/callback.md``); they, the random planes (same ``seed``) and the chosen boundary
     pairs stay fixed for the run and are saved in checkpoints (common random numbers: a change in
     the curves is a change in the model).
 
@@ -142,6 +143,11 @@ class CMDimensionMonitor(GeometryMonitor):
     With a :class:`~lightning.pytorch.loggers.TensorBoardLogger`, each measurement also adds the
     figure ``cm/curves`` (IMAGES tab): per class and per pair, the reached probability against
     the plane dimension ``d`` (log axis), the threshold and ``d*``.
+
+    Under DDP the (target, anchor) groups are divided among the ranks (rank ``r`` of ``n`` optimizes
+    every ``n``-th group with the planes of the whole measurement); the partial estimates are
+    gathered and merged (:meth:`~cm_monitor.DimensionEstimate.merge`) on every rank, so ``devices=n``
+    logs what one process logs, in about ``1/n`` of the time.
 
     Raises:
         ValueError, TypeError: on invalid arguments (at construction) and, at the start of fit,

@@ -29,7 +29,10 @@ class DiffeoStabilityMonitor(GeometryMonitor):
     fit (like :class:`~cm_monitor.CMDimensionMonitor`'s anchors), and the deformations and noise are
     drawn from ``seed``: both stay fixed for the run, so a change in the curve is a change in the
     model (and the deformations' fold check runs once per run, at the first measurement). Scheduling, logging at validations without a measurement (the last values again),
-    checkpointing and cost reporting are those of :class:`~cm_monitor.CMDimensionMonitor`.
+    checkpointing and cost reporting are those of :class:`~cm_monitor.CMDimensionMonitor`. Under DDP
+    the probe images are divided among the ranks (rank ``r`` of ``n`` runs the model on every
+    ``n``-th image and its deformed and noisy versions) and the outputs merged on every rank
+    (:meth:`~cm_monitor.StabilityEstimate.merge`): ``devices=n`` logs what one process logs.
 
     Args:
         every_n_epochs: measure every this many epochs (the first validation is always measured).

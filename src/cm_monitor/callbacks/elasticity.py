@@ -54,6 +54,10 @@ class ElasticityMonitor(GeometryMonitor):
     The probe inputs are ``num_anchors`` validation inputs per class, drawn once at the start of fit
     and fixed for the run. Scheduling, logging at validations without a measurement (the last values
     again), checkpointing and cost reporting are those of :class:`~cm_monitor.CMDimensionMonitor`.
+    Under DDP the SGD steps are divided among the ranks (rank ``r`` of ``n`` takes the steps at every
+    ``n``-th probe, each read at every probe: its rows of the similarity matrices), and the rows are
+    merged on every rank before the summaries (:meth:`~cm_monitor.ElasticityEstimate.merge`):
+    ``devices=n`` logs what one process logs.
 
     Args:
         every_n_epochs: measure every this many epochs (the first validation is always measured).
