@@ -54,7 +54,10 @@ class FakeMonitor(GeometryMonitor):
     def _loggable_keys(self) -> set[str]:
         return {"value"} | ({"value_std"} if self.with_std else set())
 
-    def _measure(self, trainer, pl_module, model) -> Measurement:
+    def _finish(self, trainer, pl_module, parts) -> Measurement:
+        return parts[0]  # one process in these tests
+
+    def _measure_part(self, trainer, pl_module, model, part) -> Measurement:
         if self.clock is not None:
             self.clock[0] += self.seconds
         with self._progress(trainer, "steps") as progress:

@@ -661,14 +661,14 @@ def test_resume_from_checkpoint_continues_the_series(tmp_path):
         assert d == pytest.approx(first.last_values[f"cm/dim_class_{c}"], rel=1e-6)
 
     # resuming with a fresh monitor (same configuration) keeps the anchors and continues
-    # (the validation data is reversed this time: anchors drawn again would differ)
+    # (the validation data is other data this time: anchors drawn again would differ)
     from cm_monitor.anchors import sample_anchors
 
     resumed = CMDimensionMonitor(**FAST)
     logger2 = TensorBoardLogger(tmp_path, name="tb", version=0)
     train, val = loaders()
     xv, yv = val.dataset.tensors
-    val = DataLoader(TensorDataset(xv.flip(0), yv.flip(0)), batch_size=100)
+    val = DataLoader(TensorDataset(xv.flip(0) + 0.01, yv.flip(0)), batch_size=100)
     assert not torch.equal(sample_anchors(val, 2, generator=0).inputs, first.anchors)
     trainer(
         tmp_path,
@@ -898,8 +898,8 @@ def test_error_dims_above_input_dimension(tmp_path):
 
 
 class RecordingMonitor(CMDimensionMonitor):
-    """Writes, per rank, the anchors at the start, the values this rank measured itself (before
-    they are shared) and the values it logged, at every measured epoch."""
+    """Writes, per rank, the anchors at the start, the values this rank computed from the shares of
+    all ranks (before rank 0's are broadcast) and the values it logged, at every measured epoch."""
 
     def __init__(self, out_dir, **kwargs):
         super().__init__(**kwargs)
@@ -912,8 +912,8 @@ class RecordingMonitor(CMDimensionMonitor):
             f"{self.out_dir}/start_{trainer.global_rank}.pt",
         )
 
-    def _measure(self, trainer, pl_module, model):
-        result = super()._measure(trainer, pl_module, model)
+    def _finish(self, trainer, pl_module, parts):
+        result = super()._finish(trainer, pl_module, parts)
         self._local = {f"cm/{k}": v for k, v in result.values.items()}
         if trainer.global_rank > 0:  # pretend the other rank measured something else: rank 0's must win
             result.values = {k: v + 1000.0 for k, v in result.values.items()}

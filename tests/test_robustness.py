@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from datetime import timedelta
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -60,10 +61,10 @@ class FailingDiffeo(DiffeoStabilityMonitor):
         super().__init__(**kwargs)
         self.fail_epochs, self.fail_ranks, self.error = set(fail_epochs), set(fail_ranks), error
 
-    def _measure(self, trainer, pl_module, model):
+    def _measure_part(self, trainer, pl_module, model, part):
         if trainer.current_epoch in self.fail_epochs and trainer.global_rank in self.fail_ranks:
             raise self.error(f"boom on rank {trainer.global_rank}")
-        return super()._measure(trainer, pl_module, model)
+        return super()._measure_part(trainer, pl_module, model, part)
 
 
 def test_a_failed_measurement_is_a_warning_and_training_goes_on(tmp_path):
@@ -157,9 +158,9 @@ def test_interrupts_are_not_swallowed(tmp_path, monkeypatch):
         def measure(*args, error=error):
             raise error()
 
-        monkeypatch.setattr(monitor, "_measure", measure)
+        monkeypatch.setattr(monitor, "_measure_part", measure)
         with pytest.raises(error):
-            monitor._attempt(None, None)
+            monitor._attempt(SimpleNamespace(world_size=1, global_rank=0), None)
     # and through a fit: SystemExit ends it
     with pytest.raises(SystemExit):
         fit(tmp_path, [FailingDiffeo(fail_epochs={0}, error=SystemExit, **DIFFEO_FAST)], max_epochs=1)
@@ -299,10 +300,10 @@ class RankFailingDiffeo(DiffeoStabilityMonitor):
         super().__init__(**kwargs)
         self.out_dir = str(out_dir)
 
-    def _measure(self, trainer, pl_module, model):
+    def _measure_part(self, trainer, pl_module, model, part):
         if trainer.current_epoch == 0 and trainer.global_rank == 1:
             raise RuntimeError("boom on rank 1")
-        return super()._measure(trainer, pl_module, model)
+        return super()._measure_part(trainer, pl_module, model, part)
 
     def on_validation_epoch_end(self, trainer, pl_module):
         import warnings

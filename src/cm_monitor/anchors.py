@@ -5,6 +5,9 @@ This module reads ``(inputs, labels)`` out of the batches of any dataloader (tup
 or a user function) and keeps a uniformly random sample of ``per_class`` inputs of every class,
 drawn with a dedicated :class:`torch.Generator` (the global RNG is never used), while streaming
 over the batches: memory is bounded by ``per_class × classes`` inputs, whatever the dataset size.
+An input's chance to be drawn comes from its content (:class:`ContentKeys`), not its position, so
+the sample does not depend on the order of the batches, and the samples of the parts of the data
+(one per process under DDP) merge into the sample of the whole (:func:`merge_samples`).
 
 Pure PyTorch; no Lightning import (the callbacks in :mod:`cm_monitor.callbacks` use it).
 """
@@ -15,6 +18,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -131,14 +135,19 @@ class AnchorSample:
     Attributes:
         inputs: ``[A, *shape]`` the anchors (CPU), grouped by class in increasing class order.
         labels: ``[A]`` their classes (CPU, ``torch.long``).
-        counts: number of examples of each class seen while sampling (class id → count).
+        counts: number of examples of each class read while sampling (class id → count); for a
+            class with fewer than ``per_class`` distinct examples, the number of distinct ones.
         num_batches: number of batches read.
+        keys: ``[A]`` the anchors' sampling keys (``torch.long``), ascending within a class: a
+            pseudo-random function of each input's content (see :class:`StratifiedReservoir`);
+            :func:`merge_samples` needs them.
     """
 
     inputs: Tensor
     labels: Tensor
     counts: dict[int, int]
     num_batches: int
+    keys: Tensor | None = None
 
     def check_classes(self, classes: Iterable[int], per_class: int) -> None:
         """Raise a clear error if some class in ``classes`` has fewer than ``per_class`` examples."""
@@ -152,12 +161,67 @@ class AnchorSample:
             )
 
 
-class StratifiedReservoir:
-    """Streaming uniform sample of up to ``per_class`` items of every class.
+#: The prime of the content hash (the Mersenne prime 2**31 - 1).
+_PRIME = 2**31 - 1
+#: Content hashing works on at most this many int64 elements at once (256 MiB).
+_HASH_ELEMENTS = 2**25
 
-    Every item gets an independent uniform random key from ``generator``; for each class the
-    ``per_class`` items with the smallest keys are kept. This is a uniform sample without
-    replacement of each class, computed batch by batch in bounded memory.
+
+class ContentKeys:
+    """Sampling keys that are a pseudo-random function of each input's content and the seed.
+
+    The key of an input depends on its bytes only, not on where it is in the data, so a sample
+    by smallest keys is the same whatever the order of the batches and however the data is split
+    between processes (the shards of a ``DistributedSampler``), and a repeated input (the padding
+    of a ``DistributedSampler``) gets the same key as its original. Two universal hashes modulo
+    ``2**31 - 1`` with random weights (exact integer arithmetic, the same on every device and for
+    every batch size) are mixed by the splitmix64 finalizer into a 63-bit key.
+    """
+
+    def __init__(self, words: int, generator: torch.Generator):
+        self.weights = torch.randint(1, _PRIME, (2, words), generator=generator, dtype=torch.int64)
+        self.salt = int(torch.randint(0, 2**62, (1,), generator=generator))
+
+    def __call__(self, inputs: Tensor) -> Tensor:
+        """``[B]`` keys (CPU, ``torch.long``) of a batch ``[B, *shape]`` (on any device)."""
+        words = _words(inputs)
+        weights = self.weights.to(words.device)
+        step = max(1, _HASH_ELEMENTS // max(1, words.shape[1]))
+        parts = []
+        for start in range(0, words.shape[0], step):
+            w = words[start : start + step].to(torch.int64).remainder(_PRIME)
+            parts.append(torch.stack([(w * v).remainder(_PRIME).sum(1).remainder(_PRIME) for v in weights], 1))
+        hashes = torch.cat(parts).cpu().numpy().astype(np.uint64)  # [B, 2], each < 2**31
+        return torch.from_numpy(_mix((hashes[:, 0] << np.uint64(31)) | hashes[:, 1], self.salt))
+
+
+def _words(inputs: Tensor) -> Tensor:
+    """``[B, W]`` the bytes of each input as integers (int16 words for 2-byte dtypes, else int32)."""
+    flat = inputs.detach().reshape(inputs.shape[0], -1).contiguous()
+    size = flat.element_size()
+    kind = torch.uint8 if size == 1 else torch.int16 if size == 2 else torch.int32
+    return flat.view(kind)
+
+
+def _mix(values: np.ndarray, salt: int) -> np.ndarray:
+    """The splitmix64 finalizer of ``values ^ salt`` (uint64), shifted to non-negative int64."""
+    z = values ^ np.uint64(salt)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(1)).astype(np.int64)
+
+
+class StratifiedReservoir:
+    """Streaming uniform sample of up to ``per_class`` distinct items of every class.
+
+    Every item gets a pseudo-random key from its content (:class:`ContentKeys`, whose weights are
+    drawn from ``generator`` at the first batch); for each class the ``per_class`` items with the
+    smallest distinct keys are kept, so a repeated input counts once. This is a uniform sample
+    without replacement of each class, computed batch by batch in bounded memory, that does not
+    depend on the order of the batches: samples of disjoint parts of the data merge into the
+    sample of the whole (:func:`merge_samples`). Only the inputs that enter the sample are copied
+    to the CPU.
     """
 
     def __init__(self, per_class: int, generator: torch.Generator):
@@ -169,46 +233,92 @@ class StratifiedReservoir:
         self._keys: dict[int, Tensor] = {}
         self.counts: dict[int, int] = {}
         self._shape: torch.Size | None = None
+        self._hash: ContentKeys | None = None
 
     def add(self, inputs: Tensor, labels: Tensor) -> None:
         """Offer a batch ``inputs [B, *shape]`` with ``labels [B]``."""
         if self._shape is None:
             self._shape = inputs.shape[1:]
+            self._hash = ContentKeys(_words(inputs[:1]).shape[1], self.generator)
         elif inputs.shape[1:] != self._shape:
             raise ValueError(
                 f"Validation inputs change shape between batches ({tuple(self._shape)} then "
                 f"{tuple(inputs.shape[1:])}); anchors must all have one shape."
             )
-        inputs = inputs.detach().to("cpu")
+        assert self._hash is not None
+        keys = self._hash(inputs)
         labels = labels.detach().to("cpu", torch.long)
-        keys = torch.rand(labels.shape[0], generator=self.generator, dtype=torch.float64)
         for c in labels.unique().tolist():
-            sel = labels == c
-            self.counts[c] = self.counts.get(c, 0) + int(sel.sum())
-            x, k = inputs[sel], keys[sel]
-            if c in self._inputs:
-                x, k = torch.cat([self._inputs[c], x]), torch.cat([self._keys[c], k])
-            if k.numel() > self.per_class:
-                keep = k.topk(self.per_class, largest=False).indices
-                x, k = x[keep], k[keep]
+            rows = (labels == c).nonzero().squeeze(1)
+            self.counts[c] = self.counts.get(c, 0) + rows.numel()
+            old = self._keys.get(c, keys[:0])
+            keep = _smallest_distinct(torch.cat([old, keys[rows]]), self.per_class)
+            kept, new = keep[keep < old.numel()], rows[keep[keep >= old.numel()] - old.numel()]
+            fresh = inputs.detach()[new.to(inputs.device)].to("cpu")
+            x = fresh if c not in self._inputs else torch.cat([self._inputs[c][kept], fresh])
+            k = torch.cat([old[kept], keys[new]])
+            order = k.argsort()
             # clone: never keep a view of (or an inference-mode tensor from) the user's batch
             with torch.inference_mode(False):
-                self._inputs[c], self._keys[c] = x.clone(), k.clone()
+                self._inputs[c], self._keys[c] = x[order].clone(), k[order].clone()
+
+    def sample(self, num_batches: int = 0) -> AnchorSample:
+        """The sample so far, grouped by class and ordered by key within a class (empty if nothing was read)."""
+        classes = sorted(self._inputs)
+        if not classes:
+            empty = torch.zeros(0, dtype=torch.long)
+            return AnchorSample(torch.zeros(0), empty, {}, num_batches, empty)
+        with torch.inference_mode(False):
+            inputs = torch.cat([self._inputs[c] for c in classes]).clone()
+            keys = torch.cat([self._keys[c] for c in classes])
+        labels = torch.cat([torch.full((self._keys[c].numel(),), c, dtype=torch.long) for c in classes])
+        counts = {
+            c: self.counts[c] if self._keys[c].numel() >= self.per_class else self._keys[c].numel() for c in classes
+        }
+        return AnchorSample(inputs=inputs, labels=labels, counts=counts, num_batches=num_batches, keys=keys)
 
     def result(self, num_batches: int = 0) -> AnchorSample:
-        """The sample so far, grouped by class and ordered by key within a class."""
+        """:meth:`sample`, or an error when nothing was read."""
         if not self._inputs:
             raise ValueError("No examples were read from the validation dataloader (it is empty).")
-        xs, ys = [], []
-        for c in sorted(self._inputs):
-            order = self._keys[c].argsort()
-            xs.append(self._inputs[c][order])
-            ys.append(torch.full((order.numel(),), c, dtype=torch.long))
-        with torch.inference_mode(False):
-            inputs, labels = torch.cat(xs).clone(), torch.cat(ys)
-        return AnchorSample(
-            inputs=inputs, labels=labels, counts=dict(sorted(self.counts.items())), num_batches=num_batches
-        )
+        return self.sample(num_batches)
+
+
+def _smallest_distinct(keys: Tensor, k: int) -> Tensor:
+    """Positions in ``keys`` of its ``k`` smallest distinct values (the first position of each)."""
+    unique, inverse = torch.unique(keys, return_inverse=True)  # sorted
+    first = torch.full((unique.numel(),), keys.numel(), dtype=torch.long)
+    first.scatter_reduce_(0, inverse, torch.arange(keys.numel()), reduce="amin")
+    return first[:k]
+
+
+def merge_samples(samples: Sequence[AnchorSample], per_class: int) -> AnchorSample:
+    """The sample of the whole data from the samples of its parts (e.g. one per process).
+
+    Each part must have been drawn with :class:`StratifiedReservoir` (e.g. :func:`sample_anchors`)
+    with the same ``per_class`` and the same seed: per class the ``per_class`` smallest distinct
+    keys of all parts are kept, which is the sample one reservoir would have drawn from all the
+    data (an input in several parts, such as the padding of a ``DistributedSampler``, counts once).
+    Empty parts are allowed; the result is empty if all are.
+    """
+    parts = [s for s in samples if s.labels.numel()]
+    if not parts:
+        return AnchorSample(torch.zeros(0), torch.zeros(0, dtype=torch.long), {}, sum(s.num_batches for s in samples))
+    if any(s.keys is None for s in parts):
+        raise ValueError("`merge_samples` needs samples with keys (drawn by StratifiedReservoir).")
+    inputs = torch.cat([s.inputs for s in parts])
+    labels = torch.cat([s.labels for s in parts])
+    keys = torch.cat([s.keys for s in parts])  # type: ignore[misc]
+    xs, ys, ks, counts = [], [], [], {}
+    for c in labels.unique().tolist():
+        rows = (labels == c).nonzero().squeeze(1)
+        keep = rows[_smallest_distinct(keys[rows], per_class)]  # ascending keys
+        xs.append(inputs[keep])
+        ks.append(keys[keep])
+        ys.append(labels[keep])
+        total = sum(s.counts.get(c, 0) for s in parts)
+        counts[c] = total if keep.numel() >= per_class else keep.numel()
+    return AnchorSample(torch.cat(xs), torch.cat(ys), counts, sum(s.num_batches for s in samples), torch.cat(ks))
 
 
 def sample_anchors(
@@ -219,8 +329,12 @@ def sample_anchors(
     read_batch: BatchReader | None = None,
     max_batches: int | None = None,
     transform: Callable[[Any], Any] | None = None,
+    allow_empty: bool = False,
 ) -> AnchorSample:
     """Draw up to ``per_class`` anchors of every class from an iterable of batches.
+
+    The sample depends on the seed and on which inputs the batches hold, not on their order or
+    batching (see :class:`StratifiedReservoir`); an input that appears twice counts once.
 
     Args:
         batches: a dataloader or any iterable of batches.
@@ -230,6 +344,8 @@ def sample_anchors(
         read_batch: maps a batch to ``(inputs, labels)`` (default :func:`split_batch`).
         max_batches: read at most this many batches (default: all).
         transform: applied to each batch before ``read_batch`` (e.g. moving it to a device).
+        allow_empty: return an empty sample when there are no batches (a part of the data, to
+            merge with :func:`merge_samples`) instead of raising.
 
     Example::
 
@@ -259,7 +375,7 @@ def sample_anchors(
         inputs, labels = read(batch)
         reservoir.add(inputs, labels)
         n += 1
-    return reservoir.result(num_batches=n)
+    return reservoir.sample(num_batches=n) if allow_empty else reservoir.result(num_batches=n)
 
 
 def _pick_key(keys: list, key: str | None, candidates: tuple[str, ...], arg: str, what: str) -> Any:

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -38,6 +38,7 @@ from cm_monitor._model import (
     model_device,
     model_float_dtype,
 )
+from cm_monitor._parts import check_part, check_shares, owned
 
 # ---------------------------------------------------------------------------------------------
 # Temperature and displacement
@@ -248,6 +249,9 @@ class StabilityEstimate:
             change nothing (zero temperature).
         failed: the model returned NaN/inf; every value that depends on the model is then NaN (and a
             RuntimeWarning was issued).
+        part: ``(index, count)`` for a partial estimate (``relative_stability(..., part=)``): only
+            the images of that share were measured and the values are NaN until :meth:`merge`
+            combines the shares; ``None``: a complete estimate.
     """
 
     rf: float
@@ -265,6 +269,17 @@ class StabilityEstimate:
     fold_fraction: float = 0.0
     identity_rf: float = math.nan
     failed: bool = False
+    part: tuple[int, int] | None = None
+    raw: _StabilityRaw | None = field(default=None, repr=False, compare=False)
+
+    @staticmethod
+    def merge(parts: Sequence[StabilityEstimate]) -> StabilityEstimate:
+        """The estimate of the whole measurement from its ``count`` shares (``part=(i, count)`` for every
+        ``i``, any order): the model's outputs on each image come from the share that measured it,
+        then the statistics are those of a measurement in one piece, which this equals."""
+        if check_shares([p.part for p in parts], "estimates") == 1:
+            return parts[0]
+        return _statistics(_merge_raw(parts), stacklevel=3)
 
     def __repr__(self) -> str:
         """A one-line summary: ``R_f`` and ``log10 R_f`` ± std, ``D_f``, ``G_f``, the deformations, flags."""
@@ -334,13 +349,13 @@ def _check_fold_fraction(value: float | None) -> None:
         raise ValueError(f"`fold_fraction` must be None or a fraction in [0, 1], got {value!r}.")
 
 
-def _warn_folds(fold_fraction: float, temperature: float, cutoff: float, h: int, w: int) -> None:
+def _warn_folds(fold_fraction: float, temperature: float, cutoff: float, h: int, w: int, stacklevel: int = 3) -> None:
     if fold_fraction > MAX_FOLD_FRACTION:
         warnings.warn(
             f"{fold_fraction:.0%} of the deformations fold over at {displacement_for_temperature(temperature, cutoff):.2g} "
             f"pixels on {h} × {w} images: they are not diffeomorphisms. Use a smaller `delta`.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
 
 
@@ -351,7 +366,7 @@ def _identity_rf(change: Tensor, eta: Tensor, reduction: str) -> float:
     return float(change.pow(2).median(0).values.sum() / eta.pow(2).median(0).values.sum())
 
 
-def _warn_median_bias(identity_rf: float) -> None:
+def _warn_median_bias(identity_rf: float, stacklevel: int = 3) -> None:
     if not math.isfinite(identity_rf) or 1 / MEDIAN_BIAS_FACTOR <= identity_rf <= MEDIAN_BIAS_FACTOR:
         return  # NaN: the deformations change nothing (zero temperature)
     warnings.warn(
@@ -361,7 +376,7 @@ def _warn_median_bias(identity_rf: float) -> None:
         "deformation is 0, while noise changes every pixel. Compare R_f with StabilityEstimate.identity_rf, or "
         "use reduction='mean' (the identity map then gets exactly 1).",
         UserWarning,
-        stacklevel=3,
+        stacklevel=stacklevel,
     )
 
 
@@ -382,6 +397,7 @@ def relative_stability(
     fold_fraction: float | None = None,
     output_transform: OutputTransform | None = None,
     progress: Callable[[int, int], None] | None = None,
+    part: tuple[int, int] | None = None,
 ) -> StabilityEstimate:
     """Relative stability ``R_f`` of a model's output to small diffeomorphisms vs matched noise.
 
@@ -426,6 +442,10 @@ def relative_stability(
         progress: called as ``progress(done, total)`` after each forward pass of ``chunk_size``
             images: passes done and their total (clean, deformed and noisy images). For a progress
             display; it must not raise.
+        part: ``(index, count)``: run the model only on share ``index`` of ``count`` of the images
+            (every ``count``-th; the deformations and noise are those of the whole measurement) and
+            return a partial estimate; :meth:`StabilityEstimate.merge` combines the ``count``
+            shares into the estimate of the whole. ``None``: the whole measurement.
 
     A model that draws random numbers in its forward (noise layers, MC dropout) draws the same ones
     for the clean, deformed and noisy images (every forward pass of the measurement starts from
@@ -457,6 +477,7 @@ def relative_stability(
     if reduction not in ("mean", "median"):
         raise ValueError(f"`reduction` must be 'mean' or 'median', got {reduction!r}.")
     _check_fold_fraction(fold_fraction)
+    part = check_part(part)
     fn = _output_fn(output)
     cutoff = _check_cutoff(cutoff)
     n, _, h, w = images.shape
@@ -471,12 +492,12 @@ def relative_stability(
     coeffs = sample_coefficients(n * reps, temperature, cutoff, generator=gen, dtype=torch.float64)
     z = torch.randn(xr.shape, generator=gen, dtype=torch.float64).to(device)
     boot_seed = int(torch.randint(0, 2**62, (1,), generator=gen))
-    if fold_fraction is None:
-        fold_fraction = fold_fraction_of(coeffs, h, w)
-    fold_fraction = float(fold_fraction)
-    _warn_folds(fold_fraction, temperature, cutoff, h, w)
+    mine = owned(n, part).repeat_interleave(reps)  # this share's rows: its images' deformations
+    folded = torch.full((n * reps,), math.nan, dtype=torch.float64)
+    if fold_fraction is None and bool(mine.any()):
+        folded[mine] = (min_jacobian_determinant(coeffs[mine], h, w) <= 0).double()
 
-    passes = [0, 3 * math.ceil(xr.shape[0] / chunk_size)]  # done, total
+    passes = [0, 3 * math.ceil(int(mine.sum()) / chunk_size)]  # done, total (this share's images)
 
     def f(batch: Tensor) -> Tensor:
         outs = []
@@ -494,7 +515,7 @@ def relative_stability(
         return torch.cat(outs)
 
     with measuring(members, grad=False):
-        deformed = deform(xr, coeffs)
+        deformed = deform(xr, coeffs)  # every image's (no model: cheap), for identity_rf
         change = (deformed.double() - xr.double()).flatten(1)
         sigma = change.norm(dim=1)
         zf = z.flatten(1)
@@ -502,36 +523,107 @@ def relative_stability(
         noisy = (xr.double() + eta).to(dtype)
         identity_rf = _identity_rf(change, eta.flatten(1), reduction)
         # the clean images batched like the deformed and noisy ones: the same random numbers for each
-        fxr, ftau, feta = f(xr), f(deformed), f(noisy)
-        fx = fxr[::reps]
-    if reduction == "median":
-        _warn_median_bias(identity_rf)
+        rows = mine.to(device)
+        outputs = torch.stack([f(xr[rows]), f(deformed[rows]), f(noisy[rows])]) if bool(mine.any()) else None
+    raw = _StabilityRaw(
+        outputs=None if outputs is None else _expand_rows(outputs.cpu(), mine),
+        folded=folded,
+        known_folds=None if fold_fraction is None else float(fold_fraction),
+        identity_rf=identity_rf,
+        boot_seed=boot_seed,
+        reps=reps,
+        reduction=reduction,
+        num_bootstrap=num_bootstrap,
+        temperature=temperature,
+        cutoff=cutoff,
+        size=(h, w),
+    )
+    if part is None:
+        return _statistics(raw, stacklevel=3)
+    nan = math.nan
+    return StabilityEstimate(
+        *(nan,) * 6, temperature, displacement_for_temperature(temperature, cutoff), cutoff, reduction, n, reps,
+        fold_fraction=nan, identity_rf=identity_rf, part=part, raw=raw,
+    )  # fmt: skip
 
+
+def _expand_rows(outputs: Tensor, mine: Tensor) -> Tensor:
+    """``[3, N·R, F]`` from the rows ``mine`` (NaN in the other rows)."""
+    full = torch.full((outputs.shape[0], mine.numel(), outputs.shape[2]), math.nan, dtype=outputs.dtype)
+    full[:, mine] = outputs
+    return full
+
+
+@dataclass(frozen=True)
+class _StabilityRaw:
+    """What :func:`relative_stability` measured before its statistics: enough to merge shares."""
+
+    outputs: Tensor | None  # [3, N·R, F]: f(x), f(τx), f(x + η) (NaN rows: another share's); None: no rows
+    folded: Tensor  # [N·R] 1.0 where the deformation folds over, 0.0 where not, NaN where not checked
+    known_folds: float | None  # the fold fraction passed in
+    identity_rf: float
+    boot_seed: int
+    reps: int
+    reduction: str
+    num_bootstrap: int
+    temperature: float
+    cutoff: float
+    size: tuple[int, int]
+
+
+def _merge_raw(parts: Sequence[StabilityEstimate]) -> _StabilityRaw:
+    """The raw outcome of the whole measurement from its shares (rows taken from their owners)."""
+    raws = [p.raw for p in parts]
+    if any(r is None for r in raws):
+        raise ValueError("Only estimates of `relative_stability(..., part=)` can be merged.")
+    first = raws[0]
+    assert first is not None
+    outs = [r.outputs for r in raws if r is not None and r.outputs is not None]
+    if not outs:
+        raise ValueError("None of the shares measured an image.")
+    outputs, folded = outs[0].clone(), first.folded.clone()
+    for p, r in zip(parts, raws, strict=True):
+        assert r is not None and p.part is not None
+        if (r.boot_seed, r.folded.numel(), r.reps) != (first.boot_seed, first.folded.numel(), first.reps):
+            raise ValueError("The estimates to merge are shares of different measurements.")
+        mine = owned(p.num_images, p.part).repeat_interleave(r.reps)
+        if r.outputs is not None:
+            outputs[:, mine] = r.outputs[:, mine]
+        folded[mine] = r.folded[mine]
+    return replace(first, outputs=outputs, folded=folded)
+
+
+def _statistics(raw: _StabilityRaw, stacklevel: int) -> StabilityEstimate:
+    """``R_f``, ``D_f``, ``G_f``, their bootstrap uncertainties and the checks, from the raw outcome."""
+    assert raw.outputs is not None
+    fxr, ftau, feta = raw.outputs
+    reps, reduction, temperature, cutoff = raw.reps, raw.reduction, raw.temperature, raw.cutoff
+    n = fxr.shape[0] // reps
+    h, w = raw.size
+    fold_fraction = raw.known_folds if raw.known_folds is not None else float(raw.folded.mean())
+    _warn_folds(fold_fraction, temperature, cutoff, h, w, stacklevel + 1)
+    if reduction == "median":
+        _warn_median_bias(raw.identity_rf, stacklevel + 1)
+    common = {
+        "temperature": temperature,
+        "delta": displacement_for_temperature(temperature, cutoff),
+        "cutoff": cutoff,
+        "reduction": reduction,
+        "num_images": n,
+        "num_deformations": reps,
+        "fold_fraction": fold_fraction,
+        "identity_rf": raw.identity_rf,
+    }
     if not all(bool(torch.isfinite(t).all()) for t in (fxr, ftau, feta)):
         warnings.warn(
             "The model returned NaN/inf on the probe images or their deformed/noisy versions; "
             "R_f, D_f and G_f are reported as NaN (StabilityEstimate.failed).",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=stacklevel,
         )
         nan = math.nan
-        return StabilityEstimate(
-            nan,
-            nan,
-            nan,
-            nan,
-            nan,
-            nan,
-            temperature,
-            displacement_for_temperature(temperature, cutoff),
-            cutoff,
-            reduction,
-            n,
-            reps,
-            fold_fraction=fold_fraction,
-            identity_rf=identity_rf,
-            failed=True,
-        )
+        return StabilityEstimate(nan, nan, nan, nan, nan, nan, **common, failed=True)
+    fx = fxr[::reps]
     d_sq = (ftau - fxr).pow(2)  # [N·R, F]
     g_sq = (feta - fxr).pow(2)
     pair = torch.cdist(fx, fx).pow(2)  # [N, N]
@@ -563,9 +655,9 @@ def relative_stability(
     df, gf = (float(v) for v in ratios(idx))
     rf = df / gf if gf > 0 else math.nan
     rf_std = log_std = math.nan
-    if num_bootstrap > 0:
-        bgen = torch.Generator().manual_seed(boot_seed)
-        boot_idx = torch.randint(0, n, (num_bootstrap, n), generator=bgen).to(pair.device)
+    if raw.num_bootstrap > 0:
+        bgen = torch.Generator().manual_seed(raw.boot_seed)
+        boot_idx = torch.randint(0, n, (raw.num_bootstrap, n), generator=bgen).to(pair.device)
         bd, bg = ratios(boot_idx)
         brf = (bd / bg)[torch.isfinite(bd / bg) & (bg > 0)]
         if brf.numel() > 1:
@@ -578,12 +670,5 @@ def relative_stability(
         rf_std=rf_std,
         log10_rf=math.log10(rf) if rf > 0 else (-math.inf if rf == 0 else math.nan),
         log10_rf_std=log_std,
-        temperature=temperature,
-        delta=displacement_for_temperature(temperature, cutoff),
-        cutoff=cutoff,
-        reduction=reduction,
-        num_images=n,
-        num_deformations=reps,
-        fold_fraction=fold_fraction,
-        identity_rf=identity_rf,
+        **common,
     )

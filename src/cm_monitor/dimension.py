@@ -28,8 +28,16 @@ from cm_monitor._model import (
     model_device,
     model_float_dtype,
 )
+from cm_monitor._parts import check_part, check_shares, owned
 from cm_monitor.calibration import calibrate_temperature
-from cm_monitor.cutting import OptimizerSettings, PlaneSpace, data_scale, optimize_planes, resolve_search
+from cm_monitor.cutting import (
+    CuttingOutcome,
+    OptimizerSettings,
+    PlaneSpace,
+    data_scale,
+    optimize_planes,
+    resolve_search,
+)
 from cm_monitor.planes import check_dims, plane_seed
 
 #: Targets listed by ``repr(DimensionEstimate)`` (the rest are counted).
@@ -87,6 +95,10 @@ class DimensionEstimate:
             the first grid point that reaches ``threshold``; then :meth:`at` can only re-read at
             ``threshold`` itself, and :attr:`scores` of successful problems are only known to be
             ``>= threshold``: they stopped there).
+        part: ``(index, count)`` for a partial estimate (measured with ``part=``): only the
+            (target, anchor) groups of that share were optimized, the read-off (``curve``,
+            ``cutting_dim``, ``dimension``, ...) is NaN; :meth:`merge` combines the shares.
+            ``None``: a complete estimate.
     """
 
     kind: str
@@ -113,6 +125,49 @@ class DimensionEstimate:
     max_threshold: float = 1.0
     probed: Tensor | None = None
     search: str = "grid"
+    part: tuple[int, int] | None = None
+
+    @staticmethod
+    def merge(parts: Sequence[DimensionEstimate]) -> DimensionEstimate:
+        """The estimate of the whole measurement from its ``count`` shares (measured with
+        ``part=(i, count)`` for every ``i``, in any order): each (target, anchor) group is taken
+        from the share that optimized it, then ``d*``, the curves and the bootstrap are read off as
+        for a measurement in one piece, which this equals.
+
+        Example::
+
+            >>> import torch
+            >>> from cm_monitor import DimensionEstimate, OptimizerSettings, cm_dimension
+            >>> from cm_monitor.synthetic import HalfSpace
+            >>> model = HalfSpace(16)
+            >>> anchors = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+            >>> labels = model(anchors).argmax(1)
+            >>> kw = dict(dims=[1, 4, 16], settings=OptimizerSettings(max_radius=None))
+            >>> halves = [cm_dimension(model, anchors, labels, part=(i, 2), **kw) for i in range(2)]
+            >>> DimensionEstimate.merge(halves).dimension.tolist()
+            [15.0, 15.0]
+        """
+        if check_shares([p.part for p in parts], "estimates") == 1:
+            return parts[0]
+        first = parts[0]
+        for p in parts[1:]:
+            same = (p.kind, p.targets, p.threshold, p.bootstrap_seed, p.num_bootstrap, p.search) == (
+                first.kind, first.targets, first.threshold, first.bootstrap_seed, first.num_bootstrap, first.search
+            )  # fmt: skip
+            if not (same and torch.equal(p.dims, first.dims) and torch.equal(p.anchor_index, first.anchor_index)):
+                raise ValueError(
+                    "The estimates to merge are shares of different measurements (targets, dims or anchors differ)."
+                )
+        valid = first.anchor_index >= 0
+        group = torch.full(valid.shape, -1, dtype=torch.long)
+        group[valid] = torch.arange(int(valid.sum()))  # the groups' order in the measurement
+        fields = ("scores", "losses", "steps", "nonfinite", "distance", "outside", "probed")
+        merged = {f: getattr(first, f).clone() for f in fields}
+        for p in parts:
+            mine = (valid & (group % p.part[1] == p.part[0]))[..., None]  # type: ignore[index]
+            for f in fields:
+                merged[f] = torch.where(mine, getattr(p, f), merged[f])
+        return _complete(replace(first, **merged, part=None), stacklevel=3)
 
     @property
     def dimension_std(self) -> Tensor:
@@ -265,6 +320,7 @@ def cm_dimension(
     scale: float | str | None = None,
     output_transform: OutputTransform | None = None,
     progress: Callable[[int, int], None] | None = None,
+    part: tuple[int, int] | None = None,
 ) -> DimensionEstimate:
     """Effective dimension of each class manifold ``{x : p_c(x) >= threshold}``, by cutting planes.
 
@@ -301,6 +357,11 @@ def cm_dimension(
         progress: called as ``progress(done, total)`` each time cutting-plane problems finish, with
             the problems done and their total (with a bisection, the most it may run; the last call
             is ``(total, total)``). For a progress display; it must not raise.
+        part: ``(index, count)``: optimize only share ``index`` of ``count`` of the (target,
+            anchor) groups (every ``count``-th group; the anchor subsets, planes and seeds are
+            those of the whole measurement) and return a partial estimate; merge the ``count``
+            shares with :meth:`DimensionEstimate.merge`. For splitting one measurement across
+            processes or devices. ``None``: the whole measurement.
 
     Returns:
         A :class:`DimensionEstimate` with ``targets`` the classes.
@@ -337,6 +398,7 @@ def cm_dimension(
         output_transform=output_transform,
         k=1,
         progress=progress,
+        part=part,
     )
 
 
@@ -359,6 +421,7 @@ def boundary_dimension(
     scale: float | str | None = None,
     output_transform: OutputTransform | None = None,
     progress: Callable[[int, int], None] | None = None,
+    part: tuple[int, int] | None = None,
 ) -> DimensionEstimate:
     """Effective dimension of the low-confidence boundaries among sets of classes.
 
@@ -402,6 +465,7 @@ def boundary_dimension(
         output_transform=output_transform,
         k=k,
         progress=progress,
+        part=part,
     )
 
 
@@ -482,7 +546,9 @@ def _estimate(
     output_transform: OutputTransform | None,
     k: int,
     progress: Callable[[int, int], None] | None = None,
+    part: tuple[int, int] | None = None,
 ) -> DimensionEstimate:
+    part = check_part(part)
     members = logits_models(as_members(model), output_transform)
     check_float_inputs(anchors, "anchors")
     labels = _check_labels(labels, anchors.shape[0])
@@ -539,19 +605,26 @@ def _estimate(
             [t for t, u in zip(targets, per_target, strict=True) for _ in range(u.numel())], dtype=torch.long
         ).view(-1, k)
         seeds = [plane_seed(base_seed, t, int(a)) for t, u in zip(targets, per_target, strict=True) for a in u.tolist()]
-        outcome = optimize_planes(
-            members,
-            x,
-            group_anchor.to(device),
-            group_targets.to(device),
-            seeds,
-            dim_grid,
-            settings,
-            space,
-            chunk_size=chunk_size,
-            num_classes=num_classes,
-            model_dtype=dtype,
-            progress=progress,
+        mine = owned(len(seeds), part)  # this share's groups (all of them without `part`)
+        outcome = _expand(
+            optimize_planes(
+                members,
+                x,
+                group_anchor[mine].to(device),
+                group_targets[mine].to(device),
+                [seed for seed, m in zip(seeds, mine.tolist(), strict=True) if m],
+                dim_grid,
+                settings,
+                space,
+                chunk_size=chunk_size,
+                num_classes=num_classes,
+                model_dtype=dtype,
+                progress=progress,
+            )
+            if bool(mine.any())
+            else None,
+            mine,
+            len(dim_grid),
         )
 
     T, A, K = len(targets), max(u.numel() for u in per_target), len(dim_grid)
@@ -600,7 +673,13 @@ def _estimate(
         max_threshold=max_threshold,
         probed=probed,
         search=resolve_search(settings),
+        part=part,
     )
+    return est if part is not None else _complete(est, stacklevel=4)
+
+
+def _complete(est: DimensionEstimate, stacklevel: int) -> DimensionEstimate:
+    """Read off ``d*`` and the rest from the raw outcomes; warn about targets whose optimization failed."""
     est = _read_off(est)
     if bool(est.failed.any()):
         bad = [t for t, f in zip(est.targets, est.failed.tolist(), strict=True) if f]
@@ -608,9 +687,30 @@ def _estimate(
             f"NaN/inf appeared while optimizing cutting planes for targets {bad}; their dimension "
             "is reported as NaN (see DimensionEstimate.nonfinite).",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
     return est
+
+
+def _expand(outcome: CuttingOutcome | None, mine: Tensor, K: int) -> CuttingOutcome:
+    """The outcome of all ``G`` groups from that of the groups ``mine`` (the others: not probed)."""
+    G = mine.numel()
+    full = CuttingOutcome(
+        score=torch.full((G, K), math.nan),
+        loss=torch.full((G, K), math.nan),
+        steps=torch.zeros((G, K), dtype=torch.long),
+        nonfinite=torch.zeros((G, K), dtype=torch.bool),
+        distance=torch.full((G, K), math.nan),
+        outside=torch.full((G, K), math.nan),
+        probed=torch.zeros((G, K), dtype=torch.bool),
+    )
+    if outcome is None:
+        return full
+    if bool(mine.all()):
+        return outcome
+    for name in ("score", "loss", "steps", "nonfinite", "distance", "outside", "probed"):
+        getattr(full, name)[mine] = getattr(outcome, name)
+    return full
 
 
 def _forward_logits(members: list[torch.nn.Module], x: Tensor) -> list[Tensor]:

@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
-from functools import partial
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +35,7 @@ from cm_monitor._model import (
     model_device,
     model_float_dtype,
 )
+from cm_monitor._parts import check_part, check_shares, owned
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -61,6 +61,9 @@ class ElasticityEstimate:
             baseline :func:`linear_baseline_similarity` (NaN for non-float inputs, or when not
             computed): what a linear softmax classifier with bias gives on the same inputs.
         baseline_similarity: ``[N, N]`` that baseline similarity (``None`` for non-float inputs).
+        part: ``(index, count)`` for a partial estimate (``local_elasticity(..., part=)``): only the
+            rows of that share's SGD steps are filled (NaN elsewhere) and the summaries are NaN
+            until :meth:`merge` combines the shares; ``None``: a complete estimate.
     """
 
     similarity: Tensor
@@ -77,6 +80,33 @@ class ElasticityEstimate:
     ratio_baseline: float = math.nan
     cluster_ari_baseline: float = math.nan
     baseline_similarity: Tensor | None = None
+    part: tuple[int, int] | None = None
+    raw: _ElasticityRaw | None = field(default=None, repr=False, compare=False)
+
+    @staticmethod
+    def merge(parts: Sequence[ElasticityEstimate]) -> ElasticityEstimate:
+        """The estimate of the whole measurement from its ``count`` shares (``part=(i, count)`` for every
+        ``i``, any order): row ``i`` of the similarities comes from the share that took the SGD step
+        at input ``i``, then the linearity error and the summaries are computed as in one piece."""
+        if check_shares([p.part for p in parts], "estimates") == 1:
+            return parts[0]
+        first = parts[0]
+        if any(p.raw is None or not torch.equal(p.labels, first.labels) for p in parts):
+            raise ValueError("The estimates to merge are not shares of one `local_elasticity` measurement.")
+        assert first.raw is not None
+        n = first.labels.numel()
+        similarity, kernel, lr = first.similarity.clone(), first.kernel.clone(), first.lr.clone()
+        half = None if first.raw.kernel_half is None else first.raw.kernel_half.clone()
+        for p in parts:
+            assert p.raw is not None and p.part is not None
+            mine = owned(n, p.part)
+            similarity[mine], kernel[mine], lr[mine] = p.similarity[mine], p.kernel[mine], p.lr[mine]
+            if half is not None and p.raw.kernel_half is not None:
+                half[mine] = p.raw.kernel_half[mine]
+        failure = next((p.raw.failure for p in parts if p.raw is not None and p.raw.failure), None)
+        raw = replace(first.raw, kernel_half=half, failure=failure)
+        merged = replace(first, similarity=similarity, kernel=kernel, lr=lr, part=None, raw=raw)
+        return _summarize(merged, stacklevel=3)
 
     @property
     def symmetric_similarity(self) -> Tensor:
@@ -121,6 +151,7 @@ def local_elasticity(
     chunk_size: int = 64,
     output_transform: OutputTransform | None = None,
     progress: Callable[[int, int], None] | None = None,
+    part: tuple[int, int] | None = None,
 ) -> ElasticityEstimate:
     """Local elasticity similarities of ``model`` among ``inputs`` (one SGD step per input).
 
@@ -155,6 +186,10 @@ def local_elasticity(
         progress: called as ``progress(done, total)`` after each chunk: batched passes done and their
             total (with ``lr=None`` the per-example gradient norms are one pass per chunk too). For a
             progress display; it must not raise.
+        part: ``(index, count)``: take only share ``index`` of ``count`` of the SGD steps (the steps
+            at every ``count``-th input; each is still read at every input) and return a partial
+            estimate; :meth:`ElasticityEstimate.merge` combines the ``count`` shares into the
+            estimate of the whole. ``None``: the whole measurement.
 
     A model that draws random numbers in its forward (noise layers, MC dropout) is measured as one
     fixed function: every forward pass starts from the same seed, so the prediction before and after
@@ -202,10 +237,8 @@ def local_elasticity(
         raise ValueError(f"`relative_step` must be in (0, 1), got {relative_step!r}.")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"`chunk_size` must be an integer >= 1, got {chunk_size!r}.")
-    gen = make_generator(generator)
-    problem = _group_problem(groups.cpu())
-    if problem is not None:
-        warnings.warn(f"local_elasticity: {problem}", UserWarning, stacklevel=2)
+    part = check_part(part)
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=make_generator(generator)))  # the clustering's
 
     net = logits_models([model], output_transform)[0]
     device = model_device([net], inputs.device)
@@ -215,122 +248,202 @@ def local_elasticity(
         if x.is_floating_point():  # measured in the parameters' dtype, as the model predicts (bf16, float64)
             x = x.to(model_float_dtype([net], x.dtype))
         y = labels.detach().to(device).clone()
-        try:
-            f0 = passes.logits(x)
-            check_logits(f0, n, None, "model")
-            if int(y.min()) < 0 or int(y.max()) >= f0.shape[1]:
-                raise ValueError(
-                    f"`labels` must be class ids in [0, {f0.shape[1] - 1}], got values in [{int(y.min())}, {int(y.max())}]."
-                )
-            if not bool(torch.isfinite(f0).all()):
-                bad = int((~torch.isfinite(f0)).any(1).sum())
-                return _failed(
-                    f"the model produced NaN/inf logits at {bad} of the {n} inputs (before any SGD step)",
-                    inputs,
-                    labels,
-                    groups,
-                )
-            # g_i = dL/df at x_i, by torch.func
-            g_out = vmap(grad(lambda o, t: loss_fn(o[None], t[None])))(f0.detach(), y)  # [N, C]
-        except RuntimeError as err:
-            raise explain_inference_tensors(err) from err
-        f0 = f0.detach()
-        chunks = [slice(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)]
-        ticks = [0, len(chunks) * (2 if lr is None else 1)]  # passes done, total
+        rows = owned(n, part).nonzero().squeeze(1).to(device)  # this share's SGD steps
+        steps = _steps(passes, x, y, rows, lr, relative_step, loss_fn, check_linearity, chunk_size, progress)
+    estimate = _rows_estimate(steps, rows.cpu(), inputs, labels, groups, part)
+    raw = _ElasticityRaw(kernel_half=estimate[1], cluster=cluster, seed=seed, failure=estimate[2])
+    est = replace(estimate[0], raw=raw)
+    return est if part is not None else _summarize(est, stacklevel=3)
 
-        def tick() -> None:
-            ticks[0] += 1
-            if progress is not None:
-                progress(min(ticks[0], ticks[1]), ticks[1])
 
-        if lr is None:
-            w_norm = torch.sqrt(sum(p.double().pow(2).sum() for p in passes.params.values()))
-            norms = []
-            for sl in chunks:
-                norms.append(
-                    torch.sqrt(sum(g.double().pow(2).flatten(1).sum(1) for g in passes.grads(x, y, sl).values()))
-                )
-                tick()
-            g_norm = torch.cat(norms)
-            if not bool(torch.isfinite(g_norm).all()):
-                return _failed(
-                    "the loss gradient with respect to the parameters is NaN/inf at some input (the model's backward "
-                    "produced NaN/inf)",
-                    inputs,
-                    labels,
-                    groups,
-                )
-            if not bool((g_norm > 0).all()):
-                raise ValueError(
-                    "The loss gradient is exactly zero at some input, so its SGD step does not move anything; pass `lr=` or other inputs."
-                )
-            eta = relative_step * max(float(w_norm), 1.0) / g_norm  # [N]
-        else:
-            eta = torch.full((n,), float(lr), dtype=torch.float64, device=device)
+@dataclass(frozen=True)
+class _ElasticityRaw:
+    """What :func:`local_elasticity` measured before its summaries: enough to merge shares."""
 
-        # Δ_i(x_j) for every step i and input j, [N, N, C]: one chunk of steps at a time (and the
-        # steps with η/2 for the linearity check from the same gradients)
-        scales = (1.0, 0.5) if check_linearity else (1.0,)
-        out: dict[float, list[Tensor]] = {scale: [] for scale in scales}
-        for sl in chunks:
-            g_par = passes.grads(x, y, sl)
-            for scale in scales:
-                stepped = {}
-                for k, p in passes.params.items():
-                    e = (eta[sl] * scale).to(p.dtype).view(-1, *([1] * p.dim()))
-                    stepped[k] = p - e * g_par[k]
-                out[scale].append(passes.stepped_logits(stepped, x) - f0)
-            del g_par
+    kernel_half: Tensor | None  # [N, N] S_ker with η/2 (NaN rows: another share's); None: no linearity check
+    cluster: bool
+    seed: int  # the clustering's random state
+    failure: str | None  # why every value is NaN (the model returned NaN/inf), or None
+
+
+def _steps(
+    passes: _Passes,
+    x: Tensor,
+    y: Tensor,
+    rows: Tensor,
+    lr: float | None,
+    relative_step: float,
+    loss_fn: LossFn,
+    check_linearity: bool,
+    chunk_size: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None] | str:
+    """The SGD steps at the inputs ``rows``: ``(Δ [n, N, C], Δ with η/2 or None, η [n], g [n, C])``
+    with ``Δ_i(x_j) = f(x_j; w_i⁺) − f(x_j; w)`` and ``g_i = ∂L/∂f(x_i)``; or why it failed (NaN/inf)."""
+    n = x.shape[0]
+    try:
+        f0 = passes.logits(x)
+        check_logits(f0, n, None, "model")
+        if int(y.min()) < 0 or int(y.max()) >= f0.shape[1]:
+            raise ValueError(
+                f"`labels` must be class ids in [0, {f0.shape[1] - 1}], got values in [{int(y.min())}, {int(y.max())}]."
+            )
+        if not bool(torch.isfinite(f0).all()):
+            bad = int((~torch.isfinite(f0)).any(1).sum())
+            return f"the model produced NaN/inf logits at {bad} of the {n} inputs (before any SGD step)"
+        # g_i = dL/df at x_i, by torch.func
+        g_of = vmap(grad(lambda o, t: loss_fn(o[None], t[None])))
+        g_out = g_of(f0[rows].detach(), y[rows]) if rows.numel() else f0[:0].detach()  # [n, C]
+    except RuntimeError as err:
+        raise explain_inference_tensors(err) from err
+    f0 = f0.detach()
+    chunks = [rows[start : start + chunk_size] for start in range(0, rows.numel(), chunk_size)]
+    ticks = [0, len(chunks) * (2 if lr is None else 1)]  # passes done, total
+
+    def tick() -> None:
+        ticks[0] += 1
+        if progress is not None:
+            progress(min(ticks[0], ticks[1]), ticks[1])
+
+    if lr is None:
+        w_norm = torch.sqrt(sum(p.double().pow(2).sum() for p in passes.params.values()))
+        norms = [torch.zeros(0, dtype=torch.float64, device=x.device)]
+        for ch in chunks:
+            norms.append(torch.sqrt(sum(g.double().pow(2).flatten(1).sum(1) for g in passes.grads(x, y, ch).values())))
             tick()
-        delta = torch.cat(out[1.0]).double()
-        half = torch.cat(out[0.5]).double() if check_linearity else None
+        g_norm = torch.cat(norms)
+        if not bool(torch.isfinite(g_norm).all()):
+            return (
+                "the loss gradient with respect to the parameters is NaN/inf at some input (the model's backward "
+                "produced NaN/inf)"
+            )
+        if not bool((g_norm > 0).all()):
+            raise ValueError(
+                "The loss gradient is exactly zero at some input, so its SGD step does not move anything; pass `lr=` or other inputs."
+            )
+        eta = relative_step * max(float(w_norm), 1.0) / g_norm  # [n]
+    else:
+        eta = torch.full((rows.numel(),), float(lr), dtype=torch.float64, device=x.device)
 
-    g = g_out.double()
-    own = delta[torch.arange(n), torch.arange(n)].norm(dim=-1)  # ‖Δ_i(x_i)‖
-    similarity = delta.norm(dim=-1) / own[:, None]
-    eta = eta.double()
-    kernel = -(delta * g[:, None, :]).sum(-1) / (eta * g.pow(2).sum(-1))[:, None]
-    linearity_error = math.nan
-    if half is not None:
-        kernel_half = -(half * g[:, None, :]).sum(-1) / (eta / 2 * g.pow(2).sum(-1))[:, None]
-        linearity_error = float((kernel - kernel_half).abs().max() / kernel.abs().max().clamp_min(1e-300))
+    # Δ_i(x_j) for every step i and input j, [n, N, C]: one chunk of steps at a time (and the
+    # steps with η/2 for the linearity check from the same gradients)
+    scales = (1.0, 0.5) if check_linearity else (1.0,)
+    out: dict[float, list[Tensor]] = {scale: [f0[:0, None].expand(0, n, -1)] for scale in scales}
+    start = 0
+    for ch in chunks:
+        g_par = passes.grads(x, y, ch)
+        sl = slice(start, start + ch.numel())
+        for scale in scales:
+            stepped = {}
+            for k, p in passes.params.items():
+                e = (eta[sl] * scale).to(p.dtype).view(-1, *([1] * p.dim()))
+                stepped[k] = p - e * g_par[k]
+            out[scale].append(passes.stepped_logits(stepped, x) - f0)
+        start += ch.numel()
+        del g_par
+        tick()
+    delta = torch.cat(out[1.0]).double()
+    half = torch.cat(out[0.5]).double() if check_linearity else None
+    return delta, half, eta.double(), g_out.double()
+
+
+def _rows_estimate(
+    steps: tuple[Tensor, Tensor, Tensor, Tensor | None] | str,
+    rows: Tensor,
+    inputs: Tensor,
+    labels: Tensor,
+    groups: Tensor,
+    part: tuple[int, int] | None,
+) -> tuple[ElasticityEstimate, Tensor | None, str | None]:
+    """The similarities of the steps ``rows`` (NaN in the other rows), with ``S_ker`` at η/2 and
+    the failure (an all-NaN estimate) if there was one; summaries NaN."""
+    n = labels.shape[0]
+    nan_matrix = torch.full((n, n), math.nan, dtype=torch.float64)
+    similarity, kernel, lr = nan_matrix.clone(), nan_matrix.clone(), torch.full((n,), math.nan, dtype=torch.float64)
+    half = None
+    failure = steps if isinstance(steps, str) else None
+    if not isinstance(steps, str):
+        delta, delta_half, eta, g = steps
+        own = delta[torch.arange(rows.numel()), rows.to(delta.device)].norm(dim=-1)  # ‖Δ_i(x_i)‖
+        similarity[rows] = (delta.norm(dim=-1) / own[:, None]).cpu()
+        kernel[rows] = (-(delta * g[:, None, :]).sum(-1) / (eta * g.pow(2).sum(-1))[:, None]).cpu()
+        lr[rows] = eta.cpu()
+        if delta_half is not None:
+            half = nan_matrix.clone()
+            half[rows] = (-(delta_half * g[:, None, :]).sum(-1) / (eta / 2 * g.pow(2).sum(-1))[:, None]).cpu()
+    nan = math.nan
+    est = ElasticityEstimate(
+        similarity=similarity,
+        kernel=kernel,
+        labels=labels.cpu(),
+        lr=lr,
+        linearity_error=nan,
+        intra=nan,
+        inter=nan,
+        ratio=nan,
+        cluster_ari=nan,
+        cluster_labels=None,
+        groups=groups.cpu(),
+        baseline_similarity=linear_baseline_similarity(inputs) if inputs.is_floating_point() else None,
+        part=part,
+    )
+    return est, half, failure
+
+
+def _summarize(est: ElasticityEstimate, stacklevel: int) -> ElasticityEstimate:
+    """The linearity error and the summaries of a complete estimate (with the warnings)."""
+    raw = est.raw
+    assert raw is not None and est.groups is not None
+    groups = est.groups
+    problem = _group_problem(groups)
+    if problem is not None:
+        warnings.warn(f"local_elasticity: {problem}", UserWarning, stacklevel=stacklevel)
+    nan = math.nan
+    if raw.failure is not None:
+        warnings.warn(
+            f"local_elasticity: {raw.failure}; the similarities and summaries are NaN. Check the model and its "
+            "inputs (NaN/inf weights, a diverged run, inputs outside what it was trained on).",
+            RuntimeWarning,
+            stacklevel=stacklevel,
+        )
+        n = groups.numel()
+        return replace(
+            est,
+            similarity=torch.full((n, n), nan, dtype=torch.float64),
+            kernel=torch.full((n, n), nan, dtype=torch.float64),
+            lr=torch.full((n,), nan, dtype=torch.float64),
+        )
+    similarity, kernel = est.similarity, est.kernel
+    linearity_error = nan
+    if raw.kernel_half is not None:
+        linearity_error = float((kernel - raw.kernel_half).abs().max() / kernel.abs().max().clamp_min(1e-300))
         if linearity_error > 0.05:
             warnings.warn(
                 f"The SGD step is not in the linear regime (S_ker changes by {linearity_error:.1%} when η is halved); pass a smaller `lr` or `relative_step`.",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=stacklevel,
             )
-    nan = math.nan
-    base = linear_baseline_similarity(inputs) if inputs.is_floating_point() else None
-    estimate = partial(
-        ElasticityEstimate,
-        similarity=similarity.cpu(),
-        kernel=kernel.cpu(),
-        labels=labels.cpu(),
-        lr=eta.cpu(),
-        linearity_error=linearity_error,
-        groups=groups.cpu(),
-        baseline_similarity=base,
-    )
+    est = replace(est, linearity_error=linearity_error)
     if not (bool(torch.isfinite(similarity).all()) and bool(torch.isfinite(kernel).all())):
         warnings.warn(
             "NaN/inf in the elasticity similarities (an SGD step did not move its own prediction, or the model returned NaN/inf); the summaries are NaN.",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=stacklevel,
         )
-        return estimate(intra=nan, inter=nan, ratio=nan, cluster_ari=nan, cluster_labels=None)
+        return est
     if problem is not None:  # warned above
-        return estimate(intra=nan, inter=nan, ratio=nan, cluster_ari=nan, cluster_labels=None)
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
-    sym = (similarity + similarity.T).cpu() / 2
-    intra, inter, ratio = class_contrast(sym, groups.cpu())
-    ari, clusters = spectral_cluster_score(sym, groups.cpu(), seed=seed) if cluster else (nan, None)
+        return est
+    sym = (similarity + similarity.T) / 2
+    intra, inter, ratio = class_contrast(sym, groups)
+    ari, clusters = spectral_cluster_score(sym, groups, seed=raw.seed) if raw.cluster else (nan, None)
     ratio_base = ari_base = nan
+    base = est.baseline_similarity
     if base is not None:
         base_sym = (base + base.T) / 2
-        ratio_base = class_contrast(base_sym, groups.cpu())[2]
-        ari_base = spectral_cluster_score(base_sym, groups.cpu(), seed=seed)[0] if cluster else nan
-    return estimate(
+        ratio_base = class_contrast(base_sym, groups)[2]
+        ari_base = spectral_cluster_score(base_sym, groups, seed=raw.seed)[0] if raw.cluster else nan
+    return replace(
+        est,
         intra=intra,
         inter=inter,
         ratio=ratio,
@@ -373,30 +486,30 @@ class _Passes:
     def _loss_one(self, p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         return self.loss_fn(self(p, x[None]), y[None])
 
-    def grads(self, x: Tensor, y: Tensor, sl: slice) -> dict[str, Tensor]:
-        """``∇_w L_i`` for the inputs of one chunk, ``{name: [B, *shape]}`` (memory: B parameter copies)."""
+    def grads(self, x: Tensor, y: Tensor, rows: Tensor) -> dict[str, Tensor]:
+        """``∇_w L_i`` for the inputs ``rows`` (one chunk), ``{name: [B, *shape]}`` (memory: B parameter copies)."""
         if self.batched:
             try:
-                return vmap(grad(self._loss_one), in_dims=(None, 0, 0))(self.params, x[sl], y[sl])
+                return vmap(grad(self._loss_one), in_dims=(None, 0, 0))(self.params, x[rows], y[rows])
             except (RuntimeError, NotImplementedError) as err:
                 self._give_up_batching(err)
         leaves = {k: v.detach().requires_grad_(True) for k, v in self.params.items()}
         try:
             out = self(leaves, x)  # the whole batch, as for the logits: the same random numbers
-            rows = []
-            for i in range(sl.start, sl.stop):
+            per_input = []
+            for i in rows.tolist():
                 g = torch.autograd.grad(
                     self.loss_fn(out[i : i + 1], y[i : i + 1]),
                     list(leaves.values()),
                     retain_graph=True,
                     allow_unused=True,
                 )
-                rows.append(
+                per_input.append(
                     [torch.zeros_like(v) if gi is None else gi for v, gi in zip(leaves.values(), g, strict=True)]
                 )
         except RuntimeError as err:
             raise explain_inference_tensors(err) from err
-        return {k: torch.stack([r[j] for r in rows]) for j, k in enumerate(leaves)}
+        return {k: torch.stack([r[j] for r in per_input]) for j, k in enumerate(leaves)}
 
     def stepped_logits(self, stepped: dict[str, Tensor], x: Tensor) -> Tensor:
         """``f(x; w_b)`` for every stepped parameter set ``b``, ``[B, N, C]``."""
@@ -412,33 +525,6 @@ class _Passes:
         if isinstance(err, RuntimeError) and explain_inference_tensors(err) is not err:
             raise explain_inference_tensors(err) from err
         self.batched = False
-
-
-def _failed(reason: str, inputs: Tensor, labels: Tensor, groups: Tensor) -> ElasticityEstimate:
-    """An all-NaN estimate, with a RuntimeWarning that says why."""
-    warnings.warn(
-        f"local_elasticity: {reason}; the similarities and summaries are NaN. Check the model and its "
-        "inputs (NaN/inf weights, a diverged run, inputs outside what it was trained on).",
-        RuntimeWarning,
-        stacklevel=3,
-    )
-    n = labels.shape[0]
-    nan_matrix = torch.full((n, n), math.nan, dtype=torch.float64)
-    nan = math.nan
-    return ElasticityEstimate(
-        similarity=nan_matrix,
-        kernel=nan_matrix.clone(),
-        labels=labels.cpu(),
-        lr=torch.full((n,), math.nan, dtype=torch.float64),
-        linearity_error=nan,
-        intra=nan,
-        inter=nan,
-        ratio=nan,
-        cluster_ari=nan,
-        cluster_labels=None,
-        groups=groups.cpu(),
-        baseline_similarity=linear_baseline_similarity(inputs) if inputs.is_floating_point() else None,
-    )
 
 
 def check_groups(groups: object, n: int, name: str = "groups") -> Tensor:

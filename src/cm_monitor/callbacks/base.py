@@ -3,12 +3,14 @@
 :class:`GeometryMonitor` does everything that does not depend on what is measured:
 
 * **anchors**: at the start of fit, a stratified random sample of ``num_anchors`` validation inputs
-  per class is drawn on global rank 0 (with a private generator, inside
+  per class is drawn (with a private generator, inside
   :func:`~lightning.pytorch.utilities.seed.isolate_rng`, after the module's batch-transfer hooks)
-  and broadcast to every rank, so all ranks measure the same anchors although each one sees its
-  own shard of the validation data. Errors (no validation data, an unrecognized batch, too few
-  examples of a class the monitor was told to measure) are raised then, on every rank, not in the
-  middle of the run;
+  from the whole validation set: each rank samples its own shard with keys that depend on each
+  input's content (:class:`~cm_monitor.anchors.StratifiedReservoir`), and the ranks' samples are
+  gathered and merged (:func:`~cm_monitor.anchors.merge_samples`), so every rank gets the same
+  anchors, whatever the number of ranks and however the data is sharded. Errors (no validation
+  data, an unrecognized batch, too few examples of a class the monitor was told to measure) are
+  raised then, on every rank, not in the middle of the run;
 * **schedule**: measure at the first validation of the run, then at the first validation at least
   ``every_n_epochs`` epochs after the previous measurement; never during the sanity check or
   outside ``trainer.fit``;
@@ -28,9 +30,12 @@
 * **keys known at fit start**: a key under this monitor's prefix that ``EarlyStopping`` or
   ``ModelCheckpoint`` watches and that this configuration never logs (a typo, ``cm/boundary_dim``
   with ``num_pairs=0``) is an error at the start of fit, before any training;
-* **agreement across ranks**: every rank measures (a model may issue collectives in its forward),
-  then global rank 0's values, notes and timing are broadcast, so all ranks log the same keys and
-  the same values, and ``EarlyStopping`` decides the same on all of them;
+* **work split across ranks**: rank ``r`` of ``n`` measures share ``(r, n)`` of the work
+  (:meth:`_measure_part`: every ``n``-th (target, anchor) group, probe image or SGD step), the
+  shares are gathered (one collective, which carries the failures too) and every rank merges them
+  (:meth:`_finish`) into the values one process would measure; then global rank 0's values, notes
+  and timing are broadcast, so all ranks log the same keys and the same values, and
+  ``EarlyStopping`` decides the same on all of them;
 * **failures never end training**: an exception in a measurement (CUDA out of memory after one
   retry with half the ``chunk_size``) becomes a warning, the last values are logged again with
   ``{prefix}/failed = 1``, and training goes on (``strict=True`` raises instead). A failure on any
@@ -48,7 +53,7 @@
   resumed from a checkpoint continues the same series. Each ``trainer.fit`` that does not resume
   from a checkpoint starts a new series (anchors drawn again, last values forgotten).
 
-A subclass sets :attr:`prefix`, implements :meth:`_measure` (and optionally :meth:`_setup_targets`,
+A subclass sets :attr:`prefix`, implements :meth:`_measure_part` and :meth:`_finish` (and optionally :meth:`_setup_targets`,
 :meth:`_check_targets`, :meth:`_explicit_classes`, :meth:`_measured_classes`, :meth:`_config`,
 :meth:`_extra_state`, :meth:`_load_extra_state`, :meth:`_summary`).
 """
@@ -60,7 +65,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -83,7 +88,7 @@ from cm_monitor._model import (
     model_float_dtype,
     synchronize,
 )
-from cm_monitor.anchors import AnchorSample, BatchReader, make_batch_reader, sample_anchors
+from cm_monitor.anchors import AnchorSample, BatchReader, make_batch_reader, merge_samples, sample_anchors
 from cm_monitor.callbacks.figures import FigureWriter
 from cm_monitor.callbacks.progress import MeasurementProgress
 
@@ -99,7 +104,7 @@ _OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
 
 @dataclass
 class Measurement:
-    """What a monitor's :meth:`GeometryMonitor._measure` returns.
+    """What a monitor's :meth:`GeometryMonitor._finish` returns.
 
     Attributes:
         values: metric name (without the monitor's prefix, e.g. ``"dim"``) → value. NaN/inf marks
@@ -150,6 +155,24 @@ def check_probability(value: object, name: str) -> float:
     return float(value)
 
 
+def gather_objects(trainer: pl.Trainer, obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order, on every rank (one collective; every rank must call it)."""
+    if trainer.world_size <= 1:
+        return [obj]
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    # another kind of strategy: one broadcast from each rank
+    return [trainer.strategy.broadcast(obj, src=r) for r in range(trainer.world_size)]
+
+
+def _part(trainer: pl.Trainer) -> tuple[int, int]:
+    """This rank's share of a measurement's work: ``(global rank, world size)``."""
+    return (trainer.global_rank, trainer.world_size) if trainer.world_size > 1 else (0, 1)
+
+
 class GeometryMonitor(Callback):
     """Base class of the monitors: anchors, schedule, logging, cost and state (see the module docstring).
 
@@ -173,9 +196,10 @@ class GeometryMonitor(Callback):
             ``label``, ``labels``, ``target``, ``targets``, ``class``, ``classes``).
         dataloader_idx: which validation dataloader the anchors come from, when there are several.
         max_scan_batches: read at most this many validation batches when drawing anchors (default:
-            the whole validation dataloader, i.e. this rank's shard of it; ``limit_val_batches``
+            the whole validation dataloader: each rank reads its shard of it; ``limit_val_batches``
             and ``fast_dev_run`` do not shrink it. A dataloader without a length is read for as
-            many batches as one validation epoch reads).
+            many batches as one validation epoch reads). Under DDP each rank reads this many
+            batches of its own shard, so the anchors then depend on the number of ranks.
         get_model: maps the LightningModule to the ``nn.Module`` (or list of them: an ensemble)
             that returns logits ``[N, C]`` for a batch of inputs; default: the LightningModule
             itself. The monitor calls ``model(inputs)`` with the tensor of inputs only: a
@@ -327,11 +351,30 @@ class GeometryMonitor(Callback):
             return []
         return sorted(set(self.anchor_labels.tolist()))
 
+    def _measure_part(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        model: nn.Module | list[nn.Module],
+        part: tuple[int, int],
+    ) -> Any:
+        """Measure share ``part = (index, count)`` of the work on :attr:`anchors` (``(rank, world size)``).
+
+        Returns what :meth:`_finish` needs, picklable and on the CPU: it is gathered from every rank.
+        No collectives here: a rank that fails must not leave the others waiting.
+        """
+        raise NotImplementedError
+
+    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, parts: list[Any]) -> Measurement:
+        """Combine the shares of all ranks (in rank order) into the values to log. Runs on every rank
+        with the same ``parts``, so all ranks get the same values; no model call here."""
+        raise NotImplementedError
+
     def _measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module | list[nn.Module]
     ) -> Measurement:
-        """Measure ``model`` on :attr:`anchors` and return the values to log."""
-        raise NotImplementedError
+        """The whole measurement of ``model`` in this process (one share, no collective)."""
+        return self._finish(trainer, pl_module, [self._measure_part(trainer, pl_module, model, (0, 1))])
 
     def _loggable_keys(self) -> set[str]:
         """The keys (without prefix) a measurement can log with this configuration; called at the start of
@@ -584,7 +627,23 @@ class GeometryMonitor(Callback):
         synchronize(device)
         start = time.perf_counter()
         with isolate_rng():  # a model that draws random numbers in eval mode must not shift training's
-            result, error, notes = self._attempt(trainer, pl_module)
+            part, error, notes = self._attempt(trainer, pl_module)  # this rank's share of the work
+            # A failure on any rank is a failure on all of them: every rank learns it here (one
+            # collective, which every rank reaches, failed or not), so all log the same keys.
+            cause = None if error is None else f"{type(error).__name__}: {error}"
+            gathered = gather_objects(trainer, (cause, None if error is not None else part))
+            if trainer.world_size > 1:
+                causes = [f"rank {r}: {c}" for r, (c, _) in enumerate(gathered) if c is not None]
+            else:
+                causes = [] if cause is None else [cause]
+            result = None
+            if not causes:  # every rank combines the same shares, so all agree (also on a failure here)
+                try:
+                    result = self._finish(trainer, pl_module, [p for _, p in gathered])
+                except Exception as err:
+                    error, cause = err, f"{type(err).__name__}: {err}"
+                    causes = [cause]
+            del gathered, part
             # drawing and writing the figures is part of the cost (rank 0 only); a failure there
             # must not leave the other ranks waiting in the broadcast below
             if result is not None and self.log_figures and trainer.is_global_zero and result.figures:
@@ -598,19 +657,15 @@ class GeometryMonitor(Callback):
         self.total_seconds += seconds
         fraction = self._cost_fraction(trainer, seconds, end)
 
-        # A failure on any rank is a failure on all of them: every rank learns it here (one
-        # collective, which every rank reaches, failed or not), so all log the same keys.
-        cause = None if error is None else f"{type(error).__name__}: {error}"
         if not self.strict:
             error = None  # its traceback holds the failed attempt's tensors
-        causes = self._gather_causes(trainer, cause)
         if causes and self.strict:
             if error is not None:
                 raise error
             raise RuntimeError(f"{name} (epoch {epoch}): the measurement failed on another rank: {'; '.join(causes)}.")
 
-        # Every rank measured the same anchors with the same random numbers; rank 0's outcome is
-        # what all of them log, so that they agree on the keys (finite or not) and the values.
+        # Every rank combined the same shares into the same values; rank 0's outcome (its timing,
+        # notes and values) is what all of them log, so that they agree on every key and value.
         local = {
             "values": {} if result is None else {f"{self.prefix}/{k}": float(v) for k, v in result.values.items()},
             "notes": notes + ([] if result is None else list(result.notes)),
@@ -666,17 +721,15 @@ class GeometryMonitor(Callback):
             )
         return outcome
 
-    def _attempt(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule
-    ) -> tuple[Measurement | None, Exception | None, list[str]]:
-        """Measure: ``(result, None, notes)``, or ``(None, error, notes)`` when it raised.
+    def _attempt(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Any, Exception | None, list[str]]:
+        """Measure this rank's share: ``(part, None, notes)``, or ``(None, error, notes)`` when it raised.
 
         CUDA out of memory is retried once with half the ``chunk_size`` (kept from then on).
         ``KeyboardInterrupt`` and ``SystemExit`` are not caught.
         """
         notes: list[str] = []
         try:
-            return self._measure(trainer, pl_module, self._model(pl_module)), None, notes
+            return self._measure_part(trainer, pl_module, self._model(pl_module), _part(trainer)), None, notes
         except _OOM_ERRORS as err:
             chunk = getattr(self, "chunk_size", None)
             if not (isinstance(chunk, int) and chunk > 1):
@@ -690,7 +743,7 @@ class GeometryMonitor(Callback):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         try:
-            result = self._measure(trainer, pl_module, self._model(pl_module))
+            result = self._measure_part(trainer, pl_module, self._model(pl_module), _part(trainer))
         except Exception as err:
             notes.append(f"out of memory with chunk_size = {chunk} ({first}); the retry with {chunk // 2} failed too.")
             return None, err, notes
@@ -699,21 +752,6 @@ class GeometryMonitor(Callback):
             "which is kept from now on."
         )
         return result, None, notes
-
-    def _gather_causes(self, trainer: pl.Trainer, cause: str | None) -> list[str]:
-        """The failures of all ranks (``"rank r: Type: message"``), the same list on every rank."""
-        if trainer.world_size <= 1:
-            return [] if cause is None else [cause]
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized():
-            causes: list[str | None] = [None] * dist.get_world_size()
-            dist.all_gather_object(causes, cause)
-            return [f"rank {rank}: {c}" for rank, c in enumerate(causes) if c is not None]
-        # another kind of strategy: a flag, reduced over the ranks
-        flag = torch.tensor(float(cause is not None), device=trainer.strategy.root_device)
-        if float(trainer.strategy.reduce(flag, reduce_op="max")) == 0:
-            return []
-        return [f"rank {trainer.global_rank}: {cause}" if cause is not None else "on another rank"]
 
     def _keep_finite(self, values: Mapping[str, float], notes: list[str]) -> None:
         """Take the finite values; a non-finite one keeps the key's last finite value (noted)."""
@@ -793,32 +831,31 @@ class GeometryMonitor(Callback):
         name = type(self).__name__
         start = time.perf_counter()
         loader, max_batches = self._val_dataloader(trainer)  # on every rank (setup has a barrier)
-        payload: dict[str, Any] | None = None
+        # every rank samples its own shard; the samples merge into the sample of the whole data
+        # (keys from the inputs' content), so the anchors do not depend on how it is sharded
         error: BaseException | None = None
-        if trainer.is_global_zero:
-            try:
-                sample = self._sample(trainer, pl_module, loader, max_batches)
-                payload = {
-                    "inputs": sample.inputs,
-                    "labels": sample.labels,
-                    "counts": sample.counts,
-                    "n": sample.num_batches,
-                }
-            except Exception as err:
-                error = err
-                payload = {"error": f"{type(err).__name__}: {err}"}
-        # every rank takes part in the broadcast, also when rank 0 failed, and then all raise
-        payload = trainer.strategy.broadcast(payload, src=0)
-        if "error" in payload:
-            if error is not None:
-                if isinstance(error, ValueError | TypeError):
-                    raise type(error)(f"{name} could not draw anchors from the validation data: {error}") from error
-                raise error
-            raise RuntimeError(f"{name} could not draw anchors on global rank 0: {payload['error']}")
-        device = pl_module.device  # the sample is on the CPU (also for the broadcast); measured on the device
-        sample = AnchorSample(
-            payload["inputs"].to(device), payload["labels"].to(device), payload["counts"], payload["n"]
-        )
+        local: AnchorSample | str
+        try:
+            local = self._sample(trainer, pl_module, loader, max_batches)
+        except Exception as err:
+            error, local = err, f"{type(err).__name__}: {err}"
+        # every rank takes part in the gather, also when its sampling failed, and then all raise
+        gathered = gather_objects(trainer, local)
+        failures = [f"rank {r}: {g}" for r, g in enumerate(gathered) if isinstance(g, str)]
+        if error is not None:
+            if isinstance(error, ValueError | TypeError):
+                raise type(error)(f"{name} could not draw anchors from the validation data: {error}") from error
+            raise error
+        if failures:
+            raise RuntimeError(f"{name} could not draw anchors on another rank: {'; '.join(failures)}")
+        sample = merge_samples(gathered, self.num_anchors)  # type: ignore[arg-type]
+        if sample.labels.numel() == 0:
+            raise ValueError(
+                f"{name} could not draw anchors from the validation data: no examples were read from the "
+                "validation dataloader (it is empty)."
+            )
+        device = pl_module.device  # the sample is on the CPU (also for the gather); measured on the device
+        sample = replace(sample, inputs=sample.inputs.to(device), labels=sample.labels.to(device))
         inputs, _, num_classes = self._adopt_anchors(sample, model)
         if self.verbose:
             rank_zero_info(
@@ -959,12 +996,15 @@ class GeometryMonitor(Callback):
             # creating a DataLoader iterator draws from the global RNG (and shuffling or workers
             # more): isolate it so that training sees exactly the random numbers it would without us
             with isolate_rng(), torch.no_grad():
-                return self._sample_from(loader, max_batches, transfer)
+                return self._sample_from(loader, max_batches, transfer, allow_empty=True)  # a rank may have no data
         finally:
             trainer.state.stage = stage
 
-    def _sample_from(self, loader: Any, max_batches: int | None, transform: Callable[[Any], Any]) -> AnchorSample:
-        """The anchor sample of this monitor's ``num_anchors`` and ``seed`` from ``loader`` (no Trainer needed)."""
+    def _sample_from(
+        self, loader: Any, max_batches: int | None, transform: Callable[[Any], Any], allow_empty: bool = False
+    ) -> AnchorSample:
+        """The anchor sample of this monitor's ``num_anchors`` and ``seed`` from ``loader`` (no Trainer needed);
+        ``allow_empty``: a loader without data gives an empty sample (a rank's shard) instead of an error."""
         return sample_anchors(
             loader,
             self.num_anchors,
@@ -972,6 +1012,7 @@ class GeometryMonitor(Callback):
             read_batch=self._read_batch,
             max_batches=max_batches,
             transform=transform,
+            allow_empty=allow_empty,
         )
 
     def _num_classes(self, model: nn.Module | list[nn.Module], anchors: Tensor) -> int:

@@ -51,8 +51,9 @@ class CMDimensionMonitor(GeometryMonitor):
     the last values, so leave room for them in the patience).
 
     Anchors: ``num_anchors`` per class, a uniform random sample of each class of the validation
-    data (the batches one validation epoch reads), drawn once at the start of fit on global rank 0
-    and broadcast to all ranks; they, the random planes (same ``seed``) and the chosen boundary
+    data (the batches one validation epoch reads), drawn once at the start of fit from the whole
+    validation set (under DDP too: each rank samples its shard, the samples merge, see
+    ``docs/callback.md``); they, the random planes (same ``seed``) and the chosen boundary
     pairs stay fixed for the run and are saved in checkpoints (common random numbers: a change in
     the curves is a change in the model).
 
@@ -153,6 +154,11 @@ class CMDimensionMonitor(GeometryMonitor):
     ``d*`` (with many classes, five of them in colour, spread from the smallest ``d*`` to the
     largest). A measurement longer than a few seconds shows its progress (problems done, time left)
     in the Trainer's progress bar.
+
+    Under DDP the (target, anchor) groups are divided among the ranks (rank ``r`` of ``n`` optimizes
+    every ``n``-th group with the planes of the whole measurement); the partial estimates are
+    gathered and merged (:meth:`~cm_monitor.DimensionEstimate.merge`) on every rank, so ``devices=n``
+    logs what one process logs, in about ``1/n`` of the time.
 
     Raises:
         ValueError, TypeError: on invalid arguments (at construction) and, at the start of fit,
@@ -350,12 +356,14 @@ class CMDimensionMonitor(GeometryMonitor):
             )
         return subset.tolist()
 
-    def _num_problems(self) -> int:
-        """(target, anchor, plane dimension) problems of one measurement, classes and pairs."""
-        return sum(self._problem_counts())
+    def _num_problems(self, shares: int = 1) -> int:
+        """(target, anchor, plane dimension) problems of one measurement, classes and pairs, on one of
+        ``shares`` ranks (each optimizes every ``shares``-th (target, anchor) group of each kind)."""
+        return sum(self._problem_counts(shares))
 
-    def _problem_counts(self) -> tuple[int, int]:
-        """Problems of one measurement (at most, with a bisection): of the classes, of the pairs."""
+    def _problem_counts(self, shares: int = 1) -> tuple[int, int]:
+        """Problems of one measurement (at most, with a bisection) on one of ``shares`` ranks: of the
+        classes, of the pairs."""
         assert self.anchor_labels is not None and self.targets is not None
         labels = self.anchor_labels.cpu()
         cap = self.anchors_per_target or labels.numel()
@@ -367,7 +375,7 @@ class CMDimensionMonitor(GeometryMonitor):
             return int((~torch.isin(labels, torch.tensor(t))).sum())
 
         def count(sets: list[tuple[int, ...]]) -> int:
-            return sum(min(cap, usable(t)) for t in sets) * per_group
+            return math.ceil(sum(min(cap, usable(t)) for t in sets) / shares) * per_group
 
         return count([(c,) for c in self.targets]), count([tuple(p) for p in self.pairs or []])
 
@@ -391,7 +399,7 @@ class CMDimensionMonitor(GeometryMonitor):
             local = estimate_cost(
                 model,
                 self.anchors,
-                problems=self._num_problems(),
+                problems=self._num_problems(trainer.world_size),  # this rank's share
                 per_pass=rows,
                 max_steps=self.settings.max_steps,
                 bytes_per_row=per_row,
@@ -481,9 +489,14 @@ class CMDimensionMonitor(GeometryMonitor):
             raise ValueError(f"`dims` holds {bad}, above D = {D} (the number of input elements).")
         return list(self.dims)
 
-    def _measure(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module | list[nn.Module]
-    ) -> Measurement:
+    def _measure_part(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        model: nn.Module | list[nn.Module],
+        part: tuple[int, int],
+    ) -> tuple[DimensionEstimate, DimensionEstimate | None]:
+        """This rank's share of the (target, anchor) groups, classes and pairs (partial estimates)."""
         assert self.anchors is not None and self.anchor_labels is not None and self.targets is not None
         common = {
             "dims": self.grid(),
@@ -492,12 +505,11 @@ class CMDimensionMonitor(GeometryMonitor):
             "chunk_size": min(self._pass_rows, self.chunk_size),  # an out-of-memory retry halves chunk_size
             "num_bootstrap": self.num_bootstrap,
             "settings": self.settings,
+            "part": part,
         }
-        D = self.anchors[0].numel()
-        notes: list[str] = []
-        n_cm, n_pairs = self._problem_counts()
+        n_cm, n_pairs = self._problem_counts(part[1])  # this rank's share
         with warnings.catch_warnings(), self._progress(trainer) as progress:
-            # the core warns about NaN/inf on every rank; the notes below say it once, on rank 0
+            # the core warns about NaN/inf on every rank; the notes of _finish say it once, on rank 0
             warnings.filterwarnings("ignore", message="NaN/inf appeared while optimizing", category=RuntimeWarning)
             cm = cm_dimension(
                 model,
@@ -519,7 +531,23 @@ class CMDimensionMonitor(GeometryMonitor):
                     progress=progress.part(n_cm, n_pairs, n_cm + n_pairs),
                     **common,
                 )
+        return cm, boundary
+
+    def _finish(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        parts: list[tuple[DimensionEstimate, DimensionEstimate | None]],
+    ) -> Measurement:
+        """Merge the ranks' shares into the estimates of the whole measurement, and read the values."""
+        assert self.anchors is not None
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="NaN/inf appeared while optimizing", category=RuntimeWarning)
+            cm = DimensionEstimate.merge([p[0] for p in parts])
+            boundary = None if parts[0][1] is None else DimensionEstimate.merge([p[1] for p in parts])  # type: ignore[misc]
         self.last_cm, self.last_boundary = cm, boundary
+        D = self.anchors[0].numel()
+        notes: list[str] = []
 
         values: dict[str, float] = {}
         per_class, mean, std = _read(cm, "class", notes)

@@ -29,7 +29,10 @@ class DiffeoStabilityMonitor(GeometryMonitor):
     fit (like :class:`~cm_monitor.CMDimensionMonitor`'s anchors), and the deformations and noise are
     drawn from ``seed``: both stay fixed for the run, so a change in the curve is a change in the
     model (and the deformations' fold check runs once per run, at the first measurement). Scheduling, logging at validations without a measurement (the last values again),
-    checkpointing and cost reporting are those of :class:`~cm_monitor.CMDimensionMonitor`.
+    checkpointing and cost reporting are those of :class:`~cm_monitor.CMDimensionMonitor`. Under DDP
+    the probe images are divided among the ranks (rank ``r`` of ``n`` runs the model on every
+    ``n``-th image and its deformed and noisy versions) and the outputs merged on every rank
+    (:meth:`~cm_monitor.StabilityEstimate.merge`): ``devices=n`` logs what one process logs.
 
     Args:
         every_n_epochs: measure every this many epochs (the first validation is always measured).
@@ -213,11 +216,15 @@ class DiffeoStabilityMonitor(GeometryMonitor):
             return "no value"
         return f"{self.prefix}/rf = {values['rf']:.4g} (log10 {values.get('log10_rf', math.nan):.3g} ± {values.get('log10_rf_std', math.nan):.2g})"
 
-    def _measure(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module | list[nn.Module]
-    ) -> Measurement:
+    def _measure_part(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        model: nn.Module | list[nn.Module],
+        part: tuple[int, int],
+    ) -> tuple[StabilityEstimate, list[str]]:
+        """This rank's share of the probe images (a partial estimate) and the core's warnings."""
         assert self.anchors is not None
-        notes: list[str] = []
         with warnings.catch_warnings(record=True) as caught, self._progress(trainer, "passes") as progress:
             warnings.simplefilter("always")
             est = relative_stability(
@@ -235,8 +242,18 @@ class DiffeoStabilityMonitor(GeometryMonitor):
                 chunk_size=self.chunk_size,
                 fold_fraction=self._known_fold_fraction(),  # checked once per run, not at every measurement
                 progress=progress if progress.enabled else None,
+                part=part,
             )
-        notes.extend(sorted({str(w.message) for w in caught}))
+        return est, [str(w.message) for w in caught]
+
+    def _finish(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, parts: list[tuple[StabilityEstimate, list[str]]]
+    ) -> Measurement:
+        """Merge the ranks' shares into ``R_f`` of all probe images."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            est = StabilityEstimate.merge([p[0] for p in parts])
+        notes = sorted({note for _, part_notes in parts for note in part_notes} | {str(w.message) for w in caught})
         self.last_estimate = est
         self._folds = (self._deformation_key(), est.fold_fraction)
         values = {

@@ -54,6 +54,10 @@ class ElasticityMonitor(GeometryMonitor):
     The probe inputs are ``num_anchors`` validation inputs per class, drawn once at the start of fit
     and fixed for the run. Scheduling, logging at validations without a measurement (the last values
     again), checkpointing and cost reporting are those of :class:`~cm_monitor.CMDimensionMonitor`.
+    Under DDP the SGD steps are divided among the ranks (rank ``r`` of ``n`` takes the steps at every
+    ``n``-th probe, each read at every probe: its rows of the similarity matrices), and the rows are
+    merged on every rank before the summaries (:meth:`~cm_monitor.ElasticityEstimate.merge`):
+    ``devices=n`` logs what one process logs.
 
     Args:
         every_n_epochs: measure every this many epochs (the first validation is always measured).
@@ -220,21 +224,28 @@ class ElasticityMonitor(GeometryMonitor):
             f"cluster ARI = {values.get('cluster_ari', math.nan):.2f} (baseline {values.get('cluster_ari_baseline', math.nan):.2f})"
         )
 
-    def _measure(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module | list[nn.Module]
-    ) -> Measurement:
+    def _keys(self) -> list[str]:
+        keys = ["intra", "inter", "ratio", "cluster_ari", "ratio_baseline", "cluster_ari_baseline"]
+        return [*keys, "linearity_error"] if self.check_linearity else keys
+
+    def _measure_part(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        model: nn.Module | list[nn.Module],
+        part: tuple[int, int],
+    ) -> tuple[ElasticityEstimate | None, list[str]]:
+        """This rank's share of the SGD steps (a partial estimate; None when the model returned NaN/inf
+        on the probes) and the core's warnings."""
         assert self.anchors is not None and self.anchor_labels is not None
         if isinstance(model, list):
             raise TypeError(f"{type(self).__name__} measures one model; `get_model` returned a list of {len(model)}.")
-        keys = ["intra", "inter", "ratio", "cluster_ari", "ratio_baseline", "cluster_ari_baseline"]
-        if self.check_linearity:
-            keys.append("linearity_error")
         # a model that returns NaN/inf has no loss gradient to step along: say so, rather than the
-        # core's "zero gradient" error (one forward pass of the probes)
+        # core's "zero gradient" error (one forward pass of the probes, the same on every rank)
         with measuring([model], grad=False):
             out = model(self.anchors.to(model_float_dtype([model], self.anchors.dtype)))
         if isinstance(out, Tensor) and out.is_floating_point() and not bool(torch.isfinite(out).all()):
-            return Measurement(values=dict.fromkeys(keys, math.nan), nonfinite="on the probe inputs")
+            return None, []
         with warnings.catch_warnings(record=True) as caught, self._progress(trainer, "passes") as progress:
             warnings.simplefilter("always")
             # raises (a failed measurement) e.g. when a probe is fitted exactly: no SGD step to take
@@ -250,9 +261,24 @@ class ElasticityMonitor(GeometryMonitor):
                 generator=self.seed,
                 chunk_size=self.chunk_size,
                 progress=progress if progress.enabled else None,
+                part=part,
             )
+        return est, [str(w.message) for w in caught]
+
+    def _finish(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        parts: list[tuple[ElasticityEstimate | None, list[str]]],
+    ) -> Measurement:
+        """Merge the ranks' shares into the similarities of all probes and their summaries."""
+        if any(est is None for est, _ in parts):
+            return Measurement(values=dict.fromkeys(self._keys(), math.nan), nonfinite="on the probe inputs")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            est = ElasticityEstimate.merge([p[0] for p in parts])  # type: ignore[misc]
         self.last_estimate = est
-        values = {key: getattr(est, key) for key in keys}
+        values = {key: getattr(est, key) for key in self._keys()}
         nonfinite = None
         if not (bool(torch.isfinite(est.similarity).all()) and bool(torch.isfinite(est.kernel).all())):
             nonfinite = "in the similarities: the model returned NaN/inf after an SGD step, or a step did not move its own prediction"
@@ -263,5 +289,6 @@ class ElasticityMonitor(GeometryMonitor):
 
             return similarity_figure(est.symmetric_similarity, est.groups, title=f"local elasticity, epoch {epoch}")
 
-        notes = sorted({str(w.message) for w in caught if nonfinite is None or "NaN/inf" not in str(w.message)})
+        messages = {note for _, part_notes in parts for note in part_notes} | {str(w.message) for w in caught}
+        notes = sorted(m for m in messages if nonfinite is None or "NaN/inf" not in m)
         return Measurement(values=values, figures={"similarity": figure}, notes=notes, nonfinite=nonfinite)
