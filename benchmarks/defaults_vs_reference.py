@@ -20,6 +20,7 @@ UNBOUNDED = OptimizerSettings(max_radius=None)
 
 
 def main() -> None:
+    print(f"torch threads: {torch.get_num_threads()}")
     print(f"{'k':>3} {'dist':>5} {'reference':>10} {'defaults':>9} {'converged':>10} {'t_ref':>6} {'t_def':>6}")
     for k in (8, 32):
         for far in (1.0, 3.0):

@@ -337,6 +337,7 @@ def main() -> None:
     )
     summary = {
         "device": str(device),
+        "torch_threads": torch.get_num_threads(),
         "quick": args.quick,
         "efficiency": {k: round(v["efficiency"], 3) for k, v in results.items()},
         "efficiency_min": round(min(v["efficiency"] for v in results.values()), 3),

@@ -4,17 +4,17 @@
     python examples/train_digits.py --dataset cifar10    # downloads CIFAR-10 (torchvision); use a GPU
     tensorboard --logdir runs
 
-The run logs ``val_loss`` and ``val_acc`` and, through :class:`cm_monitor.CMDimensionMonitor`,
-``cm/dim`` (the mean class-manifold dimension ``D - d*``), its uncertainty ``cm/dim_std``,
-``cm/dim_frac``, ``cm/dim_class_{c}``, ``cm/boundary_dim``, the cost ``cm/seconds`` and a
-figure ``cm/curves`` per measurement. ``EarlyStopping`` watches ``val_loss``: the controls in
-``docs/method.md`` do not show that ``cm/dim`` is a good stopping signal (it peaks after the first
-epoch on digits), so it is watched, not acted on.
+The run logs val_loss and val_acc and, through cm_monitor.CMDimensionMonitor, cm/dim (the mean
+class-manifold dimension D - d*), its uncertainty cm/dim_std, cm/dim_frac, cm/dim_class_{c},
+cm/boundary_dim, the cost cm/seconds and a figure cm/curves per measurement. EarlyStopping
+watches val_loss: the controls in docs/method.md do not show that cm/dim is a good stopping
+signal (it peaks after the first epoch on digits), so it is watched, not acted on.
 
-``--monitors cm,diffeo,elasticity`` also attaches :class:`cm_monitor.DiffeoStabilityMonitor`
-(``diffeo/rf``, ``diffeo/log10_rf``, ``diffeo/df``, ``diffeo/gf``) and
-:class:`cm_monitor.ElasticityMonitor` (``elasticity/intra``, ``/inter``, ``/ratio``,
-``/cluster_ari`` and the figure ``elasticity/similarity``).
+--monitors cm,diffeo,elasticity also attaches cm_monitor.DiffeoStabilityMonitor (diffeo/rf,
+diffeo/log10_rf, diffeo/df, diffeo/gf) and cm_monitor.ElasticityMonitor (elasticity/intra,
+/inter, /ratio, /cluster_ari and the figure elasticity/similarity).
+
+On a shared or busy machine run it with OMP_NUM_THREADS=1 (see the README).
 """
 
 from __future__ import annotations
@@ -187,27 +187,42 @@ def parse_monitors(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help: the description as written, and each option's default where it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:  # the help says what no value means
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=("digits", "cifar10"), default="digits")
-    p.add_argument("--monitors", type=parse_monitors, default=["cm"], help="comma-separated: " + ", ".join(MONITORS))
-    p.add_argument("--max-epochs", type=int, default=None, help="default: 30 (digits), 40 (cifar10)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--dataset", choices=("digits", "cifar10"), default="digits", help="the data and the CNN")
+    p.add_argument(
+        "--monitors", type=parse_monitors, default="cm", help="comma-separated, any of: " + ", ".join(MONITORS)
+    )
+    p.add_argument(
+        "--max-epochs", type=int, default=None, help="training epochs at most (default: 30 digits, 40 cifar10)"
+    )
     p.add_argument("--every-n-epochs", type=int, default=2, help="measure every this many epochs")
     p.add_argument(
         "--max-cost-frac",
         type=float,
         default=None,
         help="budget: postpone measurements that would take more than this fraction of the run's time "
-        "(postponed validations count as no improvement for --patience)",
+        "(postponed validations count as no improvement for --patience; default: no budget)",
     )
     p.add_argument("--patience", type=int, default=5, help="EarlyStopping patience on val_loss, in validations")
     p.add_argument("--min-delta", type=float, default=0.0, help="EarlyStopping min_delta on val_loss")
     p.add_argument("--logdir", type=Path, default=Path("runs"), help="TensorBoard log directory")
     p.add_argument("--data-dir", type=Path, default=Path("data"), help="where CIFAR-10 is downloaded")
-    p.add_argument("--batch-size", type=int, default=None, help="default: 64 (digits), 128 (cifar10)")
+    p.add_argument("--batch-size", type=int, default=None, help="training batch size (default: 64 digits, 128 cifar10)")
     p.add_argument("--num-workers", type=int, default=4, help="dataloader workers (cifar10)")
-    p.add_argument("--accelerator", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, ...")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the train/validation split and of training (seed_everything)"
+    )
     args = p.parse_args(argv)
     if args.max_epochs is None:
         args.max_epochs = 30 if args.dataset == "digits" else 40

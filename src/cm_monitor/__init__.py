@@ -21,7 +21,15 @@ from cm_monitor.elasticity import (
 )
 from cm_monitor.planes import default_dims, reference_dims
 
-__version__ = "0.1.0"
+try:  # written by hatch-vcs from the git tag when the package is built or installed
+    from cm_monitor._version import __version__
+except ImportError:  # a source tree put on sys.path by hand: the installed metadata, if any
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        __version__ = version("cm-monitor")
+    except PackageNotFoundError:
+        __version__ = "0+unknown"
 
 __all__ = [
     "REFERENCE_SETTINGS",

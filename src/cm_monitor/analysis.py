@@ -112,7 +112,8 @@ def analyze(
             ``model_kwargs``); for plain ``state_dict`` files, and for other ``nn.Module`` classes,
             it is built as ``model_class(**model_kwargs)`` and the weights are loaded into it.
         model: instead of ``model_class``, a model instance (not modified: a copy receives the weights).
-        model_kwargs, data_kwargs: keyword arguments for ``model_class`` and ``data``.
+        model_kwargs: keyword arguments for ``model_class``.
+        data_kwargs: keyword arguments for ``data``.
         measurements: names in :data:`MEASUREMENTS` (the monitor with its defaults) or monitor
             instances configured as for training (e.g. ``CMDimensionMonitor(dims=8)``; they hold
             the anchors and the last estimate, ``last_cm`` ..., afterwards). Their ``seed``,

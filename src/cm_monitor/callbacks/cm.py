@@ -100,9 +100,11 @@ class CMDimensionMonitor(GeometryMonitor):
             :attr:`cost_estimate`; above ``max_seconds`` the fit stops there with an error that says
             which settings to reduce. ``None``: no limit.
         seed: seeds the anchors, the pairs and the planes; fixed for the run.
-        max_cost_frac, batch_to_inputs, input_key, label_key, dataloader_idx, max_scan_batches, get_model,
-        output_transform, prefix, log_figures, prog_bar, verbose, strict, on_nonfinite: see
-            :class:`~cm_monitor.callbacks.base.GeometryMonitor`.
+
+    The other arguments (``max_cost_frac``, ``batch_to_inputs``, ``input_key``, ``label_key``,
+    ``dataloader_idx``, ``max_scan_batches``, ``get_model``, ``output_transform``, ``prefix``,
+    ``log_figures``, ``prog_bar``, ``verbose``, ``strict``, ``on_nonfinite``) are those of
+    :class:`~cm_monitor.callbacks.base.GeometryMonitor`.
 
     Logged metrics (through ``LightningModule.log``, at every validation of ``trainer.fit``
     after the sanity check; the same values on every rank):

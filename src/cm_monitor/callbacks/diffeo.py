@@ -52,9 +52,11 @@ class DiffeoStabilityMonitor(GeometryMonitor):
             ``*_std`` keys are then not logged).
         chunk_size: images per forward pass.
         seed: seeds the probe images, the deformations and the noise.
-        max_cost_frac, batch_to_inputs, input_key, label_key, dataloader_idx, max_scan_batches, get_model,
-        output_transform, prefix, log_figures, prog_bar, verbose, strict, on_nonfinite: see
-            :class:`~cm_monitor.callbacks.base.GeometryMonitor`.
+
+    The other arguments (``max_cost_frac``, ``batch_to_inputs``, ``input_key``, ``label_key``,
+    ``dataloader_idx``, ``max_scan_batches``, ``get_model``, ``output_transform``, ``prefix``,
+    ``log_figures``, ``prog_bar``, ``verbose``, ``strict``, ``on_nonfinite``) are those of
+    :class:`~cm_monitor.callbacks.base.GeometryMonitor`.
 
     Logged metrics (through ``LightningModule.log``, at every validation of ``trainer.fit`` after
     the sanity check):

@@ -76,10 +76,12 @@ class ElasticityMonitor(GeometryMonitor):
             recoverable from the probe inputs, e.g. by looking them up in the validation set: the
             probes carry only the inputs and the training labels.
         seed: seeds the probe inputs and the clustering.
-        max_cost_frac, batch_to_inputs, input_key, label_key, dataloader_idx, max_scan_batches, get_model,
-        output_transform, prefix, log_figures, prog_bar, verbose, strict, on_nonfinite: see
-            :class:`~cm_monitor.callbacks.base.GeometryMonitor`.
-            ``get_model`` must return one ``nn.Module`` (no ensembles).
+
+    The other arguments (``max_cost_frac``, ``batch_to_inputs``, ``input_key``, ``label_key``,
+    ``dataloader_idx``, ``max_scan_batches``, ``get_model``, ``output_transform``, ``prefix``,
+    ``log_figures``, ``prog_bar``, ``verbose``, ``strict``, ``on_nonfinite``) are those of
+    :class:`~cm_monitor.callbacks.base.GeometryMonitor`;
+    ``get_model`` must return one ``nn.Module`` (no ensembles).
 
     Logged metrics (through ``LightningModule.log``, at every validation of ``trainer.fit`` after
     the sanity check):
