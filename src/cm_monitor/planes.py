@@ -222,11 +222,17 @@ class PlaneRows:
             planes = StructuredPlanes(seeds, self.input_dim, self.max_dim, **kw)
             self.signs[rows], self.coords[rows] = planes.signs, planes.coords
 
-    def apply(self, theta: Tensor, rows: Tensor | None = None) -> Tensor:
-        """``Q_r θ_r`` ``[n, D]`` for plane coordinates ``theta`` ``[n, max_dim]`` of ``rows`` (all rows if None)."""
+    def reorder(self, order: Tensor) -> None:
+        """Rows ``[0, len(order))`` get the planes of rows ``order`` (the work pool keeps its active
+        rows a prefix)."""
+        n = order.shape[0]
+        for t in (self.basis_t,) if self.family == "dense" else (self.signs, self.coords):
+            t[:n] = t[order]
+
+    def apply(self, theta: Tensor) -> Tensor:
+        """``Q_r θ_r`` ``[n, D]`` for plane coordinates ``theta`` ``[n, max_dim]`` of the rows ``[0, n)``."""
+        n = theta.shape[0]
         if self.family == "dense":
-            basis_t = self.basis_t if rows is None else self.basis_t[rows]
-            return torch.bmm(theta[:, None, :], basis_t).squeeze(1)
-        signs = self.signs if rows is None else self.signs[rows]
-        coords = self.coords if rows is None else self.coords[rows]
-        return signs * hartley(theta.new_zeros(theta.shape[0], self.input_dim).scatter(1, coords, theta))
+            return torch.bmm(theta[:, None, :], self.basis_t[:n]).squeeze(1)
+        z = theta.new_zeros(n, self.input_dim).scatter(1, self.coords[:n], theta)
+        return self.signs[:n] * hartley(z)
