@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from cm_monitor._model import ensemble_log_probs, explain_inference_tensors
-from cm_monitor.planes import PlaneRows, choose_planes
+from cm_monitor.planes import PlaneRows, Prefix, choose_planes
 from cm_monitor.search import make_search
 
 #: Dense planes: at most this many basis elements (``groups × D × max(dims)``) are held per chunk:
@@ -346,6 +346,7 @@ class RowAdam:
         self.m = torch.zeros_like(theta)
         self.v = torch.zeros(theta.shape[:1] if isotropic else theta.shape, dtype=theta.dtype, device=theta.device)
         self.t = torch.zeros(theta.shape[0], dtype=theta.dtype, device=theta.device)
+        self.prefix = Prefix({"theta": theta, "m": self.m, "v": self.v, "t": self.t})
 
     @property
     def state(self) -> list[Tensor]:
@@ -361,14 +362,15 @@ class RowAdam:
         the rows that go on (None: all; the others finish, their state is not used again)."""
         n, (b1, b2) = grad.shape[0], self.betas
         g = grad * coords
-        t, m, v = self.t[:n], self.m[:n], self.v[:n]
+        rows = self.prefix(n)
+        t, m, v = rows["t"], rows["m"], rows["v"]
         t += 1
         m.mul_(b1).add_((1 - b1) * g)
         v.mul_(b2).add_((1 - b2) * (g.pow(2).sum(-1) / live if self.isotropic else g.pow(2)))
         p1, p2 = _powers(t, go, b1, b2)
         v_hat = v / (1 - p2) if self.isotropic else v / (1 - p2)[:, None]
         denom = v_hat.sqrt()[:, None] + 1e-8 if self.isotropic else v_hat.sqrt() + 1e-8
-        self.theta[:n] -= self.lr * (m / (1 - p1)[:, None]) / denom
+        rows["theta"] -= self.lr * (m / (1 - p1)[:, None]) / denom
 
 
 def _powers(t: Tensor, go: Tensor | None, b1: float, b2: float) -> tuple[Tensor, Tensor]:
@@ -445,8 +447,9 @@ class _Pool:
             kind = torch.long if name == "steps" else torch.bool if isinstance(fill, bool) else torch.float32
             shape = (rows, settings.plateau_window) if name == "history" else (rows,)
             setattr(self, name, torch.full(shape, fill, device=device, dtype=kind))
-        self.state = [self.theta, *self.optimizer.state, self.x0, self.mask, self.coords, self.live, self.targets]
-        self.state += [self.x0_norm, self.limit, *(getattr(self, name) for name in self.fills)]
+        names = ("theta", "x0", "mask", "coords", "live", "targets", "x0_norm", "limit", *self.fills)
+        self.prefix = Prefix({name: getattr(self, name) for name in names})  # views of the active rows
+        self.state = [*self.prefix.tensors.values(), *self.optimizer.state]  # what a reorder moves
 
     def refill(self, finished: list[int], slots: list[int], problems: list[tuple[int, int]]) -> None:
         """Free the rows ``finished`` (sorted) and start ``problems`` ``(group, grid index)`` in the
@@ -504,22 +507,22 @@ class _Pool:
         """One forward/backward pass over the rows holding a problem, and one optimizer step for
         those that go on. Returns the rows whose problem stopped and, for each, whether it reached
         the level (None: NaN/inf)."""
-        n, s = self.n, self.settings
-        theta = self.theta[:n].detach().requires_grad_()
+        n, s, rows = self.n, self.settings, self.prefix(self.n)
+        theta = rows["theta"].detach().requires_grad_()
         loss, ok, lv, sv = self._evaluate(members, theta, num_classes, model_dtype)
-        steps = self.steps[:n]
+        steps = rows["steps"]
         done = ~ok | ((lv - math.log(self.k)).abs() <= s.tol) | (steps >= s.max_steps)
-        done |= (steps >= s.plateau_window) & (self.history[:n].std(1) <= s.plateau_tol)
+        done |= (steps >= s.plateau_window) & (rows["history"].std(1) <= s.plateau_tol)
         if stop_at_level:
             done |= sv >= self.space.level
-        stopped, bad, reached = torch.stack([done, ~ok, self.score[:n] >= self.space.level]).tolist()
+        stopped, bad, reached = torch.stack([done, ~ok, rows["score"] >= self.space.level]).tolist()
         finished = [i for i in range(n) if stopped[i]]
         if len(finished) < n:  # some go on (a row that goes on is finite): step those
             go = ~done
             (grad,) = torch.autograd.grad((loss[go] if finished else loss).sum(), theta)
-            self.optimizer.step(grad, self.coords[:n], self.live[:n], go if finished else None)
+            self.optimizer.step(grad, rows["coords"], rows["live"], go if finished else None)
             if self.space.radius_norms is not None:
-                _project(self.theta[:n], self.mask[:n], self.limit[:n])
+                _project(rows["theta"], rows["mask"], rows["limit"])
             steps += go
         return finished, [None if bad[i] else reached[i] for i in finished]
 
@@ -529,23 +532,22 @@ class _Pool:
         """Forward the plane points of the rows ``[0, n)`` (coordinates ``theta``); record what
         they reached. Returns the loss (with autograd), whether it is finite, and the detached loss
         and score."""
-        space, n = self.space, theta.shape[0]
-        x0 = self.x0[:n]
-        raw = x0 + space.scale * self.planes.apply(theta * self.mask[:n])
+        space, rows = self.space, self.prefix(theta.shape[0])
+        x0 = rows["x0"]
+        raw = x0 + space.scale * self.planes.apply(theta * rows["mask"])
         x = raw.clamp(space.low, space.high) if space.clip else raw
+        inputs = (x if x.dtype == model_dtype else x.to(model_dtype)).reshape(-1, *self.shape)
         try:
-            logp, p = ensemble_log_probs(
-                members, x.to(model_dtype).reshape(-1, *self.shape), num_classes, space.temperature
-            )
+            logp, p = ensemble_log_probs(members, inputs, num_classes, space.temperature)
         except RuntimeError as err:
             raise explain_inference_tensors(err) from err
-        tg = self.targets[:n]
+        tg = rows["targets"]
         loss = -logp.gather(1, tg).mean(1)
         score = self.k * p.gather(1, tg).amin(1)
         ok = torch.isfinite(loss) & torch.isfinite(score)
         lv, sv = _float32(loss.detach()), _float32(score.detach())
         with torch.no_grad():
-            dist = _float32((x - x0).norm(dim=1) / self.x0_norm[:n])
+            dist = _float32((x - x0).norm(dim=1) / rows["x0_norm"])
             outside = ((raw < space.low) | (raw > space.high)).float().mean(1)
         self._remember(ok, lv, sv, dist, outside)
         return loss, ok, lv, sv
@@ -553,18 +555,17 @@ class _Pool:
     def _remember(self, ok: Tensor, lv: Tensor, sv: Tensor, dist: Tensor, outside: Tensor) -> None:
         """Best score and loss so far of the rows ``[0, n)``; where the point is at the first
         success (else at the best score). Updates the views in place."""
-        n = ok.shape[0]
-        best, distance, far, low = self.score[:n], self.distance[:n], self.outside[:n], self.loss[:n]
+        rows = self.prefix(ok.shape[0])
+        best, distance, far, low, crossed = (rows[f] for f in ("score", "distance", "outside", "loss", "crossed"))
         level, better = sv >= self.space.level, ok & (sv > best)
-        crossed = self.crossed[:n]
         record = ok & ~crossed & (level | better)
         crossed |= ok & level
-        self.nonfinite[:n] |= ~ok
+        rows["nonfinite"] |= ~ok
         torch.where(record, dist, distance, out=distance)
         torch.where(record, outside, far, out=far)
         torch.where(better, sv, best, out=best)
         torch.where(ok, torch.minimum(low, lv), low, out=low)
-        history = self.history[:n]
+        history = rows["history"]
         history.copy_(torch.cat([history[:, 1:], lv[:, None]], 1))
 
 
