@@ -100,7 +100,7 @@ def compare(against: str, repeats: int) -> None:
             res = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
             runs[key].append(json.loads(res.stdout.strip().splitlines()[-1]))
     medians = {
-        key: {model: {f: statistics.median(r[model][f] for r in rs) for f in rs[0][model]} for model in rs[0]}
+        key: {model: {f: round(statistics.median(r[model][f] for r in rs), 3) for f in rs[0][model]} for model in rs[0]}
         for key, rs in runs.items()
     }
     print(f"median of {repeats} interleaved runs each; other = {trees['other']}, this = {trees['this']}")
