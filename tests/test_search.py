@@ -98,13 +98,61 @@ def test_bisection_estimate_cannot_be_reread_elsewhere():
         est.success_rate(0.5)
 
 
-def test_pool_size_does_not_change_answers():
-    """Each row has its own plane and optimizer state: a pool of 1 row or 7 gives the same results."""
+POOL_CASES = {
+    "bisect": {},
+    "grid, clip": {"search": "grid", "clip": True, "readoff": "mean"},
+    "structured, no radius": {"planes": "structured", "max_radius": None},
+    "structured grid, adam": {"planes": "structured", "search": "grid", "optimizer": "adam", "readoff": "mean"},
+    "adam, dimension-scaled": {"optimizer": "adam", "dimension_scaled": True, "max_radius": None},
+    "ensemble": {"search": "grid", "readoff": "mean"},
+}
+
+
+@pytest.mark.parametrize("case", list(POOL_CASES))
+def test_pool_size_does_not_change_answers(case):
+    """Each row has its own plane and optimizer state, and rows keep their state when the pool
+    moves them to keep its active rows a prefix: a pool of 1 row (which never moves a row), of 3
+    and of every problem give the same results (the scores to rounding: a batch of another size
+    can round the model's matrix products differently; see :func:`test_pool_moves_state_with_its_rows`
+    for the moves themselves)."""
     model = Tube(D, 16)
+    members = [model, Tube(D, 16, sharpness=6.0)] if case == "ensemble" else model
     anchors = model.sample_outside(5)
     labels = torch.zeros(5, dtype=torch.long)
-    a = cm_dimension(model, anchors, labels, classes=[1], chunk_size=1)
-    b = cm_dimension(model, anchors, labels, classes=[1], chunk_size=7)
-    assert torch.equal(a.probed, b.probed)
-    torch.testing.assert_close(a.scores, b.scores, equal_nan=True)
-    assert torch.equal(a.steps, b.steps)
+    settings = OptimizerSettings(**POOL_CASES[case])
+    dims = [1, 4, 16, 40, 48, 56, 64]
+    kw = dict(classes=[1], dims=dims, settings=settings, num_bootstrap=0, max_steps=60)
+    one, *others = (cm_dimension(members, anchors, labels, chunk_size=c, **kw) for c in (1, 3, 2048))
+    for other in others:
+        assert torch.equal(one.probed, other.probed) and torch.equal(one.steps, other.steps)
+        assert torch.equal(one.nonfinite, other.nonfinite)
+        for field in ("scores", "losses", "distance", "outside"):
+            torch.testing.assert_close(getattr(one, field), getattr(other, field), equal_nan=True, msg=field)
+    assert int(one.probed.sum()) > 3  # the pools of 3 and of every problem moved rows
+
+
+@pytest.mark.parametrize("planes", ["dense", "structured"])
+def test_pool_moves_state_with_its_rows(planes):
+    """When problems finish and others start, the active rows stay a prefix in slot order and each
+    row's state (anchor, plane, optimizer, what it reached) moves with it."""
+    from cm_monitor.cutting import PlaneSpace, _Pool
+    from cm_monitor.planes import PlaneRows
+
+    flat, dims, seeds = torch.randn(6, 16), [2, 4], [100 + g for g in range(6)]
+    settings = OptimizerSettings(planes=planes)
+    space = PlaneSpace(scale=1.0, temperature=1.0, radius_norms=0.5, low=-3.0, high=3.0, clip=False)
+    targets = torch.arange(6)[:, None]
+    pool = _Pool(4, flat, torch.Size([16]), torch.arange(6), targets, seeds, dims, settings, space)
+    pool.refill([], [0, 1, 2, 3], [(0, 0), (1, 1), (2, 0), (3, 1)])
+    pool.score[:4] = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    pool.optimizer.m[:4] = torch.arange(4.0)[:, None]
+    pool.refill([0, 2], [2], [(4, 1)])  # slots 0 and 2 freed; slot 2 takes a new problem
+    assert (pool.n, pool.slot, pool.problem) == (3, [1, 2, 3], [(1, 1), (4, 1), (3, 1)])
+    assert pool.score[:3].tolist() == [1.0, -math.inf, 3.0]
+    assert pool.optimizer.m[:3, 0].tolist() == [1.0, 0.0, 3.0]
+    assert torch.equal(pool.x0[:3], flat[[1, 4, 3]]) and pool.targets[:3, 0].tolist() == [1, 4, 3]
+    assert pool.mask[:3].sum(1).tolist() == [4.0, 4.0, 4.0]
+    fresh = PlaneRows(pool.planes.family, 3, 16, 4, device=flat.device, dtype=flat.dtype)
+    fresh.load(torch.arange(3), [seeds[1], seeds[4], seeds[3]])
+    theta = torch.randn(3, 4)
+    assert torch.equal(pool.planes.apply(theta), fresh.apply(theta))

@@ -495,7 +495,7 @@ def ensemble_log_probs(
         num_classes = out.shape[1]
     assert logp_sum is not None and p_sum is not None
     n = len(members)
-    return logp_sum / n, p_sum / n
+    return (logp_sum, p_sum) if n == 1 else (logp_sum / n, p_sum / n)
 
 
 def check_logits(out: object, batch: int, num_classes: int | None, name: str) -> None:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from cm_monitor._model import ensemble_log_probs, explain_inference_tensors
-from cm_monitor.planes import PlaneRows, choose_planes
+from cm_monitor.planes import PlaneRows, Prefix, choose_planes
 from cm_monitor.search import make_search
 
 #: Dense planes: at most this many basis elements (``groups × D × max(dims)``) are held per chunk:
@@ -278,14 +278,13 @@ def optimize_planes(
     rows = min(rows_per_pass(D, dims, settings, chunk_size), search.in_flight)
     pool = _Pool(rows, flat, anchors.shape[1:], group_anchor, group_targets, group_seeds, dims, settings, space)
     out = _Outcomes(G, K, device)
-    free = list(range(rows))
+    free, finished = list(range(rows)), []  # free slots; rows whose problem finished in the last pass
     done, total = 0, G * problems_per_group(settings, K)
     while True:
         started = search.take(len(free))
-        if started:
-            pool.admit(free[: len(started)], started)
-            free = free[len(started) :]
-        if len(free) == rows:
+        pool.refill(finished, free[: len(started)], started)
+        free = free[len(started) :]
+        if pool.n == 0:
             break
         finished, success = pool.step(
             members, stop_at_level=search.stop_at_level, num_classes=num_classes, model_dtype=model_dtype
@@ -297,7 +296,7 @@ def optimize_planes(
                 progress(min(done, total), total)
         for r, ok in zip(finished, success, strict=True):
             search.report(*pool.problem[r], ok)
-            free.append(r)
+            free.append(pool.slot[r])
     if progress is not None:
         progress(total, total)
     return out.result()
@@ -338,6 +337,8 @@ class RowAdam:
     the row's ``d`` plane coordinates: each step is ``lr · m̂ / sqrt(v̂)``, parallel to the
     (momentum-averaged) gradient with Adam's step length, so a step that the radius bound projects
     back ends at the constrained optimum. ``isotropic=False`` is Adam as in the reference.
+
+    The work pool keeps its active rows a prefix ``[0, n)``, so a step updates views in place.
     """
 
     def __init__(self, theta: Tensor, lr: float, isotropic: bool, betas: tuple[float, float] = (0.9, 0.999)) -> None:
@@ -345,28 +346,59 @@ class RowAdam:
         self.m = torch.zeros_like(theta)
         self.v = torch.zeros(theta.shape[:1] if isotropic else theta.shape, dtype=theta.dtype, device=theta.device)
         self.t = torch.zeros(theta.shape[0], dtype=theta.dtype, device=theta.device)
+        self.prefix = Prefix({"theta": theta, "m": self.m, "v": self.v, "t": self.t})
+
+    @property
+    def state(self) -> list[Tensor]:
+        """The per-row tensors (θ is the caller's)."""
+        return [self.m, self.v, self.t]
 
     def reset(self, rows: Tensor) -> None:
         self.m[rows], self.v[rows], self.t[rows] = 0.0, 0.0, 0.0
 
-    def step(self, grad: Tensor, rows: Tensor, coords: Tensor) -> None:
-        """One step of ``rows``; ``grad`` is ``[n, max_dim]`` for them, ``coords`` their live coordinates (0/1)."""
-        b1, b2 = self.betas
+    def step(self, grad: Tensor, coords: Tensor, live: Tensor, go: Tensor | None) -> None:
+        """One step of the rows ``[0, n)``: ``grad`` ``[n, max_dim]``, ``coords`` their live
+        coordinates (0/1), ``live`` how many there are per row (the plane dimension) and ``go``
+        the rows that go on (None: all; the others finish, their state is not used again)."""
+        n, (b1, b2) = grad.shape[0], self.betas
         g = grad * coords
-        t = self.t[rows] + 1
-        m = self.m[rows] * b1 + (1 - b1) * g
-        sq = g.pow(2).sum(-1) / coords.sum(-1) if self.isotropic else g.pow(2)
-        v = self.v[rows] * b2 + (1 - b2) * sq
-        self.t[rows], self.m[rows], self.v[rows] = t, m, v
-        v_hat = v / (1 - b2**t) if self.isotropic else v / (1 - b2**t)[:, None]
+        rows = self.prefix(n)
+        t, m, v = rows["t"], rows["m"], rows["v"]
+        t += 1
+        m.mul_(b1).add_((1 - b1) * g)
+        v.mul_(b2).add_((1 - b2) * (g.pow(2).sum(-1) / live if self.isotropic else g.pow(2)))
+        p1, p2 = _powers(t, go, b1, b2)
+        v_hat = v / (1 - p2) if self.isotropic else v / (1 - p2)[:, None]
         denom = v_hat.sqrt()[:, None] + 1e-8 if self.isotropic else v_hat.sqrt() + 1e-8
-        with torch.no_grad():
-            self.theta[rows] -= self.lr * (m / (1 - b1**t)[:, None]) / denom
+        rows["theta"] -= self.lr * (m / (1 - p1)[:, None]) / denom
+
+
+def _powers(t: Tensor, go: Tensor | None, b1: float, b2: float) -> tuple[Tensor, Tensor]:
+    """``b1**t`` and ``b2**t``, computed over the rows ``go`` only (the others get 0).
+
+    A vectorized ``pow`` can round an element differently from the scalar loop that handles the
+    last few elements, so a row's value depends on its position among the rows it is computed
+    with; computing it among the rows that step, in pool order, keeps every answer the same as
+    when the pool gathered those rows.
+    """
+    if go is None:
+        return b1**t, b2**t
+    p1, p2 = torch.zeros_like(t), torch.zeros_like(t)
+    moving = t[go]
+    p1[go], p2[go] = b1**moving, b2**moving
+    return p1, p2
 
 
 class _Pool:
     """The rows of the work pool: per row the problem, its plane, its optimizer state and what it
-    has reached so far. :meth:`admit` starts problems in free rows, :meth:`step` runs one pass."""
+    has reached so far. :meth:`admit` starts problems, :meth:`step` runs one pass and
+    :meth:`release` frees the rows of finished problems.
+
+    The active rows are always the prefix ``[0, n)`` of every per-row tensor, so a pass reads and
+    updates views, with no gather or scatter; when problems finish, the last active rows move into
+    the freed slots (:meth:`release`), and new problems start at ``[n, n + m)``. A row's problem
+    does not depend on its position in the pass (every row has its own plane and optimizer state).
+    """
 
     def __init__(
         self,
@@ -391,13 +423,19 @@ class _Pool:
         self.settings, self.space, self.shape = settings, space, shape
         self.k = group_targets.shape[1]
         self.dim_mask = _plane_mask(dims, settings, D, device, dtype)  # [K, max_dim]
+        self.dim_coords = (self.dim_mask != 0).to(dtype)  # [K, max_dim]: the live coordinates, 0/1
+        self.dim_live = self.dim_coords.sum(-1)  # [K]: d
         family = choose_planes(settings.planes, D, max_dim)
         self.planes = PlaneRows(family, rows, D, max_dim, device=device, dtype=dtype)
-        self.problem: list[tuple[int, int]] = [(-1, -1)] * rows
-        self.theta = torch.zeros(rows, max_dim, device=device, dtype=dtype, requires_grad=True)
+        self.n = 0  # rows [0, n) hold a problem
+        self.problem: list[tuple[int, int]] = []  # (group, grid index) of each active row
+        self.slot: list[int] = []  # the slot number of each active row, increasing
+        self.theta = torch.zeros(rows, max_dim, device=device, dtype=dtype)
         self.optimizer = RowAdam(self.theta, settings.lr, settings.optimizer == "isotropic")
         self.x0 = torch.zeros(rows, D, device=device, dtype=dtype)
         self.mask = torch.zeros(rows, max_dim, device=device, dtype=dtype)
+        self.coords = torch.zeros(rows, max_dim, device=device, dtype=dtype)
+        self.live = torch.ones(rows, device=device, dtype=dtype)
         self.targets = torch.zeros(rows, self.k, device=device, dtype=torch.long)
         self.x0_norm = torch.ones(rows, device=device, dtype=dtype)
         self.limit = torch.full((rows,), math.inf, device=device, dtype=dtype)
@@ -409,26 +447,56 @@ class _Pool:
             kind = torch.long if name == "steps" else torch.bool if isinstance(fill, bool) else torch.float32
             shape = (rows, settings.plateau_window) if name == "history" else (rows,)
             setattr(self, name, torch.full(shape, fill, device=device, dtype=kind))
-        self.active = torch.zeros(rows, dtype=torch.bool)
+        names = ("theta", "x0", "mask", "coords", "live", "targets", "x0_norm", "limit", *self.fills)
+        self.prefix = Prefix({name: getattr(self, name) for name in names})  # views of the active rows
+        self.state = [*self.prefix.tensors.values(), *self.optimizer.state]  # what a reorder moves
 
-    def admit(self, rows: list[int], problems: list[tuple[int, int]]) -> None:
-        """Start ``problems`` ``(group, grid index)`` in the free ``rows``: θ = 0, fresh state."""
+    def refill(self, finished: list[int], slots: list[int], problems: list[tuple[int, int]]) -> None:
+        """Free the rows ``finished`` (sorted) and start ``problems`` ``(group, grid index)`` in the
+        free ``slots``; the active rows end up a prefix ``[0, n)`` in the order of their slots.
+
+        A pass then computes every row at the same position as a pool that gathers its active
+        rows in slot order (elementwise kernels may round the last elements of a batch
+        differently), and the new rows take the places of the finished ones (:meth:`_start`), so
+        one gather per per-row tensor (:meth:`_reorder`) restores the order.
+        """
+        if not finished and not problems:
+            return
+        places = (finished + list(range(self.n, self.n + len(problems))))[: len(problems)]
+        if problems:
+            self._start(places, problems)
+        grown = self.n + max(0, len(problems) - len(finished))
+        slot, problem = self.slot + [-1] * (grown - self.n), self.problem + [(-1, -1)] * (grown - self.n)
+        gone = set(finished) - set(places)
+        for r, sl, p in zip(places, slots, problems, strict=True):
+            slot[r], problem[r] = sl, p
+        order = sorted((r for r in range(len(slot)) if r not in gone), key=slot.__getitem__)
+        self._reorder(order)
+        self.slot, self.problem, self.n = [slot[r] for r in order], [problem[r] for r in order], len(order)
+
+    def _reorder(self, order: list[int]) -> None:
+        """Rows ``[0, len(order))`` of every per-row tensor become rows ``order`` (one gather each)."""
+        if order == list(range(len(order))):
+            return
+        n, src = len(order), torch.tensor(order, device=self.theta.device)
+        for t in self.state:
+            t[:n] = t[src]
+        self.planes.reorder(src)
+
+    def _start(self, rows: list[int], problems: list[tuple[int, int]]) -> None:
+        """Fresh state in ``rows`` for ``problems`` ``(group, grid index)``: θ = 0, their planes."""
         device = self.theta.device
         r = torch.tensor(rows, device=device)
         g = torch.tensor([p[0] for p in problems], device=device)
         j = torch.tensor([p[1] for p in problems], device=device)
-        for row, p in zip(rows, problems, strict=True):
-            self.problem[row] = p
-        self.active[rows] = True
         self.x0[r] = self.flat[self.group_anchor[g]]
         self.x0_norm[r] = self.x0[r].norm(dim=1).clamp_min(1e-30)
         self.targets[r] = self.group_targets[g]
-        self.mask[r] = self.dim_mask[j]
+        self.mask[r], self.coords[r], self.live[r] = self.dim_mask[j], self.dim_coords[j], self.dim_live[j]
         if self.space.radius_norms is not None:
             self.limit[r] = self.space.radius_norms * self.x0_norm[r] / self.space.scale
         self.planes.load(r, [self.group_seeds[p[0]] for p in problems])
-        with torch.no_grad():
-            self.theta[r] = 0.0
+        self.theta[r] = 0.0
         self.optimizer.reset(r)
         for name, fill in self.fills.items():
             getattr(self, name)[r] = fill
@@ -439,71 +507,71 @@ class _Pool:
         """One forward/backward pass over the rows holding a problem, and one optimizer step for
         those that go on. Returns the rows whose problem stopped and, for each, whether it reached
         the level (None: NaN/inf)."""
-        rows_list = self.active.nonzero().squeeze(1).tolist()
-        full = len(rows_list) == self.theta.shape[0]
-        rows = torch.tensor(rows_list, device=self.theta.device)
-        idx = slice(None) if full else rows  # every row: views instead of gathers
-        loss, ok, lv, sv = self._evaluate(members, idx, num_classes, model_dtype)
-        s = self.settings
-        steps = self.steps[idx]
+        n, s, rows = self.n, self.settings, self.prefix(self.n)
+        theta = rows["theta"].detach().requires_grad_()
+        loss, ok, lv, sv = self._evaluate(members, theta, num_classes, model_dtype)
+        steps = rows["steps"]
         done = ~ok | ((lv - math.log(self.k)).abs() <= s.tol) | (steps >= s.max_steps)
-        done |= (steps >= s.plateau_window) & (self.history[idx].std(1) <= s.plateau_tol)
+        done |= (steps >= s.plateau_window) & (rows["history"].std(1) <= s.plateau_tol)
         if stop_at_level:
             done |= sv >= self.space.level
-        go = ok & ~done
-        if bool(go.any()):
-            (grad,) = torch.autograd.grad(loss[go].sum(), self.theta)
-            moving = rows[go]
-            self.optimizer.step(grad[moving], moving, (self.mask[moving] != 0).to(grad.dtype))
+        stopped, bad, reached = torch.stack([done, ~ok, rows["score"] >= self.space.level]).tolist()
+        finished = [i for i in range(n) if stopped[i]]
+        if len(finished) < n:  # some go on (a row that goes on is finite): step those
+            go = ~done
+            (grad,) = torch.autograd.grad((loss[go] if finished else loss).sum(), theta)
+            self.optimizer.step(grad, rows["coords"], rows["live"], go if finished else None)
             if self.space.radius_norms is not None:
-                _project(self.theta, self.mask, self.limit, moving)
-            self.steps[moving] += 1
-        flags = torch.stack([done, ~ok, self.score[idx] >= self.space.level]).cpu()
-        finished, success = [], []
-        for i in flags[0].nonzero().squeeze(1).tolist():
-            finished.append(rows_list[i])
-            success.append(None if bool(flags[1, i]) else bool(flags[2, i]))
-        self.active[finished] = False
-        return finished, success
+                _project(rows["theta"], rows["mask"], rows["limit"])
+            steps += go
+        return finished, [None if bad[i] else reached[i] for i in finished]
 
     def _evaluate(
-        self, members: list[nn.Module], idx: Tensor | slice, num_classes: int, model_dtype: torch.dtype
+        self, members: list[nn.Module], theta: Tensor, num_classes: int, model_dtype: torch.dtype
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Forward the plane points of the rows ``idx`` (a slice: every row); record what they reached.
-        Returns the loss (with autograd), whether it is finite, and the detached loss and score."""
-        space = self.space
-        x0 = self.x0[idx]
-        rows = None if isinstance(idx, slice) else idx
-        raw = x0 + space.scale * self.planes.apply(self.theta[idx] * self.mask[idx], rows)
+        """Forward the plane points of the rows ``[0, n)`` (coordinates ``theta``); record what
+        they reached. Returns the loss (with autograd), whether it is finite, and the detached loss
+        and score."""
+        space, rows = self.space, self.prefix(theta.shape[0])
+        x0 = rows["x0"]
+        raw = x0 + space.scale * self.planes.apply(theta * rows["mask"])
         x = raw.clamp(space.low, space.high) if space.clip else raw
+        inputs = (x if x.dtype == model_dtype else x.to(model_dtype)).reshape(-1, *self.shape)
         try:
-            logp, p = ensemble_log_probs(
-                members, x.to(model_dtype).reshape(-1, *self.shape), num_classes, space.temperature
-            )
+            logp, p = ensemble_log_probs(members, inputs, num_classes, space.temperature)
         except RuntimeError as err:
             raise explain_inference_tensors(err) from err
-        tg = self.targets[idx]
+        tg = rows["targets"]
         loss = -logp.gather(1, tg).mean(1)
         score = self.k * p.gather(1, tg).amin(1)
         ok = torch.isfinite(loss) & torch.isfinite(score)
-        lv, sv = loss.detach().float(), score.detach().float()
+        lv, sv = _float32(loss.detach()), _float32(score.detach())
         with torch.no_grad():
-            dist = ((x - x0).norm(dim=1) / self.x0_norm[idx]).float()
+            dist = _float32((x - x0).norm(dim=1) / rows["x0_norm"])
             outside = ((raw < space.low) | (raw > space.high)).float().mean(1)
-        self._remember(idx, ok, lv, sv, dist, outside)
+        self._remember(ok, lv, sv, dist, outside)
         return loss, ok, lv, sv
 
-    def _remember(self, idx: Tensor | slice, ok: Tensor, lv: Tensor, sv: Tensor, dist: Tensor, outside: Tensor) -> None:
-        """Best score and loss so far; where the point is at the first success (else at the best score)."""
-        best = self.score[idx]
-        record = ok & ~self.crossed[idx] & ((sv >= self.space.level) | (sv > best))
-        self.crossed[idx] |= ok & (sv >= self.space.level)
-        self.nonfinite[idx] |= ~ok
-        self.distance[idx] = torch.where(record, dist, self.distance[idx])
-        self.outside[idx] = torch.where(record, outside, self.outside[idx])
-        self.score[idx] = torch.where(ok & (sv > best), sv, best)
-        self.loss[idx] = torch.where(ok, torch.minimum(self.loss[idx], lv), self.loss[idx])
-        self.history[idx] = torch.cat([self.history[idx, 1:], lv[:, None]], 1)
+    def _remember(self, ok: Tensor, lv: Tensor, sv: Tensor, dist: Tensor, outside: Tensor) -> None:
+        """Best score and loss so far of the rows ``[0, n)``; where the point is at the first
+        success (else at the best score). Updates the views in place."""
+        rows = self.prefix(ok.shape[0])
+        best, distance, far, low, crossed = (rows[f] for f in ("score", "distance", "outside", "loss", "crossed"))
+        level, better = sv >= self.space.level, ok & (sv > best)
+        record = ok & ~crossed & (level | better)
+        crossed |= ok & level
+        rows["nonfinite"] |= ~ok
+        torch.where(record, dist, distance, out=distance)
+        torch.where(record, outside, far, out=far)
+        torch.where(better, sv, best, out=best)
+        torch.where(ok, torch.minimum(low, lv), low, out=low)
+        history = rows["history"]
+        history.copy_(torch.cat([history[:, 1:], lv[:, None]], 1))
+
+
+def _float32(t: Tensor) -> Tensor:
+    """``t`` in float32 (itself when it already is: no copy)."""
+    return t if t.dtype == torch.float32 else t.float()
 
 
 def _plane_mask(
@@ -517,8 +585,7 @@ def _plane_mask(
     return mask
 
 
-def _project(theta: Tensor, mask: Tensor, limit: Tensor, rows: Tensor) -> None:
-    """Scale the coordinates of ``rows`` back so that ``‖θ ⊙ mask‖ <= limit`` (in place)."""
-    with torch.no_grad():
-        norm = (theta[rows] * mask[rows]).norm(dim=-1)  # ‖Q (θ ⊙ mask)‖ for orthonormal Q
-        theta[rows] *= (limit[rows] / norm.clamp_min(1e-30)).clamp(max=1.0)[:, None]
+def _project(theta: Tensor, mask: Tensor, limit: Tensor) -> None:
+    """Scale the rows of ``theta`` back so that ``‖θ ⊙ mask‖ <= limit`` (in place)."""
+    norm = (theta * mask).norm(dim=-1)  # ‖Q (θ ⊙ mask)‖ for orthonormal Q
+    theta *= (limit / norm.clamp_min(1e-30)).clamp(max=1.0)[:, None]

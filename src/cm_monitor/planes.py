@@ -193,6 +193,19 @@ class StructuredPlanes:
         return cols.view(G, self.max_dim, self.input_dim).transpose(1, 2)
 
 
+class Prefix:
+    """Views ``t[:n]`` of named per-row tensors, made again only when ``n`` changes (a work pool
+    keeps its active rows a prefix ``[0, n)`` and updates them in place)."""
+
+    def __init__(self, tensors: dict[str, Tensor]) -> None:
+        self.tensors, self.n, self.views = tensors, -1, {}
+
+    def __call__(self, n: int) -> dict[str, Tensor]:
+        if n != self.n:
+            self.n, self.views = n, {name: t[:n] for name, t in self.tensors.items()}
+        return self.views
+
+
 class PlaneRows:
     """The planes of the rows of a work pool: row ``r`` holds the nested basis of the group whose
     problem it works on, loaded from that group's seed when the problem starts (:meth:`load`), so a
@@ -212,6 +225,8 @@ class PlaneRows:
         else:
             self.signs = torch.zeros(rows, input_dim, device=device, dtype=dtype)
             self.coords = torch.zeros(rows, max_dim, device=device, dtype=torch.long)
+        names = ("basis_t",) if family == "dense" else ("signs", "coords")
+        self.prefix = Prefix({name: getattr(self, name) for name in names})
 
     def load(self, rows: Tensor, seeds: Sequence[int]) -> None:
         """Give ``rows`` the planes of ``seeds`` (one seed per row)."""
@@ -222,11 +237,17 @@ class PlaneRows:
             planes = StructuredPlanes(seeds, self.input_dim, self.max_dim, **kw)
             self.signs[rows], self.coords[rows] = planes.signs, planes.coords
 
-    def apply(self, theta: Tensor, rows: Tensor | None = None) -> Tensor:
-        """``Q_r θ_r`` ``[n, D]`` for plane coordinates ``theta`` ``[n, max_dim]`` of ``rows`` (all rows if None)."""
+    def reorder(self, order: Tensor) -> None:
+        """Rows ``[0, len(order))`` get the planes of rows ``order`` (the work pool keeps its active
+        rows a prefix)."""
+        n = order.shape[0]
+        for t in (self.basis_t,) if self.family == "dense" else (self.signs, self.coords):
+            t[:n] = t[order]
+
+    def apply(self, theta: Tensor) -> Tensor:
+        """``Q_r θ_r`` ``[n, D]`` for plane coordinates ``theta`` ``[n, max_dim]`` of the rows ``[0, n)``."""
+        n, rows = theta.shape[0], self.prefix(theta.shape[0])
         if self.family == "dense":
-            basis_t = self.basis_t if rows is None else self.basis_t[rows]
-            return torch.bmm(theta[:, None, :], basis_t).squeeze(1)
-        signs = self.signs if rows is None else self.signs[rows]
-        coords = self.coords if rows is None else self.coords[rows]
-        return signs * hartley(theta.new_zeros(theta.shape[0], self.input_dim).scatter(1, coords, theta))
+            return torch.bmm(theta[:, None, :], rows["basis_t"]).squeeze(1)
+        z = theta.new_zeros(n, self.input_dim).scatter(1, rows["coords"], theta)
+        return rows["signs"] * hartley(z)
