@@ -919,26 +919,31 @@ def figures(cfg: Config, R: dict, out: Path) -> dict[str, str]:
     if "early_stopping" in R:
         r = R["early_stopping"]
         noises = list(r["runs"])
-        fig, axes = plt.subplots(1, len(noises), figsize=(4.2 * len(noises), 3.4), squeeze=False)
-        keys = ["test_acc", "val_acc", "cm/dim", "diffeo/rf", "elasticity/ratio"]
-        for ax, noise in zip(axes[0], noises, strict=False):
-            for i, key in enumerate(keys):
+        keys = [
+            ("test_acc", "max"),
+            ("val_loss", "min"),
+            ("cm/dim", "max"),
+            ("diffeo/rf", "min"),
+            ("elasticity/ratio", "max"),
+        ]
+        fig, axes = plt.subplots(len(keys), len(noises), figsize=(3.4 * len(noises), 1.7 * len(keys)), squeeze=False)
+        for j, noise in enumerate(noises):
+            for i, (key, mode) in enumerate(keys):
+                ax = axes[i][j]
                 for s, run in enumerate(r["runs"][noise]):
-                    v = torch.tensor([x.get(key, math.nan) for x in run["rows"]])
-                    lo, hi = torch.nanquantile(v, 0.0), torch.nanquantile(v, 1.0)
-                    v = (v - lo) / (hi - lo + 1e-12)
-                    ax.plot(
-                        [x["epoch"] for x in run["rows"]],
-                        v,
-                        color=f"C{i}",
-                        alpha=0.7,
-                        lw=1,
-                        label=key if s == 0 else None,
-                    )
-            ax.set_xlabel("epoch")
-            ax.set_ylabel("min-max normalized per run")
-            ax.set_title(f"noise {float(noise):.0%}", fontsize=9)
-            ax.legend(fontsize=6)
+                    ep = [x["epoch"] for x in run["rows"]]
+                    v = [x.get(key, math.nan) for x in run["rows"]]
+                    ax.plot(ep, v, color=f"C{s}", lw=1)
+                    k = choose(run["rows"], key, mode)
+                    if k is not None:
+                        ax.plot([ep[k]], [v[k]], "o", color=f"C{s}", ms=4)
+                if i == 0:
+                    ax.set_title(f"noise {float(noise):.0%}", fontsize=9)
+                if j == 0:
+                    ax.set_ylabel(f"{key}\n({mode})", fontsize=8)
+                ax.tick_params(labelsize=7)
+                if i == len(keys) - 1:
+                    ax.set_xlabel("epoch", fontsize=8)
         save(fig, "early_stopping.png")
     return made
 
