@@ -113,7 +113,7 @@ def make_config(args: argparse.Namespace) -> Config:
             mode="smoke",
             seeds=2,
             datasets=("digits",),
-            epochs={"digits": 3, "mnist": 2},
+            epochs={"digits": 3, "mnist": 2, "cifar10": 2},
             snapshots=(0, 1),
             widths={"mlp": (16, 32), "cnn": (4, 8)},
             sizes=(0.5, 1.0),
