@@ -28,6 +28,9 @@ offline CIFAR or ImageNet). It prints a table and ends with one JSON line:
   the default ``every_n_epochs`` (1). The ImageNet-size figure (1.28 M) is printed too. With
   ``--quick`` the measurement runs on 3 classes and 1 pair and its time is scaled by the number of
   problems (printed).
+  ``monitor_overhead_warm``: the monitor's next measurement, after one more training epoch,
+  started at the previous answers (``warm_start``); ``warm_start_same_answer`` says whether its
+  ``d*`` equals a cold start's for every target.
 * ``peak_memory_mb``: the process's peak resident memory (CPU) or the peak CUDA allocation.
 """
 
@@ -231,21 +234,24 @@ def sequential_reference(model: nn.Module, anchors, labels, classes, dims, seed:
     return seconds, sum(d_star) / len(d_star)
 
 
-def monitor_measurement(model: nn.Module, anchors, labels, quick: bool, device) -> tuple[float, int, int]:
-    """One measurement at CMDimensionMonitor's defaults; in --quick on 3 classes and 1 pair, scaled."""
+def monitor_measurement(model: nn.Module, anchors, labels, quick: bool, device, start=None) -> tuple:
+    """One measurement at CMDimensionMonitor's defaults; in --quick on 3 classes and 1 pair, scaled.
+    ``start``: the estimates of an earlier measurement, a warm start (as the monitor does).
+    Returns the seconds, the targets run and of a full measurement, and the two estimates."""
     D = anchors[0].numel()
     dims = default_dims(D, 10)
     classes, pairs = (list(range(10)), [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)])
     run_classes, run_pairs = (classes[:3], pairs[:1]) if quick else (classes, pairs)
     kw = dict(dims=dims, anchors_per_target=8, num_bootstrap=100)
+    cm_start, b_start = start if start is not None else (None, None)
     synchronize(device)
-    start = time.perf_counter()
-    cm_dimension(model, anchors, labels, classes=run_classes, **kw)
-    boundary_dimension(model, anchors, labels, pairs=run_pairs, **kw)
+    begin = time.perf_counter()
+    cm = cm_dimension(model, anchors, labels, classes=run_classes, start=cm_start, **kw)
+    b = boundary_dimension(model, anchors, labels, pairs=run_pairs, start=b_start, **kw)
     synchronize(device)
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - begin
     full, ran = len(classes) + len(pairs), len(run_classes) + len(run_pairs)
-    return seconds * full / ran, ran, full
+    return seconds * full / ran, ran, full, (cm, b)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -326,7 +332,8 @@ def main() -> None:
         f"{batched.mean_cutting_dim:.2f}; speedup {speedup:.1f}x"
     )
 
-    meas_seconds, ran, full = monitor_measurement(lenet_model, *per_class(Xmv, ymv, 10), args.quick, device)
+    lenet_anchors = per_class(Xmv, ymv, 10)
+    meas_seconds, ran, full, first = monitor_measurement(lenet_model, *lenet_anchors, args.quick, device)
     examples = meas_seconds / sec_per_example
     overhead = examples / 50_000 / 1
     print(
@@ -334,6 +341,18 @@ def main() -> None:
         f"{f' (scaled from {ran} of {full} targets)' if ran < full else ''}; a training example takes "
         f"{sec_per_example * 1e3:.3f} ms, so one measurement = {examples:.0f} training examples = "
         f"{overhead:.3f} of a CIFAR-10-size epoch (50,000) and {examples / 1.28e6:.4f} of an ImageNet-size one (1.28 M)"
+    )
+    # the monitor's next measurement, one training epoch later, starts at the previous answers
+    train_one_epoch(lenet_model, Xm, ym, device)
+    lenet_model.eval()
+    cold_seconds, *_, cold = monitor_measurement(lenet_model, *lenet_anchors, args.quick, device)
+    warm_seconds, *_, warm = monitor_measurement(lenet_model, *lenet_anchors, args.quick, device, start=first)
+    same = all(torch.allclose(c.cutting_dim, w.cutting_dim, equal_nan=True) for c, w in zip(cold, warm, strict=True))
+    warm_overhead = warm_seconds / sec_per_example / 50_000
+    print(
+        f"one epoch later: cold {cold_seconds:.1f} s, warm start from the previous measurement {warm_seconds:.1f} s "
+        f"({cold_seconds / warm_seconds:.2f}x), the same d* for every target: {same}; warm overhead "
+        f"{warm_overhead:.3f} of a CIFAR-10-size epoch"
     )
     summary = {
         "device": str(device),
@@ -345,6 +364,8 @@ def main() -> None:
         "search_step_ratio": round(max(r["ratio"] for r in ratios.values()), 3),
         "search_same_answer": all(r["same_answer"] for r in ratios.values()),
         "monitor_overhead": round(overhead, 4),
+        "monitor_overhead_warm": round(warm_overhead, 4),
+        "warm_start_same_answer": same,
         "monitor_overhead_imagenet": round(examples / 1.28e6, 5),
         "peak_memory_mb": round(peak_memory_mb(device), 1),
     }

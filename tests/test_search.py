@@ -156,3 +156,41 @@ def test_pool_moves_state_with_its_rows(planes):
     fresh.load(torch.arange(3), [seeds[1], seeds[4], seeds[3]])
     theta = torch.randn(3, 4)
     assert torch.equal(pool.planes.apply(theta), fresh.apply(theta))
+
+
+@pytest.mark.parametrize("K", [1, 2, 5, 10, 24])
+def test_a_warm_start_finds_the_same_first_success_whatever_the_hint(K):
+    firsts = list(range(K + 1))  # every possible answer, K meaning "never reached"
+    for hint in [None, *range(K + 1)]:
+        search = BisectionSearch(len(firsts), K, hints=[hint] * len(firsts))
+        probes = _run(search, firsts)
+        assert search.hi == firsts, hint
+        assert search.lo == [f - 1 for f in firsts], hint
+        assert all(len(set(p)) == len(p) for p in probes.values())  # no grid point probed twice
+    # a hint that is right closes every bracket in one round of at most two problems
+    search = BisectionSearch(len(firsts), K, hints=firsts)
+    probes = _run(search, firsts)
+    assert search.hi == firsts
+    assert all(len(p) <= 2 for p in probes.values())
+    assert search.in_flight == sum(len(BisectionSearch._first(f, K)) for f in firsts)
+
+
+def test_a_warm_start_stays_consistent_when_outcomes_contradict_each_other():
+    # not monotone: index 3 fails, 2 succeeds; the bracket ends between the largest failure below
+    # the smallest success and that success
+    search = BisectionSearch(1, 8, hints=[3])
+    assert search.take(5) == [(0, 3), (0, 2)]
+    search.report(0, 3, False)
+    search.report(0, 2, True)
+    probes = []
+    while search.waiting:
+        for g, j in search.take(1):
+            probes.append(j)
+            search.report(g, j, j >= 2)
+    assert (search.lo[0], search.hi[0]) == (1, 2)
+    assert 3 not in probes and 2 not in probes
+
+
+def test_a_warm_start_needs_one_hint_per_group():
+    with pytest.raises(ValueError, match="one grid index"):
+        BisectionSearch(3, 8, hints=[1, 2])

@@ -246,6 +246,7 @@ def optimize_planes(
     num_classes: int,
     model_dtype: torch.dtype,
     progress: Callable[[int, int], None] | None = None,
+    hints: list[int | None] | None = None,
 ) -> CuttingOutcome:
     """Optimize the (group, d) problems the search asks for; see the module docstring.
 
@@ -268,13 +269,15 @@ def optimize_planes(
         progress: called as ``progress(done, total)`` when problems finish: problems done, and the
             most the search runs (``G · K`` on the grid, ``G · ceil(log2(K + 1))`` by bisection); the
             last call is ``(total, total)``.
+        hints: per group, a grid index to start its bisection at (a warm start, see
+            :class:`~cm_monitor.search.BisectionSearch`), or None; ignored by the grid.
     """
     device = anchors.device
     D = anchors[0].numel()
     G, K = group_anchor.shape[0], len(dims)
     dtype = torch.float64 if anchors.dtype == torch.float64 else torch.float32
     flat = anchors.reshape(anchors.shape[0], D).to(dtype)
-    search = make_search(resolve_search(settings), G, K)
+    search = make_search(resolve_search(settings), G, K, hints)
     rows = min(rows_per_pass(D, dims, settings, chunk_size), search.in_flight)
     pool = _Pool(rows, flat, anchors.shape[1:], group_anchor, group_targets, group_seeds, dims, settings, space)
     out = _Outcomes(G, K, device)

@@ -321,6 +321,7 @@ def cm_dimension(
     output_transform: OutputTransform | None = None,
     progress: Callable[[int, int], None] | None = None,
     part: tuple[int, int] | None = None,
+    start: DimensionEstimate | None = None,
 ) -> DimensionEstimate:
     """Effective dimension of each class manifold ``{x : p_c(x) >= threshold}``, by cutting planes.
 
@@ -362,6 +363,13 @@ def cm_dimension(
             those of the whole measurement) and return a partial estimate; merge the ``count``
             shares with :meth:`DimensionEstimate.merge`. For splitting one measurement across
             processes or devices. ``None``: the whole measurement.
+        start: a warm start: an earlier estimate of the same kind, targets, grid and threshold
+            (typically the previous measurement of the same anchors during training). Each
+            (target, anchor) bisection starts with two problems at that anchor's earlier first
+            success and the grid point below it, so an anchor whose ``d*`` has not moved costs two
+            problems in one round instead of ``ceil(log2(K + 1))`` in a row. Success is monotone
+            in ``d`` (nested planes), so the answer is the one of a cold start; a start from other
+            anchors costs time, never the answer. Ignored by the grid search.
 
     Returns:
         A :class:`DimensionEstimate` with ``targets`` the classes.
@@ -399,6 +407,7 @@ def cm_dimension(
         k=1,
         progress=progress,
         part=part,
+        start=start,
     )
 
 
@@ -422,6 +431,7 @@ def boundary_dimension(
     output_transform: OutputTransform | None = None,
     progress: Callable[[int, int], None] | None = None,
     part: tuple[int, int] | None = None,
+    start: DimensionEstimate | None = None,
 ) -> DimensionEstimate:
     """Effective dimension of the low-confidence boundaries among sets of classes.
 
@@ -466,6 +476,7 @@ def boundary_dimension(
         k=k,
         progress=progress,
         part=part,
+        start=start,
     )
 
 
@@ -547,6 +558,7 @@ def _estimate(
     k: int,
     progress: Callable[[int, int], None] | None = None,
     part: tuple[int, int] | None = None,
+    start: DimensionEstimate | None = None,
 ) -> DimensionEstimate:
     part = check_part(part)
     members = logits_models(as_members(model), output_transform)
@@ -606,6 +618,7 @@ def _estimate(
         ).view(-1, k)
         seeds = [plane_seed(base_seed, t, int(a)) for t, u in zip(targets, per_target, strict=True) for a in u.tolist()]
         mine = owned(len(seeds), part)  # this share's groups (all of them without `part`)
+        hints = _start_hints(start, kind, targets, per_target, dim_grid, threshold)
         outcome = _expand(
             optimize_planes(
                 members,
@@ -620,6 +633,7 @@ def _estimate(
                 num_classes=num_classes,
                 model_dtype=dtype,
                 progress=progress,
+                hints=None if hints is None else [h for h, m in zip(hints, mine.tolist(), strict=True) if m],
             )
             if bool(mine.any())
             else None,
@@ -636,16 +650,16 @@ def _estimate(
     outside = torch.full((T, A, K), math.nan)
     probed = torch.zeros((T, A, K), dtype=torch.bool)
     anchor_index = torch.full((T, A), -1, dtype=torch.long)
-    start = 0
+    offset = 0
     for i, u in enumerate(per_target):
         n = u.numel()
-        rows = slice(start, start + n)
+        rows = slice(offset, offset + n)
         scores[i, :n], losses[i, :n] = outcome.score[rows], outcome.loss[rows]
         steps[i, :n], nonfinite[i, :n] = outcome.steps[rows], outcome.nonfinite[rows]
         distance[i, :n], outside[i, :n] = outcome.distance[rows], outcome.outside[rows]
         probed[i, :n] = outcome.probed[rows]
         anchor_index[i, :n] = u
-        start += n
+        offset += n
 
     nan = torch.full((T,), math.nan)
     est = DimensionEstimate(
@@ -676,6 +690,43 @@ def _estimate(
         part=part,
     )
     return est if part is not None else _complete(est, stacklevel=4)
+
+
+def _start_hints(
+    start: DimensionEstimate | None,
+    kind: str,
+    targets: list[tuple[int, ...]],
+    per_target: list[Tensor],
+    dims: list[int],
+    threshold: float,
+) -> list[int | None] | None:
+    """Per (target, anchor) group, in the order of the groups, the grid index of its first success
+    in ``start`` (``K``: never reached; None: not measured there, or NaN/inf); None without ``start``."""
+    if start is None:
+        return None
+    if not isinstance(start, DimensionEstimate) or start.part is not None:
+        raise TypeError(f"`start` must be a complete DimensionEstimate (or None), got {type(start).__name__}.")
+    theirs = [t if isinstance(t, tuple) else (t,) for t in start.targets]
+    same = start.kind == kind and theirs == targets and start.dims.tolist() == list(dims)
+    if not (same and math.isclose(start.threshold, threshold)):
+        raise ValueError(
+            "`start` must be an estimate of the same kind, targets, grid `dims` and `threshold` as this "
+            f"measurement; got {start.kind} targets {start.targets}, dims {start.dims.tolist()}, threshold "
+            f"{start.threshold:g}."
+        )
+    K = len(dims)
+    probed = torch.ones_like(start.nonfinite) if start.probed is None else start.probed
+    hit = probed & (start.scores >= start.threshold)
+    first = torch.where(hit.any(-1), hit.to(torch.int64).argmax(-1), K)  # [T, A]
+    hints: list[int | None] = []
+    for i, u in enumerate(per_target):
+        known = {
+            int(a): (None if bool(start.nonfinite[i, s].any()) else int(first[i, s]))
+            for s, a in enumerate(start.anchor_index[i].tolist())
+            if a >= 0 and bool(probed[i, s].any())
+        }
+        hints.extend(known.get(int(a)) for a in u.tolist())
+    return hints
 
 
 def _complete(est: DimensionEstimate, stacklevel: int) -> DimensionEstimate:

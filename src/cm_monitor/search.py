@@ -16,6 +16,7 @@ the work pool free up (:meth:`take`) and learns each outcome when a problem fini
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 
 
 class GridSearch:
@@ -49,43 +50,83 @@ class BisectionSearch:
     nothing succeeded yet) and probes its middle until ``hi = lo + 1``. A group's next probe goes
     to the front of the queue, so groups finish one after another and only about as many groups
     are in flight as the pool has rows. A group whose problem produced NaN/inf stops.
+
+    ``hints`` (a warm start, e.g. each group's first success at the previous measurement; ``None``
+    for a group without one) start a group with two problems at once, the hinted index ``h`` and
+    ``h - 1``: when the first success has not moved, the bracket closes after that one round. With
+    success monotone in ``d`` the answer is the same as without hints; should outcomes contradict
+    each other (a success below a failure), ``hi`` is the smallest success and ``lo`` the largest
+    failure below it, so the bracket stays consistent.
     """
 
     stop_at_level = True
 
-    def __init__(self, groups: int, num_dims: int) -> None:
+    def __init__(self, groups: int, num_dims: int, hints: Sequence[int | None] | None = None) -> None:
+        if hints is not None and len(hints) != groups:
+            raise ValueError(f"`hints` must give one grid index (or None) per group: {len(hints)} for {groups}.")
         self.lo = [-1] * groups
         self.hi = [num_dims] * groups
+        self._failures: list[set[int]] = [set() for _ in range(groups)]
+        self._pending: list[list[int]] = [self._first(h, num_dims) for h in hints or [None] * groups]
+        self._running = [0] * groups
+        self._stopped = [False] * groups
         self._ready = deque(range(groups))
-        #: problems that can run at once: one per group
-        self.in_flight = groups
+        #: problems that can run at once: one per group, two for a group with a hint
+        self.in_flight = sum(len(p) for p in self._pending)
+
+    @staticmethod
+    def _first(hint: int | None, num_dims: int) -> list[int]:
+        """The first problems of a group: the middle of the grid, or the hinted index and the one below."""
+        if hint is None:
+            return [(num_dims - 1) // 2]
+        hint = min(max(int(hint), 0), num_dims)
+        return [j for j in (hint, hint - 1) if 0 <= j < num_dims]
 
     def take(self, n: int) -> list[tuple[int, int]]:
         out = []
         while self._ready and len(out) < n:
-            g = self._ready.popleft()
-            out.append((g, (self.lo[g] + self.hi[g]) // 2))
+            g = self._ready[0]
+            if self._pending[g]:  # else its waiting problems were dropped (outside its bracket)
+                out.append((g, self._pending[g].pop(0)))
+                self._running[g] += 1
+            if not self._pending[g]:
+                self._ready.popleft()
         return out
 
     def report(self, group: int, index: int, success: bool | None) -> None:
-        if success is None:
+        self._running[group] -= 1
+        if success is None or self._stopped[group]:
+            self._stop(group)
             return
         if success:
-            self.hi[group] = index
+            self.hi[group] = min(self.hi[group], index)
         else:
-            self.lo[group] = index
-        if self.hi[group] - self.lo[group] > 1:
+            self._failures[group].add(index)
+        below = [f for f in self._failures[group] if f < self.hi[group]]
+        self.lo[group] = max(below, default=-1)
+        lo, hi = self.lo[group], self.hi[group]
+        self._pending[group] = [j for j in self._pending[group] if lo < j < hi]
+        if hi - lo > 1 and not self._pending[group] and self._running[group] == 0:
+            self._pending[group] = [(lo + hi) // 2]
             self._ready.appendleft(group)
+
+    def _stop(self, group: int) -> None:
+        """A problem of ``group`` produced NaN/inf: no further problems for it."""
+        self._stopped[group] = True
+        self._pending[group] = []
 
     @property
     def waiting(self) -> bool:
-        return bool(self._ready)
+        return any(self._pending[g] for g in self._ready)
 
 
-def make_search(search: str, groups: int, num_dims: int) -> GridSearch | BisectionSearch:
-    """The search named by :attr:`OptimizerSettings.search` once resolved (``"grid"`` or ``"bisect"``)."""
+def make_search(
+    search: str, groups: int, num_dims: int, hints: Sequence[int | None] | None = None
+) -> GridSearch | BisectionSearch:
+    """The search named by :attr:`OptimizerSettings.search` once resolved (``"grid"`` or ``"bisect"``);
+    ``hints`` warm-start a bisection (the grid optimizes every point anyway)."""
     if search == "grid":
         return GridSearch(groups, num_dims)
     if search == "bisect":
-        return BisectionSearch(groups, num_dims)
+        return BisectionSearch(groups, num_dims, hints)
     raise ValueError(f"`search` must be 'grid' or 'bisect', got {search!r}.")

@@ -94,6 +94,12 @@ class CMDimensionMonitor(GeometryMonitor):
         chunk_size: at most this many problems in one forward pass (bounds memory).
         num_bootstrap: bootstrap resamples of the anchors for the uncertainties (``*_std``); 0 for
             none (the ``*_std`` keys are then not logged).
+        warm_start: start each (target, anchor) bisection of a measurement at its answer of the
+            previous measurement of this run (``start=`` of :func:`~cm_monitor.cm_dimension`): an
+            anchor whose ``d*`` has not moved costs two problems in one round instead of about
+            ``log2(K + 1)`` in a row. The answer is the one of a cold start (success is monotone in
+            ``d``); only the time changes. The first measurement, and the first after a resume,
+            start cold. No effect with the grid search (``extra_thresholds``).
         max_seconds: at the start of fit, before any training, a probe pass gives an upper bound on
             the time of one measurement (every problem running its whole ``max_steps``; early
             stopping usually makes it several times less). It is logged and kept as
@@ -209,6 +215,7 @@ class CMDimensionMonitor(GeometryMonitor):
         max_steps: int | None = None,
         chunk_size: int = 2048,
         num_bootstrap: int = 100,
+        warm_start: bool = True,
         max_seconds: float | None = None,
         max_cost_frac: float | None = None,
         seed: int = 0,
@@ -290,6 +297,9 @@ class CMDimensionMonitor(GeometryMonitor):
         self.cost_estimate: CostEstimate | None = None
         self._pass_rows = self.chunk_size
         self.num_bootstrap = check_int(num_bootstrap, "num_bootstrap", minimum=0)
+        if not isinstance(warm_start, bool):
+            raise TypeError(f"`warm_start` must be a bool, got {warm_start!r}.")
+        self.warm_start = warm_start
         if self.num_bootstrap == 1:
             raise ValueError("`num_bootstrap` must be 0 (no uncertainties) or at least 2, got 1.")
         # chosen at the start of fit (saved in the state)
@@ -491,6 +501,15 @@ class CMDimensionMonitor(GeometryMonitor):
             raise ValueError(f"`dims` holds {bad}, above D = {D} (the number of input elements).")
         return list(self.dims)
 
+    def _start(self, last: DimensionEstimate | None, targets: list, threshold: float) -> DimensionEstimate | None:
+        """The previous measurement as the warm start of this one, if it measured the same targets on
+        the same grid at the same threshold (not after a change of configuration or a resume)."""
+        if not self.warm_start or last is None or last.part is not None:
+            return None
+        same = list(last.targets) == [t if isinstance(t, int) else tuple(t) for t in targets]
+        same = same and last.dims.tolist() == list(self.grid()) and math.isclose(last.threshold, threshold)
+        return last if same else None
+
     def _measure_part(
         self,
         trainer: pl.Trainer,
@@ -520,6 +539,7 @@ class CMDimensionMonitor(GeometryMonitor):
                 classes=self.targets,
                 threshold=self.threshold,
                 progress=progress.part(0, n_cm, n_cm + n_pairs),
+                start=self._start(self.last_cm, self.targets, self.threshold),
                 **common,
             )
             boundary = None
@@ -531,6 +551,7 @@ class CMDimensionMonitor(GeometryMonitor):
                     pairs=self.pairs,
                     threshold=self.boundary_threshold,
                     progress=progress.part(n_cm, n_pairs, n_cm + n_pairs),
+                    start=self._start(self.last_boundary, self.pairs, self.boundary_threshold),
                     **common,
                 )
         return cm, boundary
