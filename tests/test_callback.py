@@ -406,8 +406,9 @@ def test_numerical_failure_at_the_first_measurement(tmp_path):
     assert t.callback_metrics["cm/seconds"] > 0
     assert "val_loss" in t.callback_metrics and model.train_steps > 0
 
-    # ... unless a callback monitors one of them: then NaN, not EarlyStopping's "not available" error;
-    # EarlyStopping stops on it (check_finite), ModelCheckpoint ranks it last and training goes on
+    # ... unless a callback monitors one of them: then the worst finite value for its mode, not
+    # EarlyStopping's "not available" error (nor a NaN, on which check_finite would stop the fit):
+    # EarlyStopping does not stop on it, ModelCheckpoint ranks it last, and training goes on
     for watcher in (
         EarlyStopping(monitor="cm/dim", mode="max"),
         ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="cm/boundary_dim", mode="max"),
@@ -418,8 +419,8 @@ def test_numerical_failure_at_the_first_measurement(tmp_path):
             RuntimeWarning, match=rf"\['{watcher.monitor}'\] monitored by another callback but without a value"
         ):
             t.fit(DigitsCNN(), *loaders())
-        assert math.isnan(t.callback_metrics[watcher.monitor].item())
-        assert t.current_epoch == (1 if isinstance(watcher, EarlyStopping) else 2)
+        assert t.callback_metrics[watcher.monitor].item() == -torch.finfo(torch.float32).max  # mode "max"
+        assert t.current_epoch == 2
 
 
 def test_a_second_fit_starts_a_new_series(tmp_path):

@@ -347,3 +347,64 @@ def test_ddp_a_failure_on_one_rank_reaches_every_rank(tmp_path):
     assert "diffeo/rf" not in ranks[0][0]["logged"] and math.isfinite(ranks[1][0]["logged"]["diffeo/rf"])
     # rank 0, which measured fine, reports rank 1's failure
     assert any("the measurement failed (rank 1: RuntimeError: boom on rank 1)" in w for w in ranks[0][0]["warnings"])
+
+
+def test_a_failed_first_measurement_does_not_stop_an_early_stopping_on_its_key(tmp_path):
+    # no earlier value to log again: the watched key gets the worst finite value for its mode, on
+    # which EarlyStopping(check_finite=True) does not stop (a NaN would), and the next real value is
+    # an improvement over it
+    monitor = FailingDiffeo(fail_epochs={0}, **DIFFEO_FAST)
+    record = Record("diffeo")
+    stopper = EarlyStopping(monitor="diffeo/rf", mode="min", patience=3)
+    with pytest.warns(RuntimeWarning, match=r"\['diffeo/rf'\] monitored by another callback but without a value yet"):
+        _, model = fit(tmp_path, [monitor, record, stopper], max_epochs=3)
+    assert model.train_steps == 9 and stopper.stopped_epoch == 0
+    rf = record.series("diffeo/rf")
+    assert rf[0] == torch.finfo(torch.float32).max and math.isfinite(rf[1]) and rf[1] < rf[0]
+    assert record.series("diffeo/failed") == [1.0, 0.0, 0.0]
+
+
+def test_a_key_that_one_measurement_does_not_give_does_not_end_the_fit(tmp_path):
+    # cm/success_dist_median comes only with a success; with one step per problem nothing succeeds
+    monitor = CMDimensionMonitor(**{**FAST, "max_steps": 1, "num_pairs": 0, "threshold": 0.99})
+    stopper = EarlyStopping(monitor="cm/success_dist_median", mode="min", patience=5)
+    record = Record("cm")
+    with pytest.warns(RuntimeWarning, match=r"\['cm/success_dist_median'\] monitored by another callback"):
+        _, model = fit(tmp_path, [monitor, record, stopper], max_epochs=2)
+    assert model.train_steps == 6
+    assert record.series("cm/success_dist_median") == [torch.finfo(torch.float32).max] * 2
+    assert record.series("cm/measured") == [1.0, 1.0]
+
+
+class Arm(Callback):
+    """Turns ``flag[0]`` on after the monitors' start-of-fit work (callbacks run in list order)."""
+
+    def __init__(self, flag):
+        self.flag = flag
+
+    def on_train_start(self, trainer, pl_module):
+        self.flag[0] = True
+
+
+@pytest.mark.parametrize("kind", ["cm", "diffeo"])
+def test_out_of_memory_retries_with_half_the_pass_that_ran_out(tmp_path, kind):
+    # at the default chunk_size the passes are smaller than chunk_size (cm: the 80 problems of the
+    # grid in flight; diffeo: the 30 probe images): halving chunk_size alone would change nothing
+    limit, expected = {"cm": (50, 40), "diffeo": (20, 15)}[kind]
+    armed = [False]  # from the first measurement on (CM's start-of-fit probe has its own test)
+    monitor = MONITORS[kind](**SETTINGS[kind], get_model=lambda m: OOMAbove(m.net, limit) if armed[0] else m.net)
+    assert monitor.chunk_size > 100
+    with pytest.warns(RuntimeWarning, match=rf"out of memory with chunk_size = {2 * expected} "):
+        t, _ = fit(tmp_path, [monitor, Arm(armed)], max_epochs=1)
+    assert monitor.chunk_size == expected
+    assert t.callback_metrics[f"{kind}/measured"] == 1.0 and t.callback_metrics[f"{kind}/failed"] == 0.0
+
+
+def test_out_of_memory_at_the_start_of_fit_scales_the_pass_down(tmp_path):
+    monitor = CMDimensionMonitor(**FAST, get_model=lambda m: OOMAbove(m.net, 50))
+    with pytest.warns(
+        UserWarning, match="a pass of 96 rows ran out of memory at the start of fit; measuring with passes of 48"
+    ):
+        t, _ = fit(tmp_path, [monitor], max_epochs=1)
+    assert monitor.cost_estimate.rows_per_pass == 48
+    assert t.callback_metrics["cm/measured"] == 1.0 and t.callback_metrics["cm/failed"] == 0.0

@@ -138,6 +138,12 @@ class _Outcome:
         return self.seconds > 0 and not (self.failed or self.nonfinite)
 
 
+def _worst_value(mode: str) -> float:
+    """The worst finite value for a watcher of ``mode`` (``"min"`` or ``"max"``): the float32 extreme."""
+    big = float(torch.finfo(torch.float32).max)
+    return -big if mode == "max" else big
+
+
 def check_int(value: object, name: str, minimum: int = 1, allow_none: bool = False) -> int | None:
     """``value`` if it is an integer ``>= minimum`` (or None when allowed), else a ValueError naming ``name``."""
     if value is None and allow_none:
@@ -375,6 +381,12 @@ class GeometryMonitor(Callback):
     ) -> Measurement:
         """The whole measurement of ``model`` in this process (one share, no collective)."""
         return self._finish(trainer, pl_module, [self._measure_part(trainer, pl_module, model, (0, 1))])
+
+    def _pass_size(self, part: tuple[int, int]) -> int | None:
+        """The largest batch one forward pass of a measurement holds on this rank (share ``part``):
+        the out-of-memory retry halves it. None: the monitor has no ``chunk_size`` to lower."""
+        chunk = getattr(self, "chunk_size", None)
+        return chunk if isinstance(chunk, int) else None
 
     def _loggable_keys(self) -> set[str]:
         """The keys (without prefix) a measurement can log with this configuration; called at the start of
@@ -724,14 +736,15 @@ class GeometryMonitor(Callback):
     def _attempt(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Any, Exception | None, list[str]]:
         """Measure this rank's share: ``(part, None, notes)``, or ``(None, error, notes)`` when it raised.
 
-        CUDA out of memory is retried once with half the ``chunk_size`` (kept from then on).
-        ``KeyboardInterrupt`` and ``SystemExit`` are not caught.
+        CUDA out of memory is retried once with ``chunk_size`` half the largest pass the measurement
+        makes (:meth:`_pass_size`; kept from then on). ``KeyboardInterrupt`` and ``SystemExit`` are
+        not caught.
         """
         notes: list[str] = []
         try:
             return self._measure_part(trainer, pl_module, self._model(pl_module), _part(trainer)), None, notes
         except _OOM_ERRORS as err:
-            chunk = getattr(self, "chunk_size", None)
+            chunk = self._pass_size(_part(trainer))  # what the passes really held, maybe below chunk_size
             if not (isinstance(chunk, int) and chunk > 1):
                 return None, err, notes
             first = f"{type(err).__name__}: {err}"
@@ -767,38 +780,51 @@ class GeometryMonitor(Callback):
     def _watched_keys(self, trainer: pl.Trainer, strict_only: bool = False) -> set[str]:
         """Keys under this monitor's prefix that other callbacks monitor (``strict_only``: those that
         fail on a missing key, i.e. all but ``EarlyStopping(strict=False)``)."""
-        return {
-            key
-            for cb in trainer.callbacks
-            if cb is not self
-            and isinstance(key := getattr(cb, "monitor", None), str)
-            and key.startswith(f"{self.prefix}/")
-            and (getattr(cb, "strict", True) or not strict_only)
-        }
+        return set(self._watchers(trainer, strict_only))
 
     def _fill_watched_keys(self, trainer: pl.Trainer, epoch: int, produced: set[str] | None) -> list[str]:
-        """NaN for the keys another callback strictly monitors that have no value yet; notes saying so.
+        """A value for each key another callback strictly monitors that has none yet; notes saying so.
 
         Such a callback (``EarlyStopping(strict=True)``, ``ModelCheckpoint``) would fail on the
-        missing key and end the fit: NaN is what it gets instead (``EarlyStopping`` stops on it
-        with ``check_finite=True``; ``ModelCheckpoint`` ranks it last). A key that a measurement
-        which did not fail (``produced``: its keys) does not give at all is a configuration
-        error, raised. Keys that something else logs are left alone.
+        missing key and end the fit. It happens when the first measurement failed (``produced`` is
+        None), came out NaN/inf with ``on_nonfinite="keep_last"``, or did not give the key (a
+        ``cm/success_dist_*`` key when no plane reached the threshold). The key gets the worst
+        finite value for the watcher's mode (:func:`_worst_value`): ``EarlyStopping`` neither stops
+        on it (a NaN would stop it with ``check_finite=True``) nor counts it as an improvement over
+        a real value, and ``ModelCheckpoint`` ranks it last. Keys that something else logs are left
+        alone. A key that neither this configuration nor anything else logs is a configuration error
+        (raised: the start of fit only warns about it, since the module might log it).
         """
-        watched = self._watched_keys(trainer, strict_only=True)
+        watchers = self._watchers(trainer, strict_only=True)
         known = set(self.last_values) | self._always_logged() | set(trainer.callback_metrics)
-        absent = sorted(k for k in watched if k not in known)
-        unknown = [k for k in absent if produced is not None and k not in produced]
-        if unknown:
+        absent = sorted(k for k in watchers if k not in known)
+        loggable = {f"{self.prefix}/{k}" for k in self._loggable_keys()}
+        unknown = [k for k in absent if k not in loggable]
+        if unknown:  # not caught at fit start (the module might have logged it), and nothing did
             raise RuntimeError(
-                f"{type(self).__name__}: another callback monitors {unknown}, but the measurement at epoch {epoch} "
-                f"does not give it: this monitor does not log it with its configuration. It logs: "
-                f"{sorted(set(produced or ()) | set(self.last_values) | self._always_logged())}."
+                f"{type(self).__name__}: another callback monitors {unknown}, which neither this monitor (with "
+                f"its configuration) nor the LightningModule logs (epoch {epoch}). This monitor logs: "
+                f"{sorted(loggable | self._always_logged())}."
             )
         if not absent:
             return []
-        self.last_values.update(dict.fromkeys(absent, math.nan))
-        return [f"{absent} monitored by another callback but without a value yet: logged as NaN."]
+        self.last_values.update({k: _worst_value(watchers[k]) for k in absent})
+        why = "the measurement failed" if produced is None else "the measurement did not give them"
+        return [
+            f"{absent} monitored by another callback but without a value yet ({why}): logged as the worst "
+            "finite value for its mode (+-3.4e38), so that it neither stops the run nor counts as an improvement."
+        ]
+
+    def _watchers(self, trainer: pl.Trainer, strict_only: bool) -> dict[str, str]:
+        """``{key: mode}`` of the keys under this monitor's prefix that other callbacks monitor."""
+        return {
+            cb.monitor: getattr(cb, "mode", "min")
+            for cb in trainer.callbacks
+            if cb is not self
+            and isinstance(getattr(cb, "monitor", None), str)
+            and cb.monitor.startswith(f"{self.prefix}/")
+            and (getattr(cb, "strict", True) or not strict_only)
+        }
 
     def _log_values(self, pl_module: pl.LightningModule, values: Mapping[str, float]) -> None:
         # All ranks hold rank 0's values (broadcast above): `max` over identical values is exact.

@@ -18,9 +18,9 @@ from torch import Tensor, nn
 
 from cm_monitor._model import as_members, model_device
 from cm_monitor.anchors import BatchReader
-from cm_monitor.callbacks.base import GeometryMonitor, Measurement, check_int, check_probability
+from cm_monitor.callbacks.base import _OOM_ERRORS, GeometryMonitor, Measurement, check_int, check_probability
 from cm_monitor.cost import CostEstimate, activation_bytes_per_row, available_bytes, estimate_cost, pool_bytes
-from cm_monitor.cutting import OptimizerSettings, problems_per_group, rows_per_pass
+from cm_monitor.cutting import OptimizerSettings, problems_per_group, resolve_search, rows_per_pass
 from cm_monitor.dimension import DimensionEstimate, boundary_dimension, cm_dimension
 from cm_monitor.planes import choose_planes, default_dims
 
@@ -408,14 +408,7 @@ class CMDimensionMonitor(GeometryMonitor):
         assert self.anchors is not None
         with isolate_rng():
             rows, per_row = self._rows_within_memory(model)
-            local = estimate_cost(
-                model,
-                self.anchors,
-                problems=self._num_problems(trainer.world_size),  # this rank's share
-                per_pass=rows,
-                max_steps=self.settings.max_steps,
-                bytes_per_row=per_row,
-            )
+            local = self._probe_cost(model, trainer.world_size, rows, per_row)
         self.cost_estimate = est = trainer.strategy.broadcast(local, src=0)  # every rank decides alike
         self._pass_rows = max(1, est.rows_per_pass)  # chunk_size, or less where memory says so
         name = type(self).__name__
@@ -427,6 +420,34 @@ class CMDimensionMonitor(GeometryMonitor):
                 f"{self.max_seconds:g}. Reduce the problems (`anchors_per_target`, `dims`, `num_pairs`, "
                 "`max_classes`), the step budget (`max_steps`), or raise `max_seconds`; nothing was trained yet."
             )
+
+    def _probe_cost(self, model: nn.Module | list[nn.Module], shares: int, rows: int, per_row: float) -> CostEstimate:
+        """:func:`~cm_monitor.cost.estimate_cost` of this rank's share with passes of ``rows``; a pass that
+        runs out of memory is halved (with a warning) until one fits, else a clear error before training."""
+        rows = min(rows, self._num_problems(shares))  # the probe pass is at most the problems there are
+        while True:
+            try:
+                return estimate_cost(
+                    model,
+                    self.anchors,
+                    problems=self._num_problems(shares),
+                    per_pass=rows,
+                    max_steps=self.settings.max_steps,
+                    bytes_per_row=per_row,
+                )
+            except _OOM_ERRORS as err:
+                if rows <= 1:
+                    raise MisconfigurationException(
+                        f"{type(self).__name__}: one forward/backward pass of a single input runs out of memory "
+                        f"({type(err).__name__}: {err}); nothing was trained yet."
+                    ) from err
+                rank_zero_warn(
+                    f"{type(self).__name__}: a pass of {rows} rows ran out of memory at the start of fit; "
+                    f"measuring with passes of {rows // 2} rows (the answers do not depend on it)."
+                )
+                rows //= 2
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
 
     def _rows_within_memory(self, model: nn.Module | list[nn.Module]) -> tuple[int, float]:
         """Rows per pass that fit in half the free memory of the model's device (``chunk_size`` scaled
@@ -500,6 +521,21 @@ class CMDimensionMonitor(GeometryMonitor):
         if bad:
             raise ValueError(f"`dims` holds {bad}, above D = {D} (the number of input elements).")
         return list(self.dims)
+
+    def _pass_size(self, part: tuple[int, int]) -> int:
+        """Rows of the work pool: at most ``chunk_size`` (and the memory bound), at most the problems in
+        flight: one per (target, anchor) group of this rank, two with a warm start."""
+        per_group = problems_per_group(self.settings, len(self.grid()))
+        n_cm, n_pairs = self._problem_counts(part[1])
+        flight = [n_cm // per_group, n_pairs // per_group]
+        if resolve_search(self.settings) == "grid":
+            flight = [n_cm, n_pairs]
+        else:
+            starts = (self._start(self.last_cm, self.targets, self.threshold), None)
+            if self.pairs:
+                starts = (starts[0], self._start(self.last_boundary, self.pairs, self.boundary_threshold))
+            flight = [f * (2 if start is not None else 1) for f, start in zip(flight, starts, strict=True)]
+        return max(1, min(self._pass_rows, self.chunk_size, max(flight)))
 
     def _start(self, last: DimensionEstimate | None, targets: list, threshold: float) -> DimensionEstimate | None:
         """The previous measurement as the warm start of this one, if it measured the same targets on

@@ -218,6 +218,11 @@ class DiffeoStabilityMonitor(GeometryMonitor):
             return "no value"
         return f"{self.prefix}/rf = {values['rf']:.4g} (log10 {values.get('log10_rf', math.nan):.3g} ± {values.get('log10_rf_std', math.nan):.2g})"
 
+    def _pass_size(self, part: tuple[int, int]) -> int:
+        """Images per forward pass: ``chunk_size``, or this rank's probe images × deformations if fewer."""
+        assert self.anchors is not None
+        return max(1, min(self.chunk_size, math.ceil(self.anchors.shape[0] / part[1]) * self.num_deformations))
+
     def _measure_part(
         self,
         trainer: pl.Trainer,

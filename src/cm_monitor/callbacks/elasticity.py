@@ -230,6 +230,11 @@ class ElasticityMonitor(GeometryMonitor):
         keys = ["intra", "inter", "ratio", "cluster_ari", "ratio_baseline", "cluster_ari_baseline"]
         return [*keys, "linearity_error"] if self.check_linearity else keys
 
+    def _pass_size(self, part: tuple[int, int]) -> int:
+        """SGD steps evaluated together: ``chunk_size``, or this rank's steps (probes) if fewer."""
+        assert self.anchors is not None
+        return max(1, min(self.chunk_size, math.ceil(self.anchors.shape[0] / part[1])))
+
     def _measure_part(
         self,
         trainer: pl.Trainer,
