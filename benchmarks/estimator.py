@@ -46,7 +46,13 @@ import time
 import torch
 from torch import nn
 
-from cm_monitor import REFERENCE_SETTINGS, OptimizerSettings, boundary_dimension, cm_dimension, default_dims
+from cm_monitor import (
+    REFERENCE_SETTINGS,
+    OptimizerSettings,
+    cm_and_boundary_dimension,
+    cm_dimension,
+    default_dims,
+)
 from cm_monitor._model import synchronize
 from cm_monitor.cost import time_pass
 
@@ -246,8 +252,9 @@ def monitor_measurement(model: nn.Module, anchors, labels, quick: bool, device, 
     cm_start, b_start = start if start is not None else (None, None)
     synchronize(device)
     begin = time.perf_counter()
-    cm = cm_dimension(model, anchors, labels, classes=run_classes, start=cm_start, **kw)
-    b = boundary_dimension(model, anchors, labels, pairs=run_pairs, start=b_start, **kw)
+    cm, b = cm_and_boundary_dimension(  # as the monitor does: classes and pairs in one work pool
+        model, anchors, labels, classes=run_classes, pairs=run_pairs, start=cm_start, boundary_start=b_start, **kw
+    )
     synchronize(device)
     seconds = time.perf_counter() - begin
     full, ran = len(classes) + len(pairs), len(run_classes) + len(run_pairs)

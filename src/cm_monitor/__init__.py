@@ -11,7 +11,7 @@ from cm_monitor.analysis import analyze
 from cm_monitor.callbacks import CMDimensionMonitor, DiffeoStabilityMonitor, ElasticityMonitor
 from cm_monitor.cutting import REFERENCE_SETTINGS, OptimizerSettings
 from cm_monitor.diffeo import StabilityEstimate, relative_stability
-from cm_monitor.dimension import DimensionEstimate, boundary_dimension, cm_dimension
+from cm_monitor.dimension import DimensionEstimate, boundary_dimension, cm_and_boundary_dimension, cm_dimension
 from cm_monitor.elasticity import (
     ElasticityEstimate,
     class_contrast,
@@ -44,6 +44,7 @@ __all__ = [
     "analyze",
     "boundary_dimension",
     "class_contrast",
+    "cm_and_boundary_dimension",
     "cm_dimension",
     "default_dims",
     "default_output_transform",

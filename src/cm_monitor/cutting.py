@@ -247,6 +247,8 @@ def optimize_planes(
     model_dtype: torch.dtype,
     progress: Callable[[int, int], None] | None = None,
     hints: list[int | None] | None = None,
+    group_k: Tensor | None = None,
+    group_level: Tensor | None = None,
 ) -> CuttingOutcome:
     """Optimize the (group, d) problems the search asks for; see the module docstring.
 
@@ -271,6 +273,11 @@ def optimize_planes(
             last call is ``(total, total)``.
         hints: per group, a grid index to start its bisection at (a warm start, see
             :class:`~cm_monitor.search.BisectionSearch`), or None; ignored by the grid.
+        group_k, group_level: groups of different kinds in one pool (class manifolds and
+            boundaries): ``[G]`` the number of target classes of each group (its first ``k``
+            columns of ``group_targets``; the others repeat one of them) and ``[G]`` its level
+            (replacing ``space.level``). None: every group has ``group_targets.shape[1]`` targets
+            and the level ``space.level``.
     """
     device = anchors.device
     D = anchors[0].numel()
@@ -280,6 +287,8 @@ def optimize_planes(
     search = make_search(resolve_search(settings), G, K, hints)
     rows = min(rows_per_pass(D, dims, settings, chunk_size), search.in_flight)
     pool = _Pool(rows, flat, anchors.shape[1:], group_anchor, group_targets, group_seeds, dims, settings, space)
+    if group_k is not None or group_level is not None:
+        pool.mix(group_k, group_level)
     out = _Outcomes(G, K, device)
     free, finished = list(range(rows)), []  # free slots; rows whose problem finished in the last pass
     done, total = 0, G * problems_per_group(settings, K)
@@ -425,6 +434,7 @@ class _Pool:
         )
         self.settings, self.space, self.shape = settings, space, shape
         self.k = group_targets.shape[1]
+        self.mixed = False  # groups of one kind (see mix)
         self.dim_mask = _plane_mask(dims, settings, D, device, dtype)  # [K, max_dim]
         self.dim_coords = (self.dim_mask != 0).to(dtype)  # [K, max_dim]: the live coordinates, 0/1
         self.dim_live = self.dim_coords.sum(-1)  # [K]: d
@@ -453,6 +463,24 @@ class _Pool:
         names = ("theta", "x0", "mask", "coords", "live", "targets", "x0_norm", "limit", *self.fills)
         self.prefix = Prefix({name: getattr(self, name) for name in names})  # views of the active rows
         self.state = [*self.prefix.tensors.values(), *self.optimizer.state]  # what a reorder moves
+
+    def mix(self, group_k: Tensor | None, group_level: Tensor | None) -> None:
+        """Groups of different kinds: per row its number of targets ``k`` and its level (see
+        :func:`optimize_planes`); without this every row has ``self.k`` and ``space.level``."""
+        G, kmax, device = self.group_targets.shape[0], self.k, self.theta.device
+        rows = self.theta.shape[0]
+        k = torch.full((G,), kmax, device=device) if group_k is None else group_k.to(device)
+        level = torch.full((G,), self.space.level) if group_level is None else group_level
+        self.group_k, self.group_level = k.to(torch.float32), level.to(device=device, dtype=torch.float32)
+        self.group_tmask = torch.arange(kmax, device=device)[None, :] < k[:, None]  # [G, kmax]
+        self.mixed = True
+        self.krow = torch.ones(rows, device=device)
+        self.log_k = torch.zeros(rows, device=device)
+        self.level = torch.ones(rows, device=device)
+        self.tmask = torch.ones(rows, kmax, device=device, dtype=torch.bool)
+        names = ("krow", "log_k", "level", "tmask")
+        self.prefix = Prefix(self.prefix.tensors | {name: getattr(self, name) for name in names})
+        self.state = [*self.prefix.tensors.values(), *self.optimizer.state]
 
     def refill(self, finished: list[int], slots: list[int], problems: list[tuple[int, int]]) -> None:
         """Free the rows ``finished`` (sorted) and start ``problems`` ``(group, grid index)`` in the
@@ -495,6 +523,9 @@ class _Pool:
         self.x0[r] = self.flat[self.group_anchor[g]]
         self.x0_norm[r] = self.x0[r].norm(dim=1).clamp_min(1e-30)
         self.targets[r] = self.group_targets[g]
+        if self.mixed:
+            self.krow[r], self.level[r], self.tmask[r] = self.group_k[g], self.group_level[g], self.group_tmask[g]
+            self.log_k[r] = self.group_k[g].log()
         self.mask[r], self.coords[r], self.live[r] = self.dim_mask[j], self.dim_coords[j], self.dim_live[j]
         if self.space.radius_norms is not None:
             self.limit[r] = self.space.radius_norms * self.x0_norm[r] / self.space.scale
@@ -514,11 +545,12 @@ class _Pool:
         theta = rows["theta"].detach().requires_grad_()
         loss, ok, lv, sv = self._evaluate(members, theta, num_classes, model_dtype)
         steps = rows["steps"]
-        done = ~ok | ((lv - math.log(self.k)).abs() <= s.tol) | (steps >= s.max_steps)
+        log_k, level = (rows["log_k"], rows["level"]) if self.mixed else (math.log(self.k), self.space.level)
+        done = ~ok | ((lv - log_k).abs() <= s.tol) | (steps >= s.max_steps)
         done |= (steps >= s.plateau_window) & (rows["history"].std(1) <= s.plateau_tol)
         if stop_at_level:
-            done |= sv >= self.space.level
-        stopped, bad, reached = torch.stack([done, ~ok, rows["score"] >= self.space.level]).tolist()
+            done |= sv >= level
+        stopped, bad, reached = torch.stack([done, ~ok, rows["score"] >= level]).tolist()
         finished = [i for i in range(n) if stopped[i]]
         if len(finished) < n:  # some go on (a row that goes on is finite): step those
             go = ~done
@@ -545,8 +577,13 @@ class _Pool:
         except RuntimeError as err:
             raise explain_inference_tensors(err) from err
         tg = rows["targets"]
-        loss = -logp.gather(1, tg).mean(1)
-        score = self.k * p.gather(1, tg).amin(1)
+        if self.mixed:  # each row's first k targets: the mean of their log-probabilities, k · their min
+            live, k = rows["tmask"], rows["krow"].to(logp.dtype)
+            loss = -torch.where(live, logp.gather(1, tg), 0.0).sum(1) / k
+            score = k * torch.where(live, p.gather(1, tg), math.inf).amin(1)
+        else:
+            loss = -logp.gather(1, tg).mean(1)
+            score = self.k * p.gather(1, tg).amin(1)
         ok = torch.isfinite(loss) & torch.isfinite(score)
         lv, sv = _float32(loss.detach()), _float32(score.detach())
         with torch.no_grad():
@@ -560,7 +597,7 @@ class _Pool:
         success (else at the best score). Updates the views in place."""
         rows = self.prefix(ok.shape[0])
         best, distance, far, low, crossed = (rows[f] for f in ("score", "distance", "outside", "loss", "crossed"))
-        level, better = sv >= self.space.level, ok & (sv > best)
+        level, better = sv >= (rows["level"] if self.mixed else self.space.level), ok & (sv > best)
         record = ok & ~crossed & (level | better)
         crossed |= ok & level
         rows["nonfinite"] |= ~ok

@@ -9,11 +9,11 @@ import itertools
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from cm_monitor._model import (
     ModelLike,
@@ -448,16 +448,7 @@ def boundary_dimension(
 
     The other arguments are those of :func:`cm_dimension`. ``targets`` of the result are tuples.
     """
-    if pairs is not None:
-        pairs = [_as_class_tuple(p, "pairs") for p in pairs]
-        lengths = {len(p) for p in pairs}
-        if not pairs:
-            raise ValueError("`pairs` is empty; expected class sets such as [(0, 1), (2, 3)].")
-        if len(lengths) != 1 or min(lengths) < 2:
-            raise ValueError(f"`pairs` must hold class sets of one length k >= 2, got lengths {sorted(lengths)}.")
-        k = lengths.pop()
-    else:
-        k = 2
+    pairs, k = _check_pairs(pairs)
     return _estimate(
         "boundary",
         model,
@@ -539,6 +530,73 @@ def _check_labels(labels: Tensor | Sequence[int], num_anchors: int, name: str = 
     return labels.detach().to("cpu", torch.long)
 
 
+def cm_and_boundary_dimension(
+    model: ModelLike,
+    anchors: Tensor,
+    labels: Tensor | Sequence[int],
+    *,
+    classes: Sequence[int] | None = None,
+    pairs: Sequence[Sequence[int]] | None = None,
+    threshold: float = 0.9,
+    boundary_threshold: float = 0.8,
+    dims: Sequence[int] | Tensor | None = None,
+    generator: torch.Generator | int | None = None,
+    anchors_per_target: int | None = None,
+    chunk_size: int = 2048,
+    num_bootstrap: int = 200,
+    calibration: tuple[Tensor, Tensor] | None = None,
+    settings: OptimizerSettings | None = None,
+    output_transform: OutputTransform | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    part: tuple[int, int] | None = None,
+    start: DimensionEstimate | None = None,
+    boundary_start: DimensionEstimate | None = None,
+) -> tuple[DimensionEstimate, DimensionEstimate]:
+    """:func:`cm_dimension` and :func:`boundary_dimension` of the same anchors in one go.
+
+    The estimates are those of the two calls with the same arguments (the same targets, anchor
+    subsets, planes and bootstrap: each kind draws its seeds from ``generator`` as its own call
+    would; a ``torch.Generator`` serves the classes first, then the boundaries). The problems of
+    both run in one work pool after one temperature calibration, so the boundaries' problems fill
+    the rows that the class manifolds' slowest problems leave free instead of running after them.
+    ``threshold`` and ``start`` are the class manifolds', ``boundary_threshold`` and
+    ``boundary_start`` the boundaries'; the other arguments are those of :func:`cm_dimension`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from cm_monitor import cm_and_boundary_dimension
+        >>> net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+        >>> x, y = torch.randn(12, 8), torch.arange(12) % 3
+        >>> cm, boundary = cm_and_boundary_dimension(net, x, y, pairs=[(0, 1)], dims=[1, 2, 4, 8], num_bootstrap=0)
+        >>> cm.kind, boundary.targets
+        ('cm', [(0, 1)])
+    """
+    pairs, k = _check_pairs(pairs)
+    classes_ = None if classes is None else [_as_class_tuple(c, "classes") for c in classes]
+    kinds = [
+        _Kind("cm", classes_, 1, threshold, start),
+        _Kind("boundary", pairs, k, boundary_threshold, boundary_start),
+    ]
+    common = dict(dims=dims, generator=generator, anchors_per_target=anchors_per_target, chunk_size=chunk_size)
+    common |= dict(num_bootstrap=num_bootstrap, calibration=calibration, settings=_settings(settings, None, None, None))
+    cm, boundary = _measure_kinds(model, anchors, labels, kinds, output_transform, progress, part, **common)
+    return cm, boundary
+
+
+def _check_pairs(pairs: Sequence[Sequence[int]] | None) -> tuple[list[tuple[int, ...]] | None, int]:
+    """``pairs`` as tuples of class ids, and their common length ``k`` (2 for the default)."""
+    if pairs is None:
+        return None, 2
+    pairs = [_as_class_tuple(p, "pairs") for p in pairs]
+    lengths = {len(p) for p in pairs}
+    if not pairs:
+        raise ValueError("`pairs` is empty; expected class sets such as [(0, 1), (2, 3)].")
+    if len(lengths) != 1 or min(lengths) < 2:
+        raise ValueError(f"`pairs` must hold class sets of one length k >= 2, got lengths {sorted(lengths)}.")
+    return pairs, lengths.pop()
+
+
 def _estimate(
     kind: Literal["cm", "boundary"],
     model: ModelLike,
@@ -560,21 +618,83 @@ def _estimate(
     part: tuple[int, int] | None = None,
     start: DimensionEstimate | None = None,
 ) -> DimensionEstimate:
+    kinds = [_Kind(kind, targets, k, threshold, start)]
+    common = dict(dims=dims, generator=generator, anchors_per_target=anchors_per_target, chunk_size=chunk_size)
+    common |= dict(num_bootstrap=num_bootstrap, calibration=calibration, settings=settings)
+    (est,) = _measure_kinds(model, anchors, labels, kinds, output_transform, progress, part, **common)
+    return est
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """What one kind of target of a measurement asks for: class manifolds (``k = 1``) or
+    boundaries among ``k`` classes, their targets (None: the default), level and warm start."""
+
+    kind: Literal["cm", "boundary"]
+    targets: list[tuple[int, ...]] | None
+    k: int
+    threshold: float
+    start: DimensionEstimate | None
+
+
+@dataclass
+class _Plan:
+    """One kind's (target, anchor) groups: targets, their anchors, plane seeds and warm-start hints."""
+
+    kind: str
+    k: int
+    threshold: float
+    max_threshold: float
+    targets: list[tuple[int, ...]]
+    per_target: list[Tensor]
+    seeds: list[int]
+    bootstrap_seed: int
+    hints: list[int | None] | None
+    mine: Tensor  # [G] bool: this share's groups
+
+    def group_anchor(self) -> Tensor:
+        return torch.cat(self.per_target)
+
+    def group_targets(self) -> Tensor:
+        flat = [t for t, u in zip(self.targets, self.per_target, strict=True) for _ in range(u.numel())]
+        return torch.tensor(flat, dtype=torch.long).view(-1, self.k)
+
+
+def _measure_kinds(
+    model: ModelLike,
+    anchors: Tensor,
+    labels: Tensor | Sequence[int],
+    kinds: list[_Kind],
+    output_transform: OutputTransform | None,
+    progress: Callable[[int, int], None] | None,
+    part: tuple[int, int] | None,
+    *,
+    dims: Sequence[int] | Tensor | None,
+    generator: torch.Generator | int | None,
+    anchors_per_target: int | None,
+    chunk_size: int,
+    num_bootstrap: int,
+    calibration: tuple[Tensor, Tensor] | None,
+    settings: OptimizerSettings,
+) -> list[DimensionEstimate]:
+    """Measure each of ``kinds`` on the same anchors, with one calibration and one work pool: the
+    estimates are those of one call per kind (each kind draws its seeds as its own call does)."""
     part = check_part(part)
     members = logits_models(as_members(model), output_transform)
     check_float_inputs(anchors, "anchors")
     labels = _check_labels(labels, anchors.shape[0])
-    max_threshold = math.exp(-k * settings.tol)
-    threshold = _check_threshold(threshold, "threshold", max_threshold)
+    names = ["threshold"] if len(kinds) == 1 else ["threshold", "boundary_threshold"]
+    kinds = [
+        replace(kd, threshold=_check_threshold(kd.threshold, name, math.exp(-kd.k * settings.tol)))
+        for kd, name in zip(kinds, names, strict=True)
+    ]
     chunk_size = _check_positive_int(chunk_size, "chunk_size")
     num_bootstrap = _check_positive_int(num_bootstrap, "num_bootstrap", minimum=0)
     if anchors_per_target is not None:
         anchors_per_target = _check_positive_int(anchors_per_target, "anchors_per_target")
     input_dim = anchors[0].numel()
     dim_grid = check_dims(dims, input_dim)
-    gen = make_generator(generator)
     scale = data_scale(anchors) if settings.scale == "auto" else float(settings.scale)
-
     device = model_device(members, anchors.device)
     dtype = model_float_dtype(members, anchors.dtype)
     with measuring(members):
@@ -585,7 +705,6 @@ def _estimate(
             raise ValueError(
                 f"`labels` must be class ids in [0, {num_classes - 1}] (the model has {num_classes} classes), got values in [{int(labels.min())}, {int(labels.max())}]."
             )
-        targets = _check_targets(kind, targets, num_classes, k)
         temperature = _temperature(settings, members, logits, labels, calibration, dtype)
         space = PlaneSpace(
             scale=scale,
@@ -594,54 +713,136 @@ def _estimate(
             low=float(x.min()),
             high=float(x.max()),
             clip=settings.clip,
-            level=threshold,
+            level=kinds[0].threshold,
         )
+        plans = [
+            _plan(kd, labels, num_classes, make_generator(generator), anchors_per_target, dim_grid, settings, part)
+            for kd in kinds
+        ]
+        outcomes = _optimize(plans, members, x, dim_grid, settings, space, chunk_size, num_classes, dtype, progress)
+    common = dict(input_dim=input_dim, dims=dim_grid, temperature=temperature, settings=settings)
+    estimates = []
+    for plan, outcome in zip(plans, outcomes, strict=True):  # a loop, not a comprehension: warnings' stacklevel
+        estimates.append(_assemble(plan, outcome, num_bootstrap=num_bootstrap, part=part, **common))
+    return estimates
 
-        base_seed = int(torch.randint(0, 2**62, (1,), generator=gen))
-        bootstrap_seed = int(torch.randint(0, 2**62, (1,), generator=gen))
-        per_target = []
-        for t in targets:
-            usable = _usable_anchors(labels, t, num_classes)
-            if usable.numel() == 0:
-                name = "class" if kind == "cm" else "class set"
-                raise ValueError(
-                    f"No usable anchor for target {name} {t if kind == 'boundary' else t[0]}: every anchor's label is in the target. Pass anchors of other classes."
-                )
-            if anchors_per_target is not None and usable.numel() > anchors_per_target:
-                pick = torch.randperm(usable.numel(), generator=gen)[:anchors_per_target]
-                usable = usable[pick.sort().values]
-            per_target.append(usable)
 
-        group_anchor = torch.cat(per_target)
-        group_targets = torch.tensor(
-            [t for t, u in zip(targets, per_target, strict=True) for _ in range(u.numel())], dtype=torch.long
-        ).view(-1, k)
-        seeds = [plane_seed(base_seed, t, int(a)) for t, u in zip(targets, per_target, strict=True) for a in u.tolist()]
-        mine = owned(len(seeds), part)  # this share's groups (all of them without `part`)
-        hints = _start_hints(start, kind, targets, per_target, dim_grid, threshold)
-        outcome = _expand(
-            optimize_planes(
-                members,
-                x,
-                group_anchor[mine].to(device),
-                group_targets[mine].to(device),
-                [seed for seed, m in zip(seeds, mine.tolist(), strict=True) if m],
-                dim_grid,
-                settings,
-                space,
-                chunk_size=chunk_size,
-                num_classes=num_classes,
-                model_dtype=dtype,
-                progress=progress,
-                hints=None if hints is None else [h for h, m in zip(hints, mine.tolist(), strict=True) if m],
+def _plan(
+    kd: _Kind,
+    labels: Tensor,
+    num_classes: int,
+    gen: torch.Generator,
+    anchors_per_target: int | None,
+    dims: list[int],
+    settings: OptimizerSettings,
+    part: tuple[int, int] | None,
+) -> _Plan:
+    """The groups of one kind: its targets, a subset of the anchors of other classes per target
+    (``anchors_per_target``, drawn from ``gen``), one plane seed per group."""
+    targets = _check_targets(kd.kind, kd.targets, num_classes, kd.k)
+    base_seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    bootstrap_seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    per_target = []
+    for t in targets:
+        usable = _usable_anchors(labels, t, num_classes)
+        if usable.numel() == 0:
+            name = "class" if kd.kind == "cm" else "class set"
+            raise ValueError(
+                f"No usable anchor for target {name} {t if kd.kind == 'boundary' else t[0]}: every anchor's label is in the target. Pass anchors of other classes."
             )
-            if bool(mine.any())
-            else None,
-            mine,
-            len(dim_grid),
-        )
+        if anchors_per_target is not None and usable.numel() > anchors_per_target:
+            pick = torch.randperm(usable.numel(), generator=gen)[:anchors_per_target]
+            usable = usable[pick.sort().values]
+        per_target.append(usable)
+    seeds = [plane_seed(base_seed, t, int(a)) for t, u in zip(targets, per_target, strict=True) for a in u.tolist()]
+    return _Plan(
+        kind=kd.kind,
+        k=kd.k,
+        threshold=kd.threshold,
+        max_threshold=math.exp(-kd.k * settings.tol),
+        targets=targets,
+        per_target=per_target,
+        seeds=seeds,
+        bootstrap_seed=bootstrap_seed,
+        hints=_start_hints(kd.start, kd.kind, targets, per_target, dims, kd.threshold),
+        mine=owned(len(seeds), part),  # this share's groups (all of them without `part`)
+    )
 
-    T, A, K = len(targets), max(u.numel() for u in per_target), len(dim_grid)
+
+def _optimize(
+    plans: list[_Plan],
+    members: list[nn.Module],
+    x: Tensor,
+    dims: list[int],
+    settings: OptimizerSettings,
+    space: PlaneSpace,
+    chunk_size: int,
+    num_classes: int,
+    dtype: torch.dtype,
+    progress: Callable[[int, int], None] | None,
+) -> list[CuttingOutcome]:
+    """This share's groups of every plan in one work pool; the outcome of each plan, ``[G, K]``
+    (cells of other shares' groups NaN and not probed)."""
+    K, kmax = len(dims), max(plan.k for plan in plans)
+    anchor, targets, seeds, hints, ks, levels = [], [], [], [], [], []
+    for plan in plans:
+        m = plan.mine
+        anchor.append(plan.group_anchor()[m])
+        t = plan.group_targets()[m]
+        targets.append(torch.cat([t, t[:, :1].expand(-1, kmax - plan.k)], 1))  # padding repeats a target
+        seeds += [seed for seed, keep in zip(plan.seeds, m.tolist(), strict=True) if keep]
+        hints += [h for h, keep in zip(plan.hints or [None] * m.numel(), m.tolist(), strict=True) if keep]
+        ks.append(torch.full((int(m.sum()),), plan.k))
+        levels.append(torch.full((int(m.sum()),), plan.threshold))
+    mixed = len(plans) > 1
+    any_hint = any(plan.hints is not None for plan in plans)
+    outcome = None
+    if seeds:
+        outcome = optimize_planes(
+            members,
+            x,
+            torch.cat(anchor).to(x.device),
+            torch.cat(targets).to(x.device),
+            seeds,
+            dims,
+            settings,
+            space,
+            chunk_size=chunk_size,
+            num_classes=num_classes,
+            model_dtype=dtype,
+            progress=progress,
+            hints=hints if any_hint else None,
+            group_k=torch.cat(ks) if mixed else None,
+            group_level=torch.cat(levels) if mixed else None,
+        )
+    out, offset = [], 0
+    for plan in plans:
+        n = int(plan.mine.sum())
+        piece = None if outcome is None or n == 0 else _rows(outcome, slice(offset, offset + n))
+        out.append(_expand(piece, plan.mine, K))
+        offset += n
+    return out
+
+
+def _rows(outcome: CuttingOutcome, rows: slice) -> CuttingOutcome:
+    """The groups ``rows`` of an outcome."""
+    return CuttingOutcome(**{f.name: getattr(outcome, f.name)[rows] for f in fields(CuttingOutcome)})
+
+
+def _assemble(
+    plan: _Plan,
+    outcome: CuttingOutcome,
+    *,
+    input_dim: int,
+    dims: list[int],
+    temperature: float,
+    settings: OptimizerSettings,
+    num_bootstrap: int,
+    part: tuple[int, int] | None,
+) -> DimensionEstimate:
+    """The estimate of one plan from its ``[G, K]`` outcome (read off unless it is a share)."""
+    per_target = plan.per_target
+    T, A, K = len(plan.targets), max(u.numel() for u in per_target), len(dims)
     scores = torch.full((T, A, K), math.nan)
     losses = torch.full((T, A, K), math.nan)
     steps = torch.zeros((T, A, K), dtype=torch.long)
@@ -663,11 +864,11 @@ def _estimate(
 
     nan = torch.full((T,), math.nan)
     est = DimensionEstimate(
-        kind=kind,
+        kind=plan.kind,
         input_dim=input_dim,
-        targets=[t[0] for t in targets] if kind == "cm" else targets,
-        dims=torch.tensor(dim_grid, dtype=torch.long),
-        threshold=threshold,
+        targets=[t[0] for t in plan.targets] if plan.kind == "cm" else plan.targets,
+        dims=torch.tensor(dims, dtype=torch.long),
+        threshold=plan.threshold,
         scores=scores,
         losses=losses,
         steps=steps,
@@ -683,13 +884,13 @@ def _estimate(
         dimension=nan,
         dimension_frac=nan,
         num_bootstrap=num_bootstrap,
-        bootstrap_seed=bootstrap_seed,
-        max_threshold=max_threshold,
+        bootstrap_seed=plan.bootstrap_seed,
+        max_threshold=plan.max_threshold,
         probed=probed,
         search=resolve_search(settings),
         part=part,
     )
-    return est if part is not None else _complete(est, stacklevel=4)
+    return est if part is not None else _complete(est, stacklevel=6)
 
 
 def _start_hints(

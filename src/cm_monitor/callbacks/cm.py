@@ -21,7 +21,7 @@ from cm_monitor.anchors import BatchReader
 from cm_monitor.callbacks.base import _OOM_ERRORS, GeometryMonitor, Measurement, check_int, check_probability
 from cm_monitor.cost import CostEstimate, activation_bytes_per_row, available_bytes, estimate_cost, pool_bytes
 from cm_monitor.cutting import OptimizerSettings, problems_per_group, resolve_search, rows_per_pass
-from cm_monitor.dimension import DimensionEstimate, boundary_dimension, cm_dimension
+from cm_monitor.dimension import DimensionEstimate, cm_and_boundary_dimension, cm_dimension
 from cm_monitor.planes import choose_planes, default_dims
 
 
@@ -524,7 +524,7 @@ class CMDimensionMonitor(GeometryMonitor):
 
     def _pass_size(self, part: tuple[int, int]) -> int:
         """Rows of the work pool: at most ``chunk_size`` (and the memory bound), at most the problems in
-        flight: one per (target, anchor) group of this rank, two with a warm start."""
+        flight: one per (target, anchor) group of this rank, classes and pairs, two with a warm start."""
         per_group = problems_per_group(self.settings, len(self.grid()))
         n_cm, n_pairs = self._problem_counts(part[1])
         flight = [n_cm // per_group, n_pairs // per_group]
@@ -535,7 +535,7 @@ class CMDimensionMonitor(GeometryMonitor):
             if self.pairs:
                 starts = (starts[0], self._start(self.last_boundary, self.pairs, self.boundary_threshold))
             flight = [f * (2 if start is not None else 1) for f, start in zip(flight, starts, strict=True)]
-        return max(1, min(self._pass_rows, self.chunk_size, max(flight)))
+        return max(1, min(self._pass_rows, self.chunk_size, sum(flight)))  # classes and pairs share one pool
 
     def _start(self, last: DimensionEstimate | None, targets: list, threshold: float) -> DimensionEstimate | None:
         """The previous measurement as the warm start of this one, if it measured the same targets on
@@ -565,31 +565,24 @@ class CMDimensionMonitor(GeometryMonitor):
             "part": part,
         }
         n_cm, n_pairs = self._problem_counts(part[1])  # this rank's share
+        cm_start = self._start(self.last_cm, self.targets, self.threshold)
         with warnings.catch_warnings(), self._progress(trainer) as progress:
             # the core warns about NaN/inf on every rank; the notes of _finish say it once, on rank 0
             warnings.filterwarnings("ignore", message="NaN/inf appeared while optimizing", category=RuntimeWarning)
-            cm = cm_dimension(
-                model,
-                self.anchors,
-                self.anchor_labels,
-                classes=self.targets,
-                threshold=self.threshold,
-                progress=progress.part(0, n_cm, n_cm + n_pairs),
-                start=self._start(self.last_cm, self.targets, self.threshold),
+            report = progress.part(0, n_cm + n_pairs, n_cm + n_pairs)
+            if not self.pairs:
+                cm = cm_dimension(
+                    model, self.anchors, self.anchor_labels, classes=self.targets, threshold=self.threshold,
+                    progress=report, start=cm_start, **common,
+                )  # fmt: skip
+                return cm, None
+            # classes and pairs in one work pool: the pairs fill the rows the classes' tail leaves free
+            cm, boundary = cm_and_boundary_dimension(
+                model, self.anchors, self.anchor_labels, classes=self.targets, pairs=self.pairs,
+                threshold=self.threshold, boundary_threshold=self.boundary_threshold, progress=report,
+                start=cm_start, boundary_start=self._start(self.last_boundary, self.pairs, self.boundary_threshold),
                 **common,
-            )
-            boundary = None
-            if self.pairs:
-                boundary = boundary_dimension(
-                    model,
-                    self.anchors,
-                    self.anchor_labels,
-                    pairs=self.pairs,
-                    threshold=self.boundary_threshold,
-                    progress=progress.part(n_cm, n_pairs, n_cm + n_pairs),
-                    start=self._start(self.last_boundary, self.pairs, self.boundary_threshold),
-                    **common,
-                )
+            )  # fmt: skip
         return cm, boundary
 
     def _finish(
