@@ -64,3 +64,32 @@ def test_one_pool_names_the_boundary_threshold_in_its_error():
     net, x, y = _net_and_data()
     with pytest.raises(ValueError, match="`boundary_threshold` must be a number in"):
         cm_and_boundary_dimension(net, x, y, boundary_threshold=1.5)
+
+
+def test_warnings_point_at_the_callers_line():
+    import inspect
+    import warnings
+
+    net, x, y = _net_and_data()
+
+    class NaNFar(nn.Module):  # NaN for inputs far from the data: the optimization fails there
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, z):
+            out = self.net(z)
+            return torch.where(z.abs().amax(1, keepdim=True) > 2.5, float("nan"), out)
+
+    kw = dict(dims=[1, 4, 16], num_bootstrap=0, settings=OptimizerSettings(max_radius=None))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        here = inspect.currentframe().f_lineno + 1
+        cm_and_boundary_dimension(NaNFar(), x, y, pairs=[(0, 1)], **kw)
+    with warnings.catch_warnings(record=True) as caught_cm:
+        warnings.simplefilter("always")
+        here_cm = inspect.currentframe().f_lineno + 1
+        cm_dimension(NaNFar(), x, y, **kw)
+    for warned, line in ((caught, here), (caught_cm, here_cm)):
+        nan = [w for w in warned if "NaN/inf appeared" in str(w.message)]
+        assert nan and all((w.filename, w.lineno) == (__file__, line) for w in nan)

@@ -408,3 +408,27 @@ def test_out_of_memory_at_the_start_of_fit_scales_the_pass_down(tmp_path):
         t, _ = fit(tmp_path, [monitor], max_epochs=1)
     assert monitor.cost_estimate.rows_per_pass == 48
     assert t.callback_metrics["cm/measured"] == 1.0 and t.callback_metrics["cm/failed"] == 0.0
+
+
+def test_the_placeholder_of_a_failed_first_measurement_stays_within_a_divergence_threshold(tmp_path):
+    monitor = FailingDiffeo(fail_epochs={0}, **DIFFEO_FAST)
+    stopper = EarlyStopping(monitor="diffeo/rf", mode="min", divergence_threshold=1000.0, check_finite=False)
+    record = Record("diffeo")
+    with pytest.warns(RuntimeWarning, match="without a value yet"):
+        _, model = fit(tmp_path, [monitor, record, stopper], max_epochs=2)
+    assert model.train_steps == 6 and stopper.stopped_epoch == 0
+    assert record.series("diffeo/rf")[0] == 1000.0
+
+
+class LogsAtEpochEnd(DigitsCNN):
+    """Logs a key under the monitor's prefix in its own on_validation_epoch_end (after the callbacks')."""
+
+    def on_validation_epoch_end(self):
+        self.log("diffeo/extra", 1.0)
+
+
+def test_a_key_the_module_logs_after_the_monitor_is_left_to_the_module(tmp_path):
+    stopper = EarlyStopping(monitor="diffeo/extra", mode="min", patience=5)
+    with pytest.warns(UserWarning, match="'diffeo/extra', which is not a key of this monitor"):
+        t, model = fit(tmp_path, [DiffeoStabilityMonitor(**DIFFEO_FAST), stopper], model=LogsAtEpochEnd(), max_epochs=2)
+    assert model.train_steps == 6 and t.callback_metrics["diffeo/extra"] == 1.0

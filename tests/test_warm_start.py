@@ -86,15 +86,16 @@ class _Counting(CMDimensionMonitor):
         return cm, boundary
 
 
-def _fit(tmp_path, warm_start: bool) -> tuple[_Counting, list[int]]:
+def _fit(tmp_path, warm_start: bool, monitor=None, shift: float = 0.0, net=None) -> tuple[_Counting, list[int]]:
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(120, 16, generator=g)
+    x = torch.randn(120, 16, generator=g) + shift
     y = (x[:, :4].argmax(1)).long()
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
-    monitor = _Counting(
-        num_anchors=4, anchors_per_target=4, num_pairs=1, num_bootstrap=0, verbose=False, warm_start=warm_start
-    )
+    net = net if net is not None else nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    if monitor is None:
+        monitor = _Counting(
+            num_anchors=4, anchors_per_target=4, num_pairs=1, num_bootstrap=0, verbose=False, warm_start=warm_start
+        )
     trainer = pl.Trainer(
         max_epochs=3, callbacks=[monitor], logger=False, enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
@@ -117,3 +118,26 @@ def test_the_monitor_starts_each_measurement_at_the_previous_answer(tmp_path):
 def test_warm_start_must_be_a_bool():
     with pytest.raises(TypeError, match="`warm_start` must be a bool"):
         CMDimensionMonitor(warm_start=1)
+
+
+def test_a_new_fit_or_a_resume_starts_cold(tmp_path):
+    monitor, problems = _fit(tmp_path / "a", warm_start=True)
+    first = problems[0]
+    _fit(tmp_path / "b", warm_start=True, monitor=monitor, shift=0.01)  # new data: new anchors, a new series
+    assert monitor.problems[3] == first and monitor.problems[4] < first
+    monitor.load_state_dict(monitor.state_dict())
+    assert monitor.last_cm is None and monitor.last_boundary is None
+
+
+def test_the_pass_size_is_the_pool_that_ran(tmp_path):
+    # the out-of-memory retry halves _pass_size: it must be the rows the warm-started pool really held
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    rows: list[int] = []
+    net[0].register_forward_hook(
+        lambda mod, inp, out: rows.append(inp[0].shape[0]) if torch.is_grad_enabled() else None
+    )
+    monitor, _ = _fit(tmp_path, warm_start=True, net=net)
+    size = monitor._pass_size((0, 1))
+    rows.clear()
+    monitor._measure_part(None, None, net, (0, 1))  # what the next measurement does
+    assert max(rows) == size

@@ -367,9 +367,10 @@ def cm_dimension(
             (typically the previous measurement of the same anchors during training). Each
             (target, anchor) bisection starts with two problems at that anchor's earlier first
             success and the grid point below it, so an anchor whose ``d*`` has not moved costs two
-            problems in one round instead of ``ceil(log2(K + 1))`` in a row. Success is monotone
-            in ``d`` (nested planes), so the answer is the one of a cold start; a start from other
-            anchors costs time, never the answer. Ignored by the grid search.
+            problems in one round instead of ``ceil(log2(K + 1))`` in a row. While success is
+            monotone in ``d`` (nested planes make it so; an optimization that misses a success a
+            smaller plane found breaks it), the answer is the one of a cold start and a start from
+            other anchors costs time only. Ignored by the grid search.
 
     Returns:
         A :class:`DimensionEstimate` with ``targets`` the classes.
@@ -580,7 +581,9 @@ def cm_and_boundary_dimension(
     ]
     common = dict(dims=dims, generator=generator, anchors_per_target=anchors_per_target, chunk_size=chunk_size)
     common |= dict(num_bootstrap=num_bootstrap, calibration=calibration, settings=_settings(settings, None, None, None))
-    cm, boundary = _measure_kinds(model, anchors, labels, kinds, output_transform, progress, part, **common)
+    cm, boundary = _measure_kinds(
+        model, anchors, labels, kinds, output_transform, progress, part, stacklevel=5, **common
+    )
     return cm, boundary
 
 
@@ -621,7 +624,7 @@ def _estimate(
     kinds = [_Kind(kind, targets, k, threshold, start)]
     common = dict(dims=dims, generator=generator, anchors_per_target=anchors_per_target, chunk_size=chunk_size)
     common |= dict(num_bootstrap=num_bootstrap, calibration=calibration, settings=settings)
-    (est,) = _measure_kinds(model, anchors, labels, kinds, output_transform, progress, part, **common)
+    (est,) = _measure_kinds(model, anchors, labels, kinds, output_transform, progress, part, stacklevel=6, **common)
     return est
 
 
@@ -676,9 +679,11 @@ def _measure_kinds(
     num_bootstrap: int,
     calibration: tuple[Tensor, Tensor] | None,
     settings: OptimizerSettings,
+    stacklevel: int,
 ) -> list[DimensionEstimate]:
     """Measure each of ``kinds`` on the same anchors, with one calibration and one work pool: the
-    estimates are those of one call per kind (each kind draws its seeds as its own call does)."""
+    estimates are those of one call per kind (each kind draws its seeds as its own call does).
+    ``stacklevel``: of the user's line for warnings, counted from :func:`_complete`."""
     part = check_part(part)
     members = logits_models(as_members(model), output_transform)
     check_float_inputs(anchors, "anchors")
@@ -723,7 +728,9 @@ def _measure_kinds(
     common = dict(input_dim=input_dim, dims=dim_grid, temperature=temperature, settings=settings)
     estimates = []
     for plan, outcome in zip(plans, outcomes, strict=True):  # a loop, not a comprehension: warnings' stacklevel
-        estimates.append(_assemble(plan, outcome, num_bootstrap=num_bootstrap, part=part, **common))
+        estimates.append(
+            _assemble(plan, outcome, num_bootstrap=num_bootstrap, part=part, stacklevel=stacklevel, **common)
+        )
     return estimates
 
 
@@ -839,6 +846,7 @@ def _assemble(
     settings: OptimizerSettings,
     num_bootstrap: int,
     part: tuple[int, int] | None,
+    stacklevel: int,
 ) -> DimensionEstimate:
     """The estimate of one plan from its ``[G, K]`` outcome (read off unless it is a share)."""
     per_target = plan.per_target
@@ -890,7 +898,7 @@ def _assemble(
         search=resolve_search(settings),
         part=part,
     )
-    return est if part is not None else _complete(est, stacklevel=6)
+    return est if part is not None else _complete(est, stacklevel=stacklevel)
 
 
 def _start_hints(

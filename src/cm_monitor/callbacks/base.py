@@ -393,6 +393,10 @@ class GeometryMonitor(Callback):
         fit, after the targets are chosen. The keys logged at every validation are added by the base class."""
         return set()
 
+    def _forget_estimates(self) -> None:
+        """Drop what the last measurement left for the next one (a new series starts: other anchors,
+        or a resume); the subclass's hook."""
+
     def _extra_state(self) -> dict[str, Any]:
         return {}
 
@@ -541,10 +545,12 @@ class GeometryMonitor(Callback):
         self.last_measured_epoch = state_dict["last_measured_epoch"]
         self.num_measurements = state_dict["num_measurements"]
         self._load_extra_state(state_dict)
+        self._forget_estimates()  # a resumed series starts its next measurement afresh
         self._restored = True
 
     def _reset_series(self) -> None:
         """Forget the anchors and values of an earlier run (targets are chosen again with the anchors)."""
+        self._forget_estimates()
         self.anchors = self.anchor_labels = self.num_classes = None
         self.last_values = {}
         self.last_measured_epoch = None
@@ -783,37 +789,44 @@ class GeometryMonitor(Callback):
         return set(self._watchers(trainer, strict_only))
 
     def _fill_watched_keys(self, trainer: pl.Trainer, epoch: int, produced: set[str] | None) -> list[str]:
-        """A value for each key another callback strictly monitors that has none yet; notes saying so.
+        """A value for each key of this monitor that another callback strictly monitors and that has
+        none yet; notes saying so.
 
         Such a callback (``EarlyStopping(strict=True)``, ``ModelCheckpoint``) would fail on the
         missing key and end the fit. It happens when the first measurement failed (``produced`` is
         None), came out NaN/inf with ``on_nonfinite="keep_last"``, or did not give the key (a
         ``cm/success_dist_*`` key when no plane reached the threshold). The key gets the worst
-        finite value for the watcher's mode (:func:`_worst_value`): ``EarlyStopping`` neither stops
-        on it (a NaN would stop it with ``check_finite=True``) nor counts it as an improvement over
-        a real value, and ``ModelCheckpoint`` ranks it last. Keys that something else logs are left
-        alone. A key that neither this configuration nor anything else logs is a configuration error
-        (raised: the start of fit only warns about it, since the module might log it).
+        finite value for the watcher (:meth:`_placeholder`): ``EarlyStopping`` neither stops on it
+        (a NaN would stop it with ``check_finite=True``) nor counts it as an improvement over a real
+        value, and ``ModelCheckpoint`` ranks it last. Only keys this configuration logs are filled:
+        others are left to whoever logs them (the LightningModule may, also in its own
+        ``on_validation_epoch_end``, which runs after this hook); the start of fit warned about them.
         """
         watchers = self._watchers(trainer, strict_only=True)
         known = set(self.last_values) | self._always_logged() | set(trainer.callback_metrics)
-        absent = sorted(k for k in watchers if k not in known)
         loggable = {f"{self.prefix}/{k}" for k in self._loggable_keys()}
-        unknown = [k for k in absent if k not in loggable]
-        if unknown:  # not caught at fit start (the module might have logged it), and nothing did
-            raise RuntimeError(
-                f"{type(self).__name__}: another callback monitors {unknown}, which neither this monitor (with "
-                f"its configuration) nor the LightningModule logs (epoch {epoch}). This monitor logs: "
-                f"{sorted(loggable | self._always_logged())}."
-            )
+        absent = sorted(k for k in watchers if k not in known and k in loggable)
         if not absent:
             return []
-        self.last_values.update({k: _worst_value(watchers[k]) for k in absent})
+        self.last_values.update({k: self._placeholder(trainer, k) for k in absent})
         why = "the measurement failed" if produced is None else "the measurement did not give them"
         return [
             f"{absent} monitored by another callback but without a value yet ({why}): logged as the worst "
-            "finite value for its mode (+-3.4e38), so that it neither stops the run nor counts as an improvement."
+            "finite value for its watcher (+-3.4e38, or its divergence threshold), so that it neither stops "
+            "the run nor counts as an improvement."
         ]
+
+    def _placeholder(self, trainer: pl.Trainer, key: str) -> float:
+        """The value for a watched ``key`` without one: the worst finite value for the mode of the
+        callbacks that watch it, within an ``EarlyStopping``'s ``divergence_threshold`` (a value at
+        the threshold does not trip it)."""
+        watching = [cb for cb in trainer.callbacks if cb is not self and getattr(cb, "monitor", None) == key]
+        value = _worst_value(getattr(watching[0], "mode", "min"))
+        for cb in watching:
+            threshold = getattr(cb, "divergence_threshold", None)
+            if threshold is not None:
+                value = min(value, threshold) if value > 0 else max(value, threshold)
+        return value
 
     def _watchers(self, trainer: pl.Trainer, strict_only: bool) -> dict[str, str]:
         """``{key: mode}`` of the keys under this monitor's prefix that other callbacks monitor."""

@@ -97,9 +97,10 @@ class CMDimensionMonitor(GeometryMonitor):
         warm_start: start each (target, anchor) bisection of a measurement at its answer of the
             previous measurement of this run (``start=`` of :func:`~cm_monitor.cm_dimension`): an
             anchor whose ``d*`` has not moved costs two problems in one round instead of about
-            ``log2(K + 1)`` in a row. The answer is the one of a cold start (success is monotone in
-            ``d``); only the time changes. The first measurement, and the first after a resume,
-            start cold. No effect with the grid search (``extra_thresholds``).
+            ``log2(K + 1)`` in a row. While success is monotone in ``d`` (nested planes) the answer
+            is the one of a cold start and only the time changes (see ``docs/callback.md`` for when
+            it is not). The first measurement of a fit, and the first after a resume, start cold.
+            No effect with the grid search (``extra_thresholds``).
         max_seconds: at the start of fit, before any training, a probe pass gives an upper bound on
             the time of one measurement (every problem running its whole ``max_steps``; early
             stopping usually makes it several times less). It is logged and kept as
@@ -494,6 +495,9 @@ class CMDimensionMonitor(GeometryMonitor):
     def _extra_state(self) -> dict[str, Any]:
         return {"targets": self.targets, "pairs": self.pairs}
 
+    def _forget_estimates(self) -> None:
+        self.last_cm = self.last_boundary = None  # no warm start from other anchors or another run
+
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self.targets = state.get("targets")
         pairs = state.get("pairs")
@@ -524,18 +528,19 @@ class CMDimensionMonitor(GeometryMonitor):
 
     def _pass_size(self, part: tuple[int, int]) -> int:
         """Rows of the work pool: at most ``chunk_size`` (and the memory bound), at most the problems in
-        flight: one per (target, anchor) group of this rank, classes and pairs, two with a warm start."""
+        flight on this rank: every problem of the grid; by bisection one per (target, anchor) group,
+        two for a group whose warm start lies inside the grid (classes and pairs share one pool)."""
         per_group = problems_per_group(self.settings, len(self.grid()))
         n_cm, n_pairs = self._problem_counts(part[1])
-        flight = [n_cm // per_group, n_pairs // per_group]
         if resolve_search(self.settings) == "grid":
-            flight = [n_cm, n_pairs]
+            flight = n_cm + n_pairs
         else:
-            starts = (self._start(self.last_cm, self.targets, self.threshold), None)
+            flight = (n_cm + n_pairs) // per_group
+            starts = [self._start(self.last_cm, self.targets, self.threshold)]
             if self.pairs:
-                starts = (starts[0], self._start(self.last_boundary, self.pairs, self.boundary_threshold))
-            flight = [f * (2 if start is not None else 1) for f, start in zip(flight, starts, strict=True)]
-        return max(1, min(self._pass_rows, self.chunk_size, sum(flight)))  # classes and pairs share one pool
+                starts.append(self._start(self.last_boundary, self.pairs, self.boundary_threshold))
+            flight += sum(math.ceil(_inner_hints(start) / part[1]) for start in starts if start is not None)
+        return max(1, min(self._pass_rows, self.chunk_size, flight))
 
     def _start(self, last: DimensionEstimate | None, targets: list, threshold: float) -> DimensionEstimate | None:
         """The previous measurement as the warm start of this one, if it measured the same targets on
@@ -759,3 +764,13 @@ def _check_dims(dims: int | Sequence[int]) -> int | list[int]:
             raise ValueError(f"`dims` must hold positive integers, got {d!r}.")
         out.append(d)
     return sorted(set(out))
+
+
+def _inner_hints(est: DimensionEstimate) -> int:
+    """(target, anchor) groups of ``est`` whose first success lies inside the grid (after its first
+    point): a warm start from ``est`` gives each of them two problems at once."""
+    probed = torch.ones_like(est.nonfinite) if est.probed is None else est.probed
+    hit = probed & (est.scores >= est.threshold)
+    first = torch.where(hit.any(-1), hit.to(torch.int64).argmax(-1), len(est.dims))
+    valid = (est.anchor_index >= 0) & probed.any(-1) & ~est.nonfinite.any(-1)
+    return int((valid & (first > 0) & (first < len(est.dims))).sum())
