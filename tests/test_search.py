@@ -194,3 +194,26 @@ def test_a_warm_start_stays_consistent_when_outcomes_contradict_each_other():
 def test_a_warm_start_needs_one_hint_per_group():
     with pytest.raises(ValueError, match="one grid index"):
         BisectionSearch(3, 8, hints=[1, 2])
+
+
+def _rounds(search, first_success: list[int]) -> dict[int, int]:
+    """Rounds per group: every problem a group has running reports before its next round starts."""
+    rounds = dict.fromkeys(range(len(first_success)), 0)
+    while search.waiting:
+        batch = search.take(10**6)  # a pool as large as needed: every ready problem at once
+        for g in {g for g, _ in batch}:
+            rounds[g] += 1
+        for g, j in batch:
+            search.report(g, j, j >= first_success[g])
+    return rounds
+
+
+@pytest.mark.parametrize("move", [-2, -1, 1, 2])
+def test_a_hint_that_moved_by_a_point_or_two_closes_in_two_rounds(move):
+    K = 10
+    hints = list(range(3, 8))
+    answers = [h + move for h in hints]
+    search = BisectionSearch(len(hints), K, hints=hints)
+    rounds = _rounds(search, answers)
+    assert search.hi == answers
+    assert max(rounds.values()) <= 2

@@ -53,7 +53,8 @@ class BisectionSearch:
 
     ``hints`` (a warm start, e.g. each group's first success at the previous measurement; ``None``
     for a group without one) start a group with two problems at once, the hinted index ``h`` and
-    ``h - 1``: when the first success has not moved, the bracket closes after that one round. With
+    ``h - 1``: when the first success has not moved, the bracket closes after that one round; when
+    it moved, the next round tries the two grid points beyond, on the side it moved to. With
     success monotone in ``d`` the answer is the same as without hints; should outcomes contradict
     each other (a success below a failure), ``hi`` is the smallest success and ``lo`` the largest
     failure below it, so the bracket stays consistent.
@@ -71,6 +72,8 @@ class BisectionSearch:
         self._running = [0] * groups
         self._stopped = [False] * groups
         self._ready = deque(range(groups))
+        self._gallop = [h is not None for h in hints or [None] * groups]  # a hinted group's next round
+        self.num_dims = num_dims
         #: problems that can run at once: one per group, two for a group with a hint
         self.in_flight = sum(len(p) for p in self._pending)
 
@@ -107,8 +110,25 @@ class BisectionSearch:
         lo, hi = self.lo[group], self.hi[group]
         self._pending[group] = [j for j in self._pending[group] if lo < j < hi]
         if hi - lo > 1 and not self._pending[group] and self._running[group] == 0:
-            self._pending[group] = [(lo + hi) // 2]
+            self._pending[group] = self._next(group, lo, hi)
             self._ready.appendleft(group)
+
+    def _next(self, group: int, lo: int, hi: int) -> list[int]:
+        """The next problems of a group with the bracket ``(lo, hi)`` open: its middle; right after a
+        hint that missed on one side, the two grid points beyond it on that side (the first success
+        usually moves by a point or two between measurements), then the middle again."""
+        if self._gallop[group]:
+            self._gallop[group] = False
+            if lo == -1:  # the hint and the point below succeeded: the first success moved down
+                near = [hi - 1, hi - 2]
+            elif hi == self.num_dims:  # both failed: it moved up
+                near = [lo + 1, lo + 2]
+            else:
+                near = []
+            near = [j for j in near if lo < j < hi]
+            if near:
+                return near
+        return [(lo + hi) // 2]
 
     def _stop(self, group: int) -> None:
         """A problem of ``group`` produced NaN/inf: no further problems for it."""
