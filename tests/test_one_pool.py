@@ -93,3 +93,16 @@ def test_warnings_point_at_the_callers_line():
     for warned, line in ((caught, here), (caught_cm, here_cm)):
         nan = [w for w in warned if "NaN/inf appeared" in str(w.message)]
         assert nan and all((w.filename, w.lineno) == (__file__, line) for w in nan)
+
+
+@pytest.mark.gpu
+def test_one_pool_and_warm_start_on_cuda_give_the_cpu_answer():
+    """The mixed pool (per-row k and level) and a warm start on CUDA: the CPU's d* per target."""
+    net, x, y = _net_and_data()
+    kw = dict(pairs=[(0, 1), (2, 3)], dims=[1, 2, 4, 8, 16], num_bootstrap=0, generator=3, threshold=0.7)
+    cpu = cm_and_boundary_dimension(net, x, y, **kw)
+    gpu = cm_and_boundary_dimension(net.cuda(), x.cuda(), y, **kw)
+    warm = cm_and_boundary_dimension(net, x.cuda(), y, start=gpu[0], boundary_start=gpu[1], **kw)
+    for kind in range(2):
+        torch.testing.assert_close(gpu[kind].cutting_dim, cpu[kind].cutting_dim, equal_nan=True, rtol=0.05, atol=0.5)
+        torch.testing.assert_close(warm[kind].cutting_dim, gpu[kind].cutting_dim, equal_nan=True)
