@@ -923,19 +923,24 @@ def _start_hints(
             f"measurement; got {start.kind} targets {start.targets}, dims {start.dims.tolist()}, threshold "
             f"{start.threshold:g}."
         )
-    K = len(dims)
-    probed = torch.ones_like(start.nonfinite) if start.probed is None else start.probed
-    hit = probed & (start.scores >= start.threshold)
-    first = torch.where(hit.any(-1), hit.to(torch.int64).argmax(-1), K)  # [T, A]
+    first = first_success(start)
     hints: list[int | None] = []
     for i, u in enumerate(per_target):
         known = {
-            int(a): (None if bool(start.nonfinite[i, s].any()) else int(first[i, s]))
-            for s, a in enumerate(start.anchor_index[i].tolist())
-            if a >= 0 and bool(probed[i, s].any())
+            int(a): int(f) for a, f in zip(start.anchor_index[i].tolist(), first[i].tolist(), strict=True) if f >= 0
         }
         hints.extend(known.get(int(a)) for a in u.tolist())
     return hints
+
+
+def first_success(est: DimensionEstimate) -> Tensor:
+    """``[T, A]``: per (target, anchor slot) the first grid index whose plane reached the estimate's
+    threshold, ``K`` when none did, ``-1`` when unknown (an unused slot, nothing probed, or NaN/inf)."""
+    probed = torch.ones_like(est.nonfinite) if est.probed is None else est.probed
+    hit = probed & (est.scores >= est.threshold)
+    first = torch.where(hit.any(-1), hit.to(torch.int64).argmax(-1), len(est.dims))
+    known = (est.anchor_index >= 0) & probed.any(-1) & ~est.nonfinite.any(-1)
+    return torch.where(known, first, -1)
 
 
 def _complete(est: DimensionEstimate, stacklevel: int) -> DimensionEstimate:

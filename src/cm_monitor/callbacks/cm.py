@@ -21,7 +21,7 @@ from cm_monitor.anchors import BatchReader
 from cm_monitor.callbacks.base import _OOM_ERRORS, GeometryMonitor, Measurement, check_int, check_probability
 from cm_monitor.cost import CostEstimate, activation_bytes_per_row, available_bytes, estimate_cost, pool_bytes
 from cm_monitor.cutting import OptimizerSettings, problems_per_group, resolve_search, rows_per_pass
-from cm_monitor.dimension import DimensionEstimate, cm_and_boundary_dimension, cm_dimension
+from cm_monitor.dimension import DimensionEstimate, cm_and_boundary_dimension, cm_dimension, first_success
 from cm_monitor.planes import choose_planes, default_dims
 
 
@@ -769,8 +769,5 @@ def _check_dims(dims: int | Sequence[int]) -> int | list[int]:
 def _inner_hints(est: DimensionEstimate) -> int:
     """(target, anchor) groups of ``est`` whose first success lies inside the grid (after its first
     point): a warm start from ``est`` gives each of them two problems at once."""
-    probed = torch.ones_like(est.nonfinite) if est.probed is None else est.probed
-    hit = probed & (est.scores >= est.threshold)
-    first = torch.where(hit.any(-1), hit.to(torch.int64).argmax(-1), len(est.dims))
-    valid = (est.anchor_index >= 0) & probed.any(-1) & ~est.nonfinite.any(-1)
-    return int((valid & (first > 0) & (first < len(est.dims))).sum())
+    first = first_success(est)
+    return int(((first > 0) & (first < len(est.dims))).sum())
