@@ -36,6 +36,17 @@ def test_hartley_is_the_real_orthonormal_involution(n):
     torch.testing.assert_close(hartley(x).norm(dim=1), x.norm(dim=1))
 
 
+@pytest.mark.parametrize("n", [16, 37])
+def test_hartley_gradient_is_the_transpose_of_its_matrix(n):
+    """The hand-written backward (H is symmetric) against the dense matrix's, and gradcheck."""
+    x = torch.randn(3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    weight = torch.randn(3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    (grad,) = torch.autograd.grad((hartley(x) * weight).sum(), x)
+    matrix = hartley(torch.eye(n, dtype=torch.float64))  # row j: H e_j
+    torch.testing.assert_close(grad, weight @ matrix.T)
+    assert torch.autograd.gradcheck(hartley, (x,))
+
+
 @pytest.mark.parametrize("D", [48, 37])
 def test_structured_basis_is_orthonormal_nested_and_seeded(D):
     planes = StructuredPlanes(SEEDS, D, 20, dtype=torch.float64)

@@ -369,20 +369,23 @@ class RowAdam:
         self.m[rows], self.v[rows], self.t[rows] = 0.0, 0.0, 0.0
 
     def step(self, grad: Tensor, coords: Tensor, live: Tensor, go: Tensor | None) -> None:
-        """One step of the rows ``[0, n)``: ``grad`` ``[n, max_dim]``, ``coords`` their live
-        coordinates (0/1), ``live`` how many there are per row (the plane dimension) and ``go``
-        the rows that go on (None: all; the others finish, their state is not used again)."""
-        n, (b1, b2) = grad.shape[0], self.betas
+        """One step of the rows ``[0, n)``: ``grad`` ``[n, w]`` (the first ``w`` coordinates: the
+        others are masked in every row), ``coords`` their live coordinates (0/1), ``live`` how many
+        there are per row (the plane dimension) and ``go`` the rows that go on (None: all; the others
+        finish, their state is not used again)."""
+        (n, w), (b1, b2) = grad.shape, self.betas
         g = grad * coords
         rows = self.prefix(n)
-        t, m, v = rows["t"], rows["m"], rows["v"]
+        t, m, v = rows["t"], rows["m"][:, :w], rows["v"] if self.isotropic else rows["v"][:, :w]
         t += 1
-        m.mul_(b1).add_((1 - b1) * g)
-        v.mul_(b2).add_((1 - b2) * (g.pow(2).sum(-1) / live if self.isotropic else g.pow(2)))
+        m.mul_(b1).add_(g, alpha=1 - b1)
+        v.mul_(b2).add_(g.square().sum(-1) / live if self.isotropic else g.square(), alpha=1 - b2)
         p1, p2 = _powers(t, go, b1, b2)
-        v_hat = v / (1 - p2) if self.isotropic else v / (1 - p2)[:, None]
-        denom = v_hat.sqrt()[:, None] + 1e-8 if self.isotropic else v_hat.sqrt() + 1e-8
-        rows["theta"] -= self.lr * (m / (1 - p1)[:, None]) / denom
+        if self.isotropic:  # one second moment per row
+            denom = (v / (1 - p2)).sqrt_().add_(1e-8)[:, None]
+        else:
+            denom = (v / (1 - p2)[:, None]).sqrt_().add_(1e-8)
+        rows["theta"][:, :w].addcdiv_(m * (self.lr / (1 - p1))[:, None], denom, value=-1.0)
 
 
 def _powers(t: Tensor, go: Tensor | None, b1: float, b2: float) -> tuple[Tensor, Tensor]:
@@ -438,6 +441,7 @@ class _Pool:
         self.dim_mask = _plane_mask(dims, settings, D, device, dtype)  # [K, max_dim]
         self.dim_coords = (self.dim_mask != 0).to(dtype)  # [K, max_dim]: the live coordinates, 0/1
         self.dim_live = self.dim_coords.sum(-1)  # [K]: d
+        self.dims = dims
         family = choose_planes(settings.planes, D, max_dim)
         self.planes = PlaneRows(family, rows, D, max_dim, device=device, dtype=dtype)
         self.n = 0  # rows [0, n) hold a problem
@@ -542,7 +546,8 @@ class _Pool:
         those that go on. Returns the rows whose problem stopped and, for each, whether it reached
         the level (None: NaN/inf)."""
         n, s, rows = self.n, self.settings, self.prefix(self.n)
-        theta = rows["theta"].detach().requires_grad_()
+        w = max(self.dims[j] for _, j in self.problem)  # coordinates beyond are masked in every row
+        theta = rows["theta"][:, :w].detach().requires_grad_()
         loss, ok, lv, sv = self._evaluate(members, theta, num_classes, model_dtype)
         steps = rows["steps"]
         log_k, level = (rows["log_k"], rows["level"]) if self.mixed else (math.log(self.k), self.space.level)
@@ -555,21 +560,21 @@ class _Pool:
         if len(finished) < n:  # some go on (a row that goes on is finite): step those
             go = ~done
             (grad,) = torch.autograd.grad((loss[go] if finished else loss).sum(), theta)
-            self.optimizer.step(grad, rows["coords"], rows["live"], go if finished else None)
+            self.optimizer.step(grad, rows["coords"][:, :w], rows["live"], go if finished else None)
             if self.space.radius_norms is not None:
-                _project(rows["theta"], rows["mask"], rows["limit"])
+                _project(rows["theta"][:, :w], rows["mask"][:, :w], rows["limit"])
             steps += go
         return finished, [None if bad[i] else reached[i] for i in finished]
 
     def _evaluate(
         self, members: list[nn.Module], theta: Tensor, num_classes: int, model_dtype: torch.dtype
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Forward the plane points of the rows ``[0, n)`` (coordinates ``theta``); record what
+        """Forward the plane points of the rows ``[0, n)`` (their first coordinates ``theta``); record what
         they reached. Returns the loss (with autograd), whether it is finite, and the detached loss
         and score."""
         space, rows = self.space, self.prefix(theta.shape[0])
         x0 = rows["x0"]
-        raw = x0 + space.scale * self.planes.apply(theta * rows["mask"])
+        raw = x0 + space.scale * self.planes.apply(theta * rows["mask"][:, : theta.shape[1]])
         x = raw.clamp(space.low, space.high) if space.clip else raw
         inputs = (x if x.dtype == model_dtype else x.to(model_dtype)).reshape(-1, *self.shape)
         try:
@@ -588,7 +593,8 @@ class _Pool:
         lv, sv = _float32(loss.detach()), _float32(score.detach())
         with torch.no_grad():
             dist = _float32((x - x0).norm(dim=1) / rows["x0_norm"])
-            outside = ((raw < space.low) | (raw > space.high)).float().mean(1)
+            inside = x if space.clip else raw.clamp(space.low, space.high)
+            outside = (inside != raw).float().mean(1)  # (a NaN counts, but a row with NaN is not recorded)
         self._remember(ok, lv, sv, dist, outside)
         return loss, ok, lv, sv
 

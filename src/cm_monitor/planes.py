@@ -129,7 +129,28 @@ def choose_planes(planes: str, input_dim: int, max_dim: int) -> str:
 
 def hartley(x: Tensor) -> Tensor:
     """The orthonormal discrete Hartley transform along the last axis: ``Re(F x) - Im(F x)`` with
-    ``F`` the unitary DFT. Real, orthonormal and its own inverse; ``O(n log n)`` by a real FFT."""
+    ``F`` the unitary DFT. Real, orthonormal and its own inverse; ``O(n log n)`` by a real FFT.
+
+    Differentiable: ``H`` is symmetric, so the gradient is ``H`` of the incoming gradient, one more
+    real FFT (autograd's own backward of ``rfft`` runs a complex FFT of twice the work)."""
+    return _Hartley.apply(x)
+
+
+class _Hartley(torch.autograd.Function):
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return _hartley(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return _Hartley.apply(grad)
+
+
+def _hartley(x: Tensor) -> Tensor:
     n = x.shape[-1]
     f = torch.fft.rfft(x, norm="ortho")  # coefficients 0 .. n // 2; F_{n-k} = conj(F_k) gives the rest
     re, im = f.real, f.imag
@@ -245,9 +266,10 @@ class PlaneRows:
             t[:n] = t[order]
 
     def apply(self, theta: Tensor) -> Tensor:
-        """``Q_r θ_r`` ``[n, D]`` for plane coordinates ``theta`` ``[n, max_dim]`` of the rows ``[0, n)``."""
-        n, rows = theta.shape[0], self.prefix(theta.shape[0])
+        """``Q_r θ_r`` ``[n, D]`` for plane coordinates ``theta`` ``[n, w]`` of the rows ``[0, n)``:
+        the first ``w <= max_dim`` coordinates (the others are zero)."""
+        (n, w), rows = theta.shape, self.prefix(theta.shape[0])
         if self.family == "dense":
-            return torch.bmm(theta[:, None, :], rows["basis_t"]).squeeze(1)
-        z = theta.new_zeros(n, self.input_dim).scatter(1, rows["coords"], theta)
+            return torch.bmm(theta[:, None, :], rows["basis_t"][:, :w]).squeeze(1)
+        z = theta.new_zeros(n, self.input_dim).scatter(1, rows["coords"][:, :w], theta)
         return rows["signs"] * hartley(z)
