@@ -1,6 +1,7 @@
 """Bad input gets a clear error naming the argument; numerical failure is reported, not logged."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -174,3 +175,21 @@ def test_thresholds_above_what_the_early_stop_reaches_are_refused():
         settings=OptimizerSettings(tol=1e-4, plateau_tol=1e-6, max_steps=2000, max_radius=None, temperature=0.1),
     )
     assert fine.dimension.tolist() == pytest.approx([D - 1, D - 1], abs=0.1)
+
+
+def test_a_row_that_turns_nan_leaves_the_rows_beside_it_untouched():
+    """Rows blow up while others share their passes: those others step exactly as when alone."""
+    model = BlowsUp(D)
+    anchors = torch.randn(6, D, generator=torch.Generator().manual_seed(1))
+    anchors = anchors / anchors.norm(dim=1, keepdim=True) * torch.linspace(1.0, 2.9, 6)[:, None]
+    labels = model(anchors).argmax(1)
+    kw = {**KW, "settings": OptimizerSettings(max_radius=None, search="grid")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        shared = cm_dimension(model, anchors, labels, **kw)
+        alone = cm_dimension(model, anchors, labels, chunk_size=1, **kw)
+    blown = shared.nonfinite.any(-1)  # [T, A]
+    assert bool(blown.any()) and bool((~blown & (shared.anchor_index >= 0)).any())
+    assert torch.equal(shared.nonfinite, alone.nonfinite)
+    assert torch.equal(shared.steps[~blown], alone.steps[~blown])
+    torch.testing.assert_close(shared.scores[~blown], alone.scores[~blown], atol=1e-5, rtol=1e-4, equal_nan=True)

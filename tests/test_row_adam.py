@@ -30,7 +30,7 @@ def test_adam_rows_match_torch_adam_each_and_restart_independently():
             theta[1] = 0.0
             params[1] = torch.zeros(6, dtype=torch.float64, requires_grad=True)
             refs[1] = torch.optim.Adam([params[1]], lr=0.05)
-        opt.step(grad, coords, live, None)
+        opt.step(grad, coords, live)
         for r, (p, ref) in enumerate(zip(params, refs, strict=True)):
             p.grad = torch.nn.functional.pad(grad[r] * coords[r], (0, 2))
             ref.step()
@@ -39,23 +39,19 @@ def test_adam_rows_match_torch_adam_each_and_restart_independently():
     assert (theta[:, 4:] == 0).all() and theta[1, 2:].eq(0).all()  # masked coordinates never move
 
 
-def test_isotropic_rows_follow_their_mean_square_and_skip_finished_rows():
+def test_isotropic_rows_follow_their_mean_square():
     theta = torch.zeros(len(LIVE), 6, dtype=torch.float64)
     opt = RowAdam(theta, lr=0.1, isotropic=True)
     coords, live = _coords(), torch.tensor(LIVE, dtype=torch.float64)
     b1, b2 = opt.betas
     want = torch.zeros(len(LIVE), 4, dtype=torch.float64)
     m, v = torch.zeros_like(want), torch.zeros(len(LIVE), dtype=torch.float64)
-    go = torch.tensor([True, False, True])
     for t, grad in enumerate(_grads(7), start=1):
         g = grad * coords
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g.pow(2).sum(1) / live
-        opt.step(grad, coords, live, go if t == 7 else None)
+        opt.step(grad, coords, live)
         step = 0.1 * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt()[:, None] + 1e-8)
-        if t == 7:  # the rows that go on step; row 1 finished (its state is not used again)
-            torch.testing.assert_close(theta[go, :4], (want - step)[go])
-        else:
-            want = want - step
-            torch.testing.assert_close(theta[:, :4], want)
+        want = want - step
+        torch.testing.assert_close(theta[:, :4], want)
     assert (theta[:, 4:] == 0).all()  # coordinates beyond the pass width never move

@@ -368,11 +368,11 @@ class RowAdam:
     def reset(self, rows: Tensor) -> None:
         self.m[rows], self.v[rows], self.t[rows] = 0.0, 0.0, 0.0
 
-    def step(self, grad: Tensor, coords: Tensor, live: Tensor, go: Tensor | None) -> None:
+    def step(self, grad: Tensor, coords: Tensor, live: Tensor) -> None:
         """One step of the rows ``[0, n)``: ``grad`` ``[n, w]`` (the first ``w`` coordinates: the
         others are masked in every row), ``coords`` their live coordinates (0/1), ``live`` how many
-        there are per row (the plane dimension) and ``go`` the rows that go on (None: all; the others
-        finish, their state is not used again)."""
+        there are per row (the plane dimension). Every row steps, also one whose problem has just
+        stopped (its gradient is zero or garbage): its state is not used again before a reset."""
         (n, w), (b1, b2) = grad.shape, self.betas
         g = grad * coords
         rows = self.prefix(n)
@@ -380,28 +380,12 @@ class RowAdam:
         t += 1
         m.mul_(b1).add_(g, alpha=1 - b1)
         v.mul_(b2).add_(g.square().sum(-1) / live if self.isotropic else g.square(), alpha=1 - b2)
-        p1, p2 = _powers(t, go, b1, b2)
+        p1, p2 = b1**t, b2**t
         if self.isotropic:  # one second moment per row
             denom = (v / (1 - p2)).sqrt_().add_(1e-8)[:, None]
         else:
             denom = (v / (1 - p2)[:, None]).sqrt_().add_(1e-8)
         rows["theta"][:, :w].addcdiv_(m * (self.lr / (1 - p1))[:, None], denom, value=-1.0)
-
-
-def _powers(t: Tensor, go: Tensor | None, b1: float, b2: float) -> tuple[Tensor, Tensor]:
-    """``b1**t`` and ``b2**t``, computed over the rows ``go`` only (the others get 0).
-
-    A vectorized ``pow`` can round an element differently from the scalar loop that handles the
-    last few elements, so a row's value depends on its position among the rows it is computed
-    with; computing it among the rows that step, in pool order, keeps every answer the same as
-    when the pool gathered those rows.
-    """
-    if go is None:
-        return b1**t, b2**t
-    p1, p2 = torch.zeros_like(t), torch.zeros_like(t)
-    moving = t[go]
-    p1[go], p2[go] = b1**moving, b2**moving
-    return p1, p2
 
 
 class _Pool:
@@ -559,8 +543,9 @@ class _Pool:
         finished = [i for i in range(n) if stopped[i]]
         if len(finished) < n:  # some go on (a row that goes on is finite): step those
             go = ~done
-            (grad,) = torch.autograd.grad((loss[go] if finished else loss).sum(), theta)
-            self.optimizer.step(grad, rows["coords"][:, :w], rows["live"], go if finished else None)
+            # no boolean indexing (a host sync on a GPU): the rows that stop get no gradient
+            (grad,) = torch.autograd.grad(torch.where(go, loss, 0.0).sum() if finished else loss.sum(), theta)
+            self.optimizer.step(grad, rows["coords"][:, :w], rows["live"])
             if self.space.radius_norms is not None:
                 _project(rows["theta"][:, :w], rows["mask"][:, :w], rows["limit"])
             steps += go
