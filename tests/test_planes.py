@@ -44,7 +44,14 @@ def test_hartley_gradient_is_the_transpose_of_its_matrix(n):
     (grad,) = torch.autograd.grad((hartley(x) * weight).sum(), x)
     matrix = hartley(torch.eye(n, dtype=torch.float64))  # row j: H e_j
     torch.testing.assert_close(grad, weight @ matrix.T)
-    assert torch.autograd.gradcheck(hartley, (x,))
+    assert "Hartley" in type(hartley(x).grad_fn).__name__  # the hand-written backward, not rfft's
+    assert torch.autograd.gradcheck(hartley, (x,), check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(hartley, (x,))
+    tangent = weight
+    value, derivative = torch.func.jvp(hartley, (x.detach(),), (tangent,))
+    torch.testing.assert_close(value, hartley(x.detach()))
+    torch.testing.assert_close(derivative, hartley(tangent))
+    torch.testing.assert_close(torch.func.vmap(hartley)(x.detach()), hartley(x.detach()))
 
 
 @pytest.mark.parametrize("D", [48, 37])

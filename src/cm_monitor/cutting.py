@@ -390,13 +390,14 @@ class RowAdam:
 
 class _Pool:
     """The rows of the work pool: per row the problem, its plane, its optimizer state and what it
-    has reached so far. :meth:`admit` starts problems, :meth:`step` runs one pass and
-    :meth:`release` frees the rows of finished problems.
+    has reached so far. :meth:`refill` frees the rows of finished problems and starts new ones,
+    :meth:`step` runs one pass.
 
     The active rows are always the prefix ``[0, n)`` of every per-row tensor, so a pass reads and
     updates views, with no gather or scatter; when problems finish, the last active rows move into
-    the freed slots (:meth:`release`), and new problems start at ``[n, n + m)``. A row's problem
-    does not depend on its position in the pass (every row has its own plane and optimizer state).
+    the freed slots (:meth:`refill`), and new problems start at ``[n, n + m)``. A row's problem
+    does not depend on its position in the pass beyond rounding (every row has its own plane and
+    optimizer state).
     """
 
     def __init__(
@@ -474,10 +475,12 @@ class _Pool:
         """Free the rows ``finished`` (sorted) and start ``problems`` ``(group, grid index)`` in the
         free ``slots``; the active rows end up a prefix ``[0, n)`` in the order of their slots.
 
-        A pass then computes every row at the same position as a pool that gathers its active
-        rows in slot order (elementwise kernels may round the last elements of a batch
-        differently), and the new rows take the places of the finished ones (:meth:`_start`), so
-        one gather per per-row tensor (:meth:`_reorder`) restores the order.
+        A row's place in the pass is then the place it would have in a pool that gathers its
+        active rows in slot order, and the new rows take the places of the finished ones
+        (:meth:`_start`), so one gather per per-row tensor (:meth:`_reorder`) restores the order.
+        (Vectorized kernels may round the last elements of a batch differently, and the pass width
+        and the rows that share a pass change the rounding of some sums: a row's result depends on
+        its neighbours by rounding only.)
         """
         if not finished and not problems:
             return

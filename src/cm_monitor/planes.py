@@ -137,6 +137,10 @@ def hartley(x: Tensor) -> Tensor:
 
 
 class _Hartley(torch.autograd.Function):
+    """``H`` is linear and symmetric: its backward and its forward-mode derivative are ``H`` again."""
+
+    generate_vmap_rule = True  # torch.func.vmap works as with the plain operators
+
     @staticmethod
     def forward(x: Tensor) -> Tensor:
         return _hartley(x)
@@ -148,6 +152,10 @@ class _Hartley(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
         return _Hartley.apply(grad)
+
+    @staticmethod
+    def jvp(ctx, tangent: Tensor) -> Tensor:
+        return _Hartley.apply(tangent)
 
 
 def _hartley(x: Tensor) -> Tensor:
