@@ -361,3 +361,19 @@ def test_runs_on_the_models_device():
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 3)).cuda()
     est = relative_stability(model, torch.rand(6, 1, 8, 8))
     assert math.isfinite(est.rf)
+
+
+@pytest.mark.gpu
+def test_median_on_cuda_uses_no_nondeterministic_operator():
+    """``Trainer(deterministic=True)`` turns on deterministic algorithms; CUDA's median has none."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 3)).cuda()
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)  # (cuBLAS needs an env var to be strict)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            est = relative_stability(model, torch.rand(6, 1, 8, 8), reduction="median")
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+    assert math.isfinite(est.rf)
+    assert not [w for w in caught if "median" in str(w.message)]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from cm_monitor import boundary_dimension, cm_dimension
+from cm_monitor import OptimizerSettings, boundary_dimension, cm_dimension
 from cm_monitor.synthetic import Tube
 
 KW = dict(dims=[1, 8, 32, 64], max_steps=30, num_bootstrap=20, threshold=0.5)
@@ -81,6 +81,19 @@ def test_works_under_no_grad_and_inference_mode(context):
     assert torch.equal(plain.scores.nan_to_num(-1), inside.scores.nan_to_num(-1))
 
 
+def test_a_callers_autocast_does_not_reach_the_measurement():
+    """Inside ``torch.autocast`` the model still runs in float32: the same scores to the bit."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 3))
+    x = torch.randn(9, 16, generator=torch.Generator().manual_seed(1))
+    kw = dict(dims=[2, 8, 16], num_bootstrap=0, settings=OptimizerSettings(search="grid"))
+    plain = cm_dimension(model, x, torch.arange(9) % 3, **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = cm_dimension(model, x, torch.arange(9) % 3, **kw)
+        assert model(x).dtype == torch.bfloat16  # autocast is on again after the measurement
+    assert torch.equal(plain.scores.nan_to_num(-1), inside.scores.nan_to_num(-1))
+
+
 def test_model_made_in_inference_mode_gives_a_clear_error():
     with torch.inference_mode():
         model = nn.Linear(64, 3)
@@ -152,3 +165,14 @@ def test_passes_hold_what_the_planes_memory_bound_allows():
     D = 3 * 224 * 224
     rows = rows_per_pass(D, default_dims(D), OptimizerSettings(), 2048)  # structured planes: rows × D bounded
     assert rows == MAX_PROBLEM_ELEMENTS // D == 111
+
+
+@pytest.mark.gpu
+def test_free_cuda_memory_counts_the_allocators_cache():
+    from cm_monitor.cost import available_bytes
+
+    block = torch.empty(2**28, dtype=torch.uint8, device="cuda")  # 256 MiB, then back to the cache
+    del block
+    free, device = torch.cuda.mem_get_info()[0], torch.device("cuda")
+    cached = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    assert cached >= 2**28 and available_bytes(device) >= free + 2**28

@@ -85,6 +85,36 @@ def test_chunking_does_not_change_the_result():
     assert a.linearity_error == pytest.approx(b.linearity_error, rel=1e-6, abs=1e-12)
 
 
+@pytest.mark.parametrize("error", [RuntimeError, torch.cuda.OutOfMemoryError])
+def test_vmap_failure_falls_back_but_out_of_memory_reaches_the_caller(monkeypatch, error):
+    """A model vmap cannot batch runs one input at a time (same answer); running out of memory is
+    not such a limit: it propagates, so the monitor's retry with a smaller chunk can act."""
+    import cm_monitor.elasticity as elasticity
+
+    x, y = data(8)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    want = local_elasticity(model, x, y, cluster=False)
+    real = elasticity.vmap
+
+    def vmap(fn, in_dims=0, **kw):  # the batched per-example passes (they name in_dims) fail
+        if in_dims == 0:
+            return real(fn, in_dims, **kw)
+
+        def fail(*args, **kwargs):
+            raise error("simulated: cannot batch" if error is RuntimeError else "CUDA out of memory (simulated)")
+
+        return fail
+
+    monkeypatch.setattr(elasticity, "vmap", vmap)
+    if error is RuntimeError:
+        got = local_elasticity(model, x, y, cluster=False)
+        torch.testing.assert_close(got.similarity, want.similarity)
+    else:
+        with pytest.raises(torch.cuda.OutOfMemoryError, match="out of memory"):
+            local_elasticity(model, x, y, cluster=False)
+
+
 def test_token_ids_are_accepted():
     model = nn.Sequential(nn.Embedding(50, 8), nn.Flatten(), nn.Linear(8 * 4, 2))
     tokens = torch.randint(0, 50, (6, 4), generator=torch.Generator().manual_seed(0))

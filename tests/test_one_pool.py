@@ -99,8 +99,13 @@ def test_warnings_point_at_the_callers_line():
 def test_one_pool_and_warm_start_on_cuda_give_the_cpu_answer():
     """The mixed pool (per-row k and level) and a warm start on CUDA: the CPU's d* per target."""
     net, x, y = _net_and_data()
+    # temperature 1 and no radius bound: this untrained net reaches 0.7 (a calibrated temperature
+    # flattens its probabilities, and every d* would be NaN, which compares equal to NaN)
+    settings = OptimizerSettings(temperature=1.0, max_radius=None)
     kw = dict(pairs=[(0, 1), (2, 3)], dims=[1, 2, 4, 8, 16], num_bootstrap=0, generator=3, threshold=0.7)
+    kw["settings"] = settings
     cpu = cm_and_boundary_dimension(net, x, y, **kw)
+    assert int(torch.isfinite(cpu[0].cutting_dim).sum()) >= 3 and torch.isfinite(cpu[1].cutting_dim).all()
     gpu = cm_and_boundary_dimension(net.cuda(), x.cuda(), y, **kw)
     warm = cm_and_boundary_dimension(net, x.cuda(), y, start=gpu[0], boundary_start=gpu[1], **kw)
     for kind in range(2):

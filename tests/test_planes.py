@@ -185,3 +185,28 @@ def test_half_space_within_a_radius_structured_matches_dense(D, ratio, exact):
     for est in (dense, structured):
         assert abs(float(est.cutting_dim[0]) - exact) <= 0.15 * exact, est.cutting_dim
     assert abs(float(structured.cutting_dim[0]) - float(dense.cutting_dim[0])) <= 0.15 * exact
+
+
+def test_dense_bases_are_drawn_from_the_cpu_generator():
+    """The Gaussians come from a CPU generator per seed (the same on every device)."""
+    from cm_monitor.planes import nested_bases
+
+    gaussian = torch.randn(16, 4, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(nested_bases([7], 16, 4)[0], torch.linalg.qr(gaussian)[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["dense", "structured"])
+def test_planes_are_the_same_on_cuda(family):
+    """The same seeds span the same nested planes on the GPU (QR may flip a column's sign)."""
+    from cm_monitor.planes import nested_bases
+
+    seeds = [plane_seed(0, (1,), a) for a in range(3)]
+    if family == "dense":
+        cpu, gpu = nested_bases(seeds, 64, 8), nested_bases(seeds, 64, 8, device="cuda").cpu()
+    else:
+        cpu = StructuredPlanes(seeds, 64, 8).basis()
+        gpu = StructuredPlanes(seeds, 64, 8, device="cuda").basis().cpu()
+    for d in (1, 3, 8):  # the projector onto each nested plane
+        p_cpu, p_gpu = cpu[..., :d] @ cpu[..., :d].mT, gpu[..., :d] @ gpu[..., :d].mT
+        torch.testing.assert_close(p_gpu, p_cpu, atol=1e-4, rtol=0)

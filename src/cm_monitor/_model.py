@@ -437,6 +437,10 @@ def measuring(members: list[nn.Module], grad: bool = True) -> Iterator[None]:
     every pass sees the same buffers and the same random numbers for the same batch shape. On exit
     (exceptions included) every submodule's mode, every buffer, parameters (see
     :class:`ModelGuard`), ``.grad`` and ``requires_grad``, and the global random states are restored.
+
+    Autocast is off inside (on the CPU and the members' CUDA devices): a measurement called within a
+    ``torch.autocast`` block runs the model in its own precision, as the monitors do (Lightning's
+    mixed precision covers the step methods, not the epoch-end hooks they measure in).
     """
     guard = ModelGuard(members)
     devices = _cuda_devices(members)
@@ -447,7 +451,7 @@ def measuring(members: list[nn.Module], grad: bool = True) -> Iterator[None]:
 
     hooks = []
     try:
-        with saved_rng(devices):
+        with saved_rng(devices), _no_autocast(devices):
             hooks = [m.register_forward_pre_hook(before_forward) for m in members]
             for m in members:
                 m.eval()
@@ -461,6 +465,15 @@ def measuring(members: list[nn.Module], grad: bool = True) -> Iterator[None]:
         for h in hooks:
             h.remove()
         guard.restore()
+
+
+@contextlib.contextmanager
+def _no_autocast(cuda_devices: list[int]) -> Iterator[None]:
+    """Autocast off on the CPU and, if the members use any, on CUDA."""
+    with contextlib.ExitStack() as stack:
+        for device_type in ("cpu", "cuda") if cuda_devices else ("cpu",):
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield
 
 
 def explain_inference_tensors(err: RuntimeError) -> RuntimeError:

@@ -121,8 +121,9 @@ def analyze(
         seed: the ``seed`` of the monitors given by name (default: theirs, 0).
         get_model: the ``get_model`` of the monitors given by name: maps the loaded model to the
             module that returns logits (e.g. ``lambda m: m.net``).
-        device: where the models are measured. The dense random planes are drawn on this device,
-            so a CPU and a CUDA analysis agree within the uncertainty, not to the bit.
+        device: where the models are measured. The random planes are the same on every device,
+            so a CPU and a CUDA analysis agree to the rounding of the models' arithmetic (which
+            can still move a problem that ends right at the threshold).
         out_dir: folder for ``metrics.csv``, ``plots/`` and ``tensorboard/`` (created; those are
             rewritten). ``None``: nothing is written.
         weights_only: ``torch.load``'s safe loading; pass False only for files you trust whose

@@ -147,9 +147,11 @@ def estimate_cost(
 
 
 def available_bytes(device: torch.device) -> int | None:
-    """Free memory on ``device``: CUDA's free memory, or the host's available memory (Linux); None if unknown."""
+    """Free memory on ``device``: CUDA's free memory plus what PyTorch's caching allocator holds
+    unused (it serves new tensors from it), or the host's available memory (Linux); None if unknown."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
     try:
         with open("/proc/meminfo") as f:
             info = dict(line.split(":", 1) for line in f)

@@ -522,6 +522,8 @@ class _Passes:
         return torch.stack([self({k: v[b] for k, v in stepped.items()}, x) for b in range(count)])
 
     def _give_up_batching(self, err: BaseException) -> None:
+        if isinstance(err, torch.cuda.OutOfMemoryError):  # not a vmap limitation: the caller retries smaller
+            raise err
         if isinstance(err, RuntimeError) and explain_inference_tensors(err) is not err:
             raise explain_inference_tensors(err) from err
         self.batched = False

@@ -95,16 +95,18 @@ def nested_bases(
 
     The first ``d`` columns of each basis span a uniformly random ``d``-dimensional subspace
     (the QR factor of a Gaussian matrix), and the subspaces are nested in ``d``. Gaussians are
-    drawn on ``device`` with a generator per seed: same seeds and device, same bases.
+    drawn on the CPU with a generator per seed and then moved to ``device``, so the same seeds span
+    the same planes on every device (CUDA's random numbers differ from the CPU's, and between GPU
+    models); the QR factorization runs on ``device`` (its rounding, and possibly the columns' signs,
+    depend on it: not the planes).
     """
     if not 1 <= max_dim <= input_dim:
         raise ValueError(f"`max_dim` must be in [1, {input_dim}], got {max_dim}.")
-    device = torch.device(device)
-    gaussians = torch.empty(len(seeds), input_dim, max_dim, device=device, dtype=dtype)
+    gaussians = torch.empty(len(seeds), input_dim, max_dim, dtype=dtype)
     for i, seed in enumerate(seeds):
-        gen = torch.Generator(device=device).manual_seed(int(seed))
-        torch.randn(input_dim, max_dim, generator=gen, device=device, dtype=dtype, out=gaussians[i])
-    q, _ = torch.linalg.qr(gaussians, mode="reduced")
+        gen = torch.Generator().manual_seed(int(seed))
+        torch.randn(input_dim, max_dim, generator=gen, dtype=dtype, out=gaussians[i])
+    q, _ = torch.linalg.qr(gaussians.to(device), mode="reduced")
     return q
 
 
