@@ -176,3 +176,23 @@ def test_free_cuda_memory_counts_the_allocators_cache():
     free, device = torch.cuda.mem_get_info()[0], torch.device("cuda")
     cached = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
     assert cached >= 2**28 and available_bytes(device) >= free + 2**28
+
+
+def test_the_calibration_forward_is_chunked_too():
+    """The anchors' logits (for the temperature) come in passes of at most ``chunk_size`` inputs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 3)).double()
+    x = torch.randn(12, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    sizes: list[int] = []
+    model.register_forward_pre_hook(lambda _, args: sizes.append(args[0].shape[0]))
+    kw = dict(dims=[2, 8, 16], num_bootstrap=0, classes=[0])
+    whole = cm_dimension(model, x, torch.arange(12) % 3, **kw)
+    assert sizes[0] == 12
+    sizes.clear()
+    calib = (x[:10], torch.arange(10) % 3)
+    chunked = cm_dimension(model, x, torch.arange(12) % 3, chunk_size=5, calibration=calib, **kw)
+    assert max(sizes) <= 5 and sizes[:5] == [5, 5, 2, 5, 5]  # the anchors, then the calibration set
+    assert whole.temperature != chunked.temperature  # (another calibration set: a control)
+    again = cm_dimension(model, x, torch.arange(12) % 3, chunk_size=5, **kw)
+    assert again.temperature == pytest.approx(whole.temperature, rel=1e-12)
+    torch.testing.assert_close(again.scores, whole.scores, equal_nan=True)

@@ -344,7 +344,8 @@ def cm_dimension(
             default 0.9 was chosen by the controls in ``docs/method.md``; the reference reads 0.5.
         generator: a CPU ``torch.Generator`` or an int seed (default seed 0). The global RNG is not used.
         anchors_per_target: use at most this many anchors per target (a random subset).
-        chunk_size: at most this many problems (``anchor × d``) in one forward pass: bounds memory.
+        chunk_size: at most this many problems (``anchor × d``) in one forward pass, and this many
+            anchors in one forward pass of the calibration: bounds memory.
         num_bootstrap: bootstrap resamples of the anchors for the uncertainty.
         calibration: ``(inputs, labels)`` held-out labelled data to calibrate the temperature on
             (with ``settings.temperature="calibrate"``, the default); default: the anchors. A few
@@ -704,13 +705,13 @@ def _measure_kinds(
     dtype = model_float_dtype(members, anchors.dtype)
     with measuring(members):
         x = anchors.detach().to(device).clone()  # a normal tensor even if made in inference mode
-        logits = _forward_logits(members, x.to(dtype))
+        logits = _forward_logits(members, x.to(dtype), chunk_size)
         num_classes = logits[0].shape[1]
         if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
             raise ValueError(
                 f"`labels` must be class ids in [0, {num_classes - 1}] (the model has {num_classes} classes), got values in [{int(labels.min())}, {int(labels.max())}]."
             )
-        temperature = _temperature(settings, members, logits, labels, calibration, dtype)
+        temperature = _temperature(settings, members, logits, labels, calibration, dtype, chunk_size)
         space = PlaneSpace(
             scale=scale,
             temperature=temperature,
@@ -978,11 +979,12 @@ def _expand(outcome: CuttingOutcome | None, mine: Tensor, K: int) -> CuttingOutc
     return full
 
 
-def _forward_logits(members: list[torch.nn.Module], x: Tensor) -> list[Tensor]:
-    """Each member's logits for ``x`` (no autograd), checked to be ``[N, C]`` with one ``C``."""
+def _forward_logits(members: list[torch.nn.Module], x: Tensor, chunk_size: int) -> list[Tensor]:
+    """Each member's logits for ``x`` (no autograd), ``chunk_size`` inputs per forward pass, checked
+    to be ``[N, C]`` with one ``C``."""
     with torch.no_grad():
         try:
-            logits = [m(x) for m in members]
+            logits = [torch.cat([m(part) for part in x.split(chunk_size)]) for m in members]
         except RuntimeError as err:
             raise explain_inference_tensors(err) from err
     num_classes: int | None = None
@@ -999,6 +1001,7 @@ def _temperature(
     labels: Tensor,
     calibration: tuple[Tensor, Tensor] | None,
     dtype: torch.dtype,
+    chunk_size: int,
 ) -> float:
     """``settings.temperature``, or the one calibrated on ``calibration`` (default: the anchors)."""
     if settings.temperature != "calibrate":
@@ -1008,7 +1011,7 @@ def _temperature(
     inputs, targets = calibration
     check_float_inputs(inputs, "calibration[0]")
     targets = _check_labels(targets, inputs.shape[0], "calibration[1]")
-    logits = _forward_logits(members, inputs.to(model_device(members, inputs.device), dtype))
+    logits = _forward_logits(members, inputs.to(model_device(members, inputs.device), dtype), chunk_size)
     C = anchor_logits[0].shape[1]
     if int(targets.min()) < 0 or int(targets.max()) >= C:
         raise ValueError(f"`calibration[1]` must hold class ids in [0, {C - 1}] (the model has {C} classes).")

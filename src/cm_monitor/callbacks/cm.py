@@ -91,7 +91,7 @@ class CMDimensionMonitor(GeometryMonitor):
         settings: optimizer settings of each cutting-plane problem
             (:class:`~cm_monitor.OptimizerSettings`; default: the package's).
         max_steps: overrides ``settings.max_steps`` (Adam steps per problem at most).
-        chunk_size: at most this many problems in one forward pass (bounds memory).
+        chunk_size: at most this many problems, or anchors, in one forward pass (bounds memory).
         num_bootstrap: bootstrap resamples of the anchors for the uncertainties (``*_std``); 0 for
             none (the ``*_std`` keys are then not logged).
         warm_start: start each (target, anchor) bisection of a measurement at its answer of the
