@@ -196,3 +196,21 @@ def test_the_calibration_forward_is_chunked_too():
     again = cm_dimension(model, x, torch.arange(12) % 3, chunk_size=5, **kw)
     assert again.temperature == pytest.approx(whole.temperature, rel=1e-12)
     torch.testing.assert_close(again.scores, whole.scores, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models_are_measured_in_their_precision(dtype):
+    """A model trained with ``precision="16-true"``/``"bf16-true"`` keeps half weights: the plane
+    points are cast to them, the bookkeeping stays float32, and the answer is the float32 one to
+    within a grid step (bfloat16 keeps 8 bits of mantissa)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 3))
+    x = torch.randn(12, 16, generator=torch.Generator().manual_seed(1))
+    settings = OptimizerSettings(temperature=1.0, max_radius=None)
+    kw = dict(dims=[2, 4, 8, 16], num_bootstrap=0, settings=settings, threshold=0.7)
+    full = cm_dimension(net, x, torch.arange(12) % 3, **kw)
+    half = cm_dimension(net.to(dtype), x, torch.arange(12) % 3, **kw)
+    assert next(net.parameters()).dtype == dtype  # left in its precision
+    assert half.scores.dtype == torch.float32 and torch.isfinite(full.cutting_dim).all()
+    ratio = half.cutting_dim / full.cutting_dim
+    assert ((ratio >= 0.5) & (ratio <= 2.0)).all()  # the grid's step is a factor 2
