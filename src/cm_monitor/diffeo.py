@@ -362,11 +362,11 @@ def _warn_folds(fold_fraction: float, temperature: float, cutoff: float, h: int,
 def _identity_rf(change: Tensor, eta: Tensor, reduction: str) -> float:
     """``R_f`` of ``f(x) = x`` from the input changes ``[M, D]`` (the pair denominators cancel).
 
-    On the CPU: CUDA's ``median`` has no deterministic implementation (``Trainer(deterministic=True)``
+    The median on the CPU: CUDA's has no deterministic implementation (``Trainer(deterministic=True)``
     would raise)."""
-    change, eta = change.cpu(), eta.cpu()
     if reduction == "mean":
         return float(change.pow(2).sum() / eta.pow(2).sum())
+    change, eta = change.cpu(), eta.cpu()
     return float(change.pow(2).median(0).values.sum() / eta.pow(2).median(0).values.sum())
 
 
