@@ -1141,6 +1141,12 @@ def report(cfg: Config, R: dict, meta: dict, figs: dict[str, str], out: Path) ->
     summary: list[tuple[str, str, str, str]] = []  # direction, where, numbers, verdict
     P = L.append
 
+    def image(name: str, alt: str) -> None:
+        """The figure ``name`` with its alt text and a blank line, if the run made it."""
+        if name in figs:
+            P(f"![{alt}]({figs[name]})")
+            P("")
+
     # ---- CM
     if "cm" in R:
         for name, r in R["cm"].items():
@@ -1377,9 +1383,7 @@ def report(cfg: Config, R: dict, meta: dict, figs: dict[str, str], out: Path) ->
     if "cm" in R:
         P("## CM dimension")
         P("")
-        if "cm_training.png" in figs:
-            P(f"![CM dimension across training]({figs['cm_training.png']})")
-            P("")
+        image("cm_training.png", "CM dimension across training")
         for name, r in R["cm"].items():
             P(f"### {name}: {r['arch']}, D = {r['D']}, {r['epochs']} epochs")
             P("")
@@ -1467,9 +1471,7 @@ def report(cfg: Config, R: dict, meta: dict, figs: dict[str, str], out: Path) ->
             P(f"Boundaries (pairs {[list(p) for p in cfg.boundary_pairs if max(p) < cfg.cm_classes]}, threshold 0.8, anchors from other classes) vs CMs, per seed: "
               + "; ".join(f"{x['boundary']:.1f} vs {x['cm']:.1f}" for x in r["boundary"]) + ".")  # fmt: skip
             P("")
-        if "cm_factors.png" in figs:
-            P(f"![CM dimension vs width, shuffled labels and training-set size]({figs['cm_factors.png']})")
-            P("")
+        image("cm_factors.png", "CM dimension vs width, shuffled labels and training-set size")
     if "ensemble" in R:
         P("## Ensembles vs members")
         P("")
@@ -1490,9 +1492,7 @@ def report(cfg: Config, R: dict, meta: dict, figs: dict[str, str], out: Path) ->
         P("## Relative stability R_f")
         P("")
         for name, r in R["diffeo"].items():
-            if f"diffeo_{name}.png" in figs:
-                P(f"![R_f across training and test error vs sqrt(R_f)]({figs[f'diffeo_{name}.png']})")
-                P("")
+            image(f"diffeo_{name}.png", "R_f across training and test error vs sqrt(R_f)")
             P(f"{name}: `relative_stability(model, images)` at its defaults (`delta=1` pixel, `c=3`, mean reduction, logits), "
               f"{cfg.diffeo_images} validation images, the same deformations for every model. R_f, mean ± std over seeds:")  # fmt: skip
             P("")
@@ -1538,9 +1538,7 @@ def report(cfg: Config, R: dict, meta: dict, figs: dict[str, str], out: Path) ->
     if "elasticity" in R:
         P("## Local elasticity")
         P("")
-        if "elasticity.png" in figs:
-            P(f"![elasticity ratio by model]({figs['elasticity.png']})")
-            P("")
+        image("elasticity.png", "elasticity ratio by model")
         P(f"`local_elasticity` at its defaults on {cfg.elasticity_per_class} validation probes per class; ratio = intra / inter-class mean "
           "relative similarity, ARI = spectral clustering vs classes; the baseline is the same summary of the raw inputs. "
           "A dash: `local_elasticity` refused the model (with logits × 30 the cross-entropy gradient of a confidently "
@@ -1601,11 +1599,10 @@ def report(cfg: Config, R: dict, meta: dict, figs: dict[str, str], out: Path) ->
         r = R["early_stopping"]
         P("## Early stopping on noisy labels")
         P("")
-        if "early_stopping.png" in figs:
-            P(
-                f"![the keys over training (raw values, one line per seed; dots: the epoch a selector on that key picks)]({figs['early_stopping.png']})"
-            )
-            P("")
+        image(
+            "early_stopping.png",
+            "the keys over training (raw values, one line per seed; dots: the epoch a selector on that key picks)",
+        )
         P(f"{r['dataset']}, {r['arch']} trained with Lightning for {r['epochs']} epochs (Adam {cfg.lr}, batches of {cfg.batch_size}) on "
           "labels with symmetric noise (a fraction replaced by another class uniformly) in the training and validation "
           "splits; the test split is clean. The three monitors measure at every epoch "
