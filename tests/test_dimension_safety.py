@@ -105,7 +105,7 @@ def test_runs_on_the_models_dtype():
     model = Tube(64, 16).double()
     anchors = model.sample_outside(4).double()
     est = cm_dimension(model, anchors, torch.zeros(4, dtype=torch.long), classes=[1], dims=[40, 56])
-    assert torch.isfinite(est.scores).all()
+    assert est.probed.any() and torch.isfinite(est.scores[est.probed]).all()  # (a bisection skips some points)
 
 
 @pytest.mark.gpu

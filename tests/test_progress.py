@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from cm_monitor import CMDimensionMonitor, OptimizerSettings, cm_dimension, local_elasticity, relative_stability
 from cm_monitor.callbacks import progress as progress_mod
 from cm_monitor.callbacks.progress import MeasurementProgress, format_left
+from cm_monitor.search import max_probes
 from cm_monitor.synthetic import HalfSpace
 
 
@@ -70,7 +71,7 @@ def test_cm_dimension_bisection_total_is_the_most_it_runs():
     est = cm_dimension(model, anchors, labels, dims=[1, 2, 4, 8, 16, 16 - 1, 12], max_steps=20, progress=rec)
     groups = (est.anchor_index >= 0).sum().item()
     assert est.search == "bisect"
-    assert_counts_up_to_total(rec.calls, groups * math.ceil(math.log2(len(est.dims) + 1)))
+    assert_counts_up_to_total(rec.calls, groups * max_probes(len(est.dims)))
 
 
 def test_relative_stability_reports_each_forward_pass():
@@ -237,9 +238,9 @@ def test_the_cm_monitor_reports_its_problems(tmp_path, monkeypatch, capsys):
     t = tiny_trainer(tmp_path, [monitor, TQDMProgressBar()], max_epochs=1, enable_progress_bar=True)
     t.fit(tiny_module(), *tiny_loaders())
     # 2 classes + 1 pair (anchored by anchors of both classes: it holds every class), 2 anchors each,
-    # ceil(log2(3 + 1)) = 2 problems each by bisection
+    # at most max_probes(3) = 3 problems each by bisection
     total = monitor._num_problems()
-    assert total == 3 * 2 * 2
+    assert total == 3 * 2 * 3
     out = capsys.readouterr().out
     assert "cm measurement: 100%" in out and f"{total}/{total} problems" in out
 

@@ -9,7 +9,7 @@ import torch
 
 from cm_monitor import OptimizerSettings, cm_dimension
 from cm_monitor.cutting import problems_per_group, resolve_search
-from cm_monitor.search import BisectionSearch, GridSearch
+from cm_monitor.search import FAILURE_COST, BisectionSearch, GridSearch, max_probes, split
 from cm_monitor.synthetic import Tube
 
 D = 64
@@ -25,15 +25,46 @@ def _run(search, first_success: list[int]) -> dict[int, list[int]]:
     return probes
 
 
-@pytest.mark.parametrize("K", [1, 2, 5, 24])
-def test_bisection_finds_every_first_success_in_log_probes(K):
+@pytest.mark.parametrize("K", [1, 2, 5, 10, 24, 300])
+def test_bisection_finds_every_first_success_in_few_probes(K):
     firsts = list(range(K + 1))  # every possible answer, K meaning "never reached"
     search = BisectionSearch(len(firsts), K)
     probes = _run(search, firsts)
     assert search.hi == firsts  # the first grid index that succeeds, K when none does
     assert search.lo == [f - 1 for f in firsts]
-    assert max(len(p) for p in probes.values()) <= math.ceil(math.log2(K + 1))
+    assert max(len(p) for p in probes.values()) == max_probes(K)  # the bound is reached, not exceeded
+    assert max_probes(K) <= 2 * math.ceil(math.log2(K + 1))  # still logarithmic (7 for K = 24, 5 for the bisection)
     assert all(len(set(p)) == len(p) for p in probes.values())  # no grid point probed twice
+
+
+def _cost(probe, K: int, first: int, failure_cost: float) -> float:
+    """Cost of finding ``first`` with the probe rule ``probe(lo, hi)``: 1 a success, ``failure_cost`` a failure."""
+    lo, hi, cost = -1, K, 0.0
+    while hi - lo > 1:
+        m = probe(lo, hi)
+        assert lo < m < hi
+        lo, hi, cost = (lo, m, cost + 1) if m >= first else (m, hi, cost + failure_cost)
+    assert hi == first
+    return cost
+
+
+def test_the_split_is_the_cheapest_for_its_cost_ratio():
+    """Known answers: a bracket of two answers is probed at its only point; with every answer equally
+    likely, no rule is cheaper on average than the split, and the middle (the plain bisection) costs
+    more when failures cost more than successes; with a ratio of 1 the middle is as cheap."""
+    assert split(4, 6) == 5
+    assert split(-1, 1) == 0
+    middle = lambda lo, hi: (lo + hi) // 2  # noqa: E731
+    for K in (3, 10, 19, 24):
+        ours = sum(_cost(split, K, f, FAILURE_COST) for f in range(K + 1))
+        mid = sum(_cost(middle, K, f, FAILURE_COST) for f in range(K + 1))
+        high = sum(_cost(lambda lo, hi: hi - 1, K, f, FAILURE_COST) for f in range(K + 1))  # a scan from the top
+        assert ours < mid and ours <= high, (K, ours, mid, high)
+        assert split(-1, K) > (K - 1) // 2  # above the middle: failures are the expensive side
+    # with equal costs the split is a plain bisection: as cheap on average as the middle (both optimal)
+    for K in (3, 10, 24):
+        same = sum(_cost(lambda lo, hi: split(lo, hi, 1.0), K, f, 1.0) for f in range(K + 1))
+        assert same == sum(_cost(middle, K, f, 1.0) for f in range(K + 1))
 
 
 def test_bisection_stops_a_group_that_failed_numerically():
@@ -53,7 +84,8 @@ def test_grid_search_hands_out_every_problem_once():
 def test_search_setting():
     assert resolve_search(OptimizerSettings()) == "bisect"
     assert resolve_search(OptimizerSettings(readoff="mean")) == "grid"
-    assert problems_per_group(OptimizerSettings(), 24) == 5
+    assert problems_per_group(OptimizerSettings(), 24) == max_probes(24) == 7
+    assert problems_per_group(OptimizerSettings(), 10) == max_probes(10) == 5
     assert problems_per_group(OptimizerSettings(search="grid"), 24) == 24
     with pytest.raises(ValueError, match="search='bisect'` needs `readoff='fraction'"):
         OptimizerSettings(search="bisect", readoff="mean")
@@ -78,7 +110,7 @@ def test_bisection_gives_the_grid_answer_with_fewer_steps(k):
     assert abs(math.log(float(bis.cutting_dim[0]) / float(grid.cutting_dim[0]))) <= log_step
     ratio = float(bis.steps[bis.probed].sum()) / float(grid.steps.sum())
     assert ratio <= 0.45, ratio  # 0.37-0.40 here; the benchmark models' ratios are in docs/performance.md
-    assert int(bis.probed.sum(-1).max()) <= math.ceil(math.log2(len(bis.dims) + 1))
+    assert int(bis.probed.sum(-1).max()) <= max_probes(len(bis.dims))
     # the fraction curve is fully determined: 0 below each anchor's first success, 1 from there on
     assert torch.isfinite(bis.curve).all() and bool((bis.curve[0, 1:] >= bis.curve[0, :-1]).all())
 

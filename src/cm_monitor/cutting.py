@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from cm_monitor._model import ensemble_log_probs, explain_inference_tensors
 from cm_monitor.planes import PlaneRows, Prefix, choose_planes
-from cm_monitor.search import make_search
+from cm_monitor.search import make_search, max_probes
 
 #: Dense planes: at most this many basis elements (``groups × D × max(dims)``) are held per chunk:
 #: 2**27 is 512 MiB in float32, about three times that with the Gaussian draw and the transposed
@@ -85,9 +85,10 @@ class OptimizerSettings:
             structured above.
         search: which plane dimensions are optimized. ``"grid"``: every grid point of every
             (target, anchor) pair; ``"bisect"``: per pair, a bisection for the first grid point
-            whose plane reaches the threshold (nested planes make success monotone in ``d``), about
-            ``log2(K + 1)`` problems instead of ``K``, each stopped as soon as it reaches the
-            threshold; exact for ``readoff="fraction"``, which needs only that point per anchor,
+            whose plane reaches the threshold (nested planes make success monotone in ``d``), a
+            few problems instead of ``K`` (at most :func:`~cm_monitor.search.max_probes`: 5 for
+            ``K = 10``), each stopped as soon as it reaches the threshold, its bracket split where
+            the expected cost is least (a failing probe costs more than a succeeding one); exact for ``readoff="fraction"``, which needs only that point per anchor,
             but the estimate can then not be re-read at another threshold. ``"auto"`` (default):
             bisection for the fraction read-off, the grid for the mean read-off.
     """
@@ -228,8 +229,9 @@ def resolve_search(settings: OptimizerSettings) -> str:
 
 
 def problems_per_group(settings: OptimizerSettings, num_dims: int) -> int:
-    """Problems one (target, anchor) group runs at most: ``K`` on the grid, ``ceil(log2(K + 1))`` by bisection."""
-    return num_dims if resolve_search(settings) == "grid" else math.ceil(math.log2(num_dims + 1))
+    """Problems one (target, anchor) group runs at most: ``K`` on the grid,
+    :func:`~cm_monitor.search.max_probes` by bisection (5 for ``K = 10``, 7 for ``K = 24``)."""
+    return num_dims if resolve_search(settings) == "grid" else max_probes(num_dims)
 
 
 def optimize_planes(
@@ -269,7 +271,7 @@ def optimize_planes(
             :data:`MAX_BASIS_ELEMENTS` basis elements, with structured ones at most
             :data:`MAX_PROBLEM_ELEMENTS` input elements (problems × D) per pass (at least one).
         progress: called as ``progress(done, total)`` when problems finish: problems done, and the
-            most the search runs (``G · K`` on the grid, ``G · ceil(log2(K + 1))`` by bisection); the
+            most the search runs (``G · K`` on the grid, ``G ·`` :func:`problems_per_group` by bisection); the
             last call is ``(total, total)``.
         hints: per group, a grid index to start its bisection at (a warm start, see
             :class:`~cm_monitor.search.BisectionSearch`), or None; ignored by the grid.

@@ -368,7 +368,7 @@ def cm_dimension(
             (typically the previous measurement of the same anchors during training). Each
             (target, anchor) bisection starts with two problems at that anchor's earlier first
             success and the grid point below it, so an anchor whose ``d*`` has not moved costs two
-            problems in one round instead of ``ceil(log2(K + 1))`` in a row. While success is
+            problems in one round instead of several in a row. While success is
             monotone in ``d`` (nested planes make it so; an optimization that misses a success a
             smaller plane found breaks it), the answer is the one of a cold start and a start from
             other anchors costs time only. Ignored by the grid search.

@@ -96,8 +96,8 @@ class CMDimensionMonitor(GeometryMonitor):
             none (the ``*_std`` keys are then not logged).
         warm_start: start each (target, anchor) bisection of a measurement at its answer of the
             previous measurement of this run (``start=`` of :func:`~cm_monitor.cm_dimension`): an
-            anchor whose ``d*`` has not moved costs two problems in one round instead of about
-            ``log2(K + 1)`` in a row. While success is monotone in ``d`` (nested planes) the answer
+            anchor whose ``d*`` has not moved costs two problems in one round instead of several
+            in a row. While success is monotone in ``d`` (nested planes) the answer
             is the one of a cold start and only the time changes (see ``docs/callback.md`` for when
             it is not). The first measurement of a fit, and the first after a resume, start cold.
             No effect with the grid search (``extra_thresholds``).
