@@ -59,9 +59,12 @@ def test_global_rng_is_untouched():
 
 def test_same_seed_same_result_other_seed_other_planes():
     model = bn_model()
-    a = cm_dimension(model, *data(), generator=7, **KW)
-    b = cm_dimension(model, *data(), generator=torch.Generator().manual_seed(7), **KW)
-    c = cm_dimension(model, *data(), generator=8, **KW)
+    # below D (the whole space is the same plane for every seed) and at T = 1 (calibrating this
+    # untrained net makes every probability 1/3 wherever the plane goes)
+    kw = KW | {"dims": [1, 8, 32], "settings": OptimizerSettings(temperature=1.0)}
+    a = cm_dimension(model, *data(), generator=7, **kw)
+    b = cm_dimension(model, *data(), generator=torch.Generator().manual_seed(7), **kw)
+    c = cm_dimension(model, *data(), generator=8, **kw)
     assert torch.equal(a.scores.nan_to_num(-1), b.scores.nan_to_num(-1))
     torch.testing.assert_close(a.cutting_dim_std, b.cutting_dim_std, rtol=0, atol=0, equal_nan=True)
     assert not torch.equal(a.scores.nan_to_num(-1), c.scores.nan_to_num(-1))

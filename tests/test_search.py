@@ -84,8 +84,8 @@ def test_grid_search_hands_out_every_problem_once():
 def test_search_setting():
     assert resolve_search(OptimizerSettings()) == "bisect"
     assert resolve_search(OptimizerSettings(readoff="mean")) == "grid"
-    assert problems_per_group(OptimizerSettings(), 24) == max_probes(24) == 7
-    assert problems_per_group(OptimizerSettings(), 10) == max_probes(10) == 5
+    assert problems_per_group(OptimizerSettings(), 24) == max_probes(24) == 8
+    assert problems_per_group(OptimizerSettings(), 10) == max_probes(10) == 6
     assert problems_per_group(OptimizerSettings(search="grid"), 24) == 24
     with pytest.raises(ValueError, match="search='bisect'` needs `readoff='fraction'"):
         OptimizerSettings(search="bisect", readoff="mean")

@@ -86,7 +86,7 @@ class OptimizerSettings:
         search: which plane dimensions are optimized. ``"grid"``: every grid point of every
             (target, anchor) pair; ``"bisect"``: per pair, a bisection for the first grid point
             whose plane reaches the threshold (nested planes make success monotone in ``d``), a
-            few problems instead of ``K`` (at most :func:`~cm_monitor.search.max_probes`: 5 for
+            few problems instead of ``K`` (at most :func:`~cm_monitor.search.max_probes`: 6 for
             ``K = 10``), each stopped as soon as it reaches the threshold, its bracket split where
             the expected cost is least (a failing probe costs more than a succeeding one); exact for ``readoff="fraction"``, which needs only that point per anchor,
             but the estimate can then not be re-read at another threshold. ``"auto"`` (default):
@@ -230,7 +230,7 @@ def resolve_search(settings: OptimizerSettings) -> str:
 
 def problems_per_group(settings: OptimizerSettings, num_dims: int) -> int:
     """Problems one (target, anchor) group runs at most: ``K`` on the grid,
-    :func:`~cm_monitor.search.max_probes` by bisection (5 for ``K = 10``, 7 for ``K = 24``)."""
+    :func:`~cm_monitor.search.max_probes` by bisection (6 for ``K = 10``, 8 for ``K = 24``)."""
     return num_dims if resolve_search(settings) == "grid" else max_probes(num_dims)
 
 

@@ -35,18 +35,22 @@ _EXACT = 128
 
 
 @functools.cache
-def _plan(n: int, failure_cost: float) -> tuple[float, int]:
-    """A bracket of ``n`` possible answers (``n >= 2``), each equally likely: the least expected cost
-    of finding the answer (a success costs 1, a failure ``failure_cost``) and how many of the
-    answers its first probe leaves on its success side (``1 .. n - 1``). Built bottom-up."""
-    cost = [0.0, 0.0]
-    best = [0, 0]
-    for m in range(2, n + 1):
-        options = (((a / m) * (1 + cost[a]) + ((m - a) / m) * (failure_cost + cost[m - a]), a) for a in range(1, m))
-        c, a = min(options)
-        cost.append(c)
+def _successes(failure_cost: float) -> tuple[int, ...]:
+    """``[n]`` for a bracket of ``n`` possible answers (``2 <= n <= _EXACT``), each equally likely:
+    how many of them the cheapest first probe leaves on its success side (``1 .. n - 1``), where a
+    success costs 1 and a failure ``failure_cost``. A dynamic programme over ``n``, built once, on
+    the total cost over the ``n`` answers (``n`` times the expected cost: sums of whole numbers for
+    a whole ``failure_cost``, so exact). Of equally cheap probes it takes the highest: the one
+    with the fewest failures, should failures cost more than ``failure_cost`` (they did on the
+    benchmark models: 2.4 to 4.3 successes)."""
+    total, best = [0.0, 0.0], [0, 0]
+    for n in range(2, _EXACT + 1):
+        options = [a + total[a] + (n - a) * failure_cost + total[n - a] for a in range(1, n)]
+        least = min(options)
+        a = 1 + max(i for i, c in enumerate(options) if c <= least * (1 + 1e-12))
+        total.append(least)
         best.append(a)
-    return cost[n], best[n]
+    return tuple(best)
 
 
 def split(lo: int, hi: int, failure_cost: float = FAILURE_COST) -> int:
@@ -55,10 +59,10 @@ def split(lo: int, hi: int, failure_cost: float = FAILURE_COST) -> int:
     may be ``K``, "never reached") and a failure costing ``failure_cost`` successes. With a cost of
     1 this is a plain bisection (as cheap as the middle); with :data:`FAILURE_COST` it lies above
     the middle, so that fewer of the probes fail."""
-    n = hi - lo
+    n, best = hi - lo, _successes(failure_cost)
     if n <= _EXACT:
-        return lo + _plan(n, failure_cost)[1]
-    return lo + min(n - 1, max(1, round(n * _plan(_EXACT, failure_cost)[1] / _EXACT)))
+        return lo + best[n]
+    return lo + min(n - 1, max(1, round(n * best[_EXACT] / _EXACT)))
 
 
 @functools.cache
