@@ -160,7 +160,9 @@ def test_basis_memory_bounds_the_chunk(monkeypatch):
     monkeypatch.setattr(planes, "nested_bases", spy)
     monkeypatch.setattr(cutting, "MAX_BASIS_ELEMENTS", 2 * D * 56)  # two rows of bases
     capped = cm_dimension(model, anchors, zeros(6), **kw, settings=UNBOUNDED)
-    assert max(loads) <= 2 and sum(loads) == int(capped.probed.sum())
+    # at most two bases drawn at once; each of the 6 groups drawn at least once, and a group's later
+    # problems mostly take its basis from the plane cache (which keeps as many as the pool has rows)
+    assert max(loads) <= 2 and 6 <= sum(loads) < int(capped.probed.sum())
     torch.testing.assert_close(capped.scores, whole.scores, equal_nan=True)
 
 

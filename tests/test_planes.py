@@ -10,7 +10,7 @@ from torch import nn
 
 from cm_monitor import OptimizerSettings, cm_dimension
 from cm_monitor.cutting import REFERENCE_SETTINGS
-from cm_monitor.planes import DENSE_MAX_ELEMENTS, StructuredPlanes, choose_planes, hartley, plane_seed
+from cm_monitor.planes import DENSE_MAX_ELEMENTS, PlaneRows, StructuredPlanes, choose_planes, hartley, plane_seed
 from cm_monitor.synthetic import HalfSpace, Tube
 
 SEEDS = [plane_seed(0, (1,), a) for a in range(3)]
@@ -210,3 +210,26 @@ def test_planes_are_the_same_on_cuda(family):
     for d in (1, 3, 8):  # the projector onto each nested plane
         p_cpu, p_gpu = cpu[..., :d] @ cpu[..., :d].mT, gpu[..., :d] @ gpu[..., :d].mT
         torch.testing.assert_close(p_gpu, p_cpu, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["dense", "structured"])
+def test_plane_rows_draw_a_groups_plane_once_and_keep_at_most_their_rows(family):
+    """A group's later problems take its plane from the cache: the same tensors as a fresh draw,
+    drawn once; the cache keeps at most as many planes as the pool has rows (least recent out)."""
+    D, max_dim = 32, 8
+    rows = PlaneRows(family, 3, D, max_dim, device=torch.device("cpu"), dtype=torch.float32)
+    fresh = PlaneRows(family, 3, D, max_dim, device=torch.device("cpu"), dtype=torch.float32)
+    theta = torch.randn(3, max_dim, generator=torch.Generator().manual_seed(0))
+    rows.load(torch.arange(3), [11, 12, 11])  # a seed twice in one refill: drawn once
+    assert rows.cache.drawn == 2
+    rows.load(torch.tensor([1]), [11])  # a later problem of group 11: from the cache
+    assert rows.cache.drawn == 2
+    fresh.load(torch.arange(3), [11, 11, 12])
+    rows.load(torch.arange(3), [11, 11, 12])
+    assert torch.equal(rows.apply(theta), fresh.apply(theta))  # bit for bit the planes of a fresh draw
+    rows.load(torch.arange(3), [13, 14, 15])  # three new groups: 11 and 12 are dropped
+    assert rows.cache.drawn == 5 and list(rows.cache.planes) == [13, 14, 15]
+    rows.load(torch.tensor([0]), [11])
+    assert rows.cache.drawn == 6  # drawn again, to the same plane
+    fresh.load(torch.tensor([0]), [11])
+    assert torch.equal(rows.apply(theta)[:1], fresh.apply(theta)[:1])

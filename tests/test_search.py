@@ -33,7 +33,7 @@ def test_bisection_finds_every_first_success_in_few_probes(K):
     assert search.hi == firsts  # the first grid index that succeeds, K when none does
     assert search.lo == [f - 1 for f in firsts]
     assert max(len(p) for p in probes.values()) == max_probes(K)  # the bound is reached, not exceeded
-    assert max_probes(K) <= 2 * math.ceil(math.log2(K + 1))  # still logarithmic (7 for K = 24, 5 for the bisection)
+    assert max_probes(K) <= 2 * math.ceil(math.log2(K + 1))  # still logarithmic (8 for K = 24, 5 for the midpoint)
     assert all(len(set(p)) == len(p) for p in probes.values())  # no grid point probed twice
 
 
@@ -65,6 +65,29 @@ def test_the_split_is_the_cheapest_for_its_cost_ratio():
     for K in (3, 10, 24):
         same = sum(_cost(lambda lo, hi: split(lo, hi, 1.0), K, f, 1.0) for f in range(K + 1))
         assert same == sum(_cost(middle, K, f, 1.0) for f in range(K + 1))
+
+
+def _least_total(n: int, failure_cost: float) -> list[float]:
+    """The least total cost over the ``n`` answers of any probe rule, for brackets of 0 .. n answers
+    (written apart from the package's: a probe leaving a answers on the success side costs a
+    successes and n - a failures, then the two sides on their own)."""
+    best = [0.0, 0.0]
+    for m in range(2, n + 1):
+        best.append(min(a + best[a] + (m - a) * failure_cost + best[m - a] for a in range(1, m)))
+    return best
+
+
+@pytest.mark.parametrize("failure_cost", [1.0, FAILURE_COST, 5.0])
+def test_no_probe_rule_is_cheaper_than_the_split(failure_cost):
+    """Known answer: the split's tree costs what the cheapest of all probe rules costs (exactly up to
+    brackets of 128 answers, within 1 % above, where it splits at a fixed fraction)."""
+    least = _least_total(301, failure_cost)
+    for K in (2, 3, 10, 19, 24, 60, 127, 300):
+        ours = sum(_cost(lambda lo, hi: split(lo, hi, failure_cost), K, f, failure_cost) for f in range(K + 1))
+        if K + 1 <= 128:
+            assert ours == least[K + 1], (K, ours, least[K + 1])
+        else:
+            assert least[K + 1] <= ours <= 1.01 * least[K + 1], (K, ours, least[K + 1])
 
 
 def test_bisection_stops_a_group_that_failed_numerically():

@@ -110,9 +110,10 @@ def _probe_batch(members: list, inputs: Tensor, rows: int) -> Tensor:
 def pool_bytes(input_dim: int, max_dim: int, dense: bool, rows: int, bytes_per_element: int = 4) -> int:
     """The work pool's own memory: per row about ten ``D``-sized tensors (anchor, plane point, its
     transform and gradient, ...), five ``max_dim``-sized ones (coordinates, mask, Adam's moments,
-    gradient) and the plane: a ``D × max_dim`` basis (dense) or signs and coordinates (structured)."""
+    gradient) and the plane: a ``D × max_dim`` basis (dense) or signs and coordinates (structured),
+    twice (the pool's :class:`~cm_monitor.planes.PlaneCache` keeps up to one plane per row)."""
     plane = input_dim * max_dim if dense else input_dim + 2 * max_dim
-    return rows * bytes_per_element * (10 * input_dim + 5 * max_dim + plane)
+    return rows * bytes_per_element * (10 * input_dim + 5 * max_dim + 2 * plane)
 
 
 def estimate_cost(
