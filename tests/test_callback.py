@@ -1152,6 +1152,6 @@ def test_activation_and_pool_bytes():
     narrow = activation_bytes_per_row(nn.Sequential(nn.Linear(64, 100), nn.ReLU(), nn.Linear(100, 10)), x)
     wide = activation_bytes_per_row(nn.Sequential(nn.Linear(64, 1100), nn.ReLU(), nn.Linear(1100, 10)), x)
     assert 4 * 1000 <= wide - narrow <= 4 * 1000 * 3  # one to three saved copies of the hidden layer
-    # the plane twice: the row's and the plane cache's copy
-    assert pool_bytes(100, 10, dense=False, rows=2) == 2 * 4 * (10 * 100 + 5 * 10 + 2 * (100 + 20))
+    # a dense basis twice: the row's and the plane cache's copy
+    assert pool_bytes(100, 10, dense=False, rows=2) == 2 * 4 * (10 * 100 + 5 * 10 + 100 + 20)
     assert pool_bytes(100, 10, dense=True, rows=1) == 4 * (10 * 100 + 5 * 10 + 2 * 1000)

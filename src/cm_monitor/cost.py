@@ -110,10 +110,11 @@ def _probe_batch(members: list, inputs: Tensor, rows: int) -> Tensor:
 def pool_bytes(input_dim: int, max_dim: int, dense: bool, rows: int, bytes_per_element: int = 4) -> int:
     """The work pool's own memory: per row about ten ``D``-sized tensors (anchor, plane point, its
     transform and gradient, ...), five ``max_dim``-sized ones (coordinates, mask, Adam's moments,
-    gradient) and the plane: a ``D × max_dim`` basis (dense) or signs and coordinates (structured),
-    twice (the pool's :class:`~cm_monitor.planes.PlaneCache` keeps up to one plane per row)."""
-    plane = input_dim * max_dim if dense else input_dim + 2 * max_dim
-    return rows * bytes_per_element * (10 * input_dim + 5 * max_dim + 2 * plane)
+    gradient) and the plane: a ``D × max_dim`` basis (dense; twice, since the pool's
+    :class:`~cm_monitor.planes.PlaneCache` keeps up to one basis per row) or signs and
+    coordinates (structured)."""
+    plane = 2 * input_dim * max_dim if dense else input_dim + 2 * max_dim
+    return rows * bytes_per_element * (10 * input_dim + 5 * max_dim + plane)
 
 
 def estimate_cost(

@@ -86,10 +86,12 @@ class OptimizerSettings:
         search: which plane dimensions are optimized. ``"grid"``: every grid point of every
             (target, anchor) pair; ``"bisect"``: per pair, a bisection for the first grid point
             whose plane reaches the threshold (nested planes make success monotone in ``d``), a
-            few problems instead of ``K`` (at most :func:`~cm_monitor.search.max_probes`: 6 for
-            ``K = 10``), each stopped as soon as it reaches the threshold, its bracket split where
-            the expected cost is least (a failing probe costs more than a succeeding one); exact for ``readoff="fraction"``, which needs only that point per anchor,
-            but the estimate can then not be re-read at another threshold. ``"auto"`` (default):
+            few problems instead of ``K`` (from a cold start at most
+            :func:`~cm_monitor.search.max_probes`: 6 for ``K = 10``), each stopped as soon as it
+            reaches the threshold, its bracket split where the expected cost is least (a failing
+            probe costs more than a succeeding one); exact for ``readoff="fraction"``, which needs
+            only that point per anchor, but the estimate can then not be re-read at another
+            threshold. ``"auto"`` (default):
             bisection for the fraction read-off, the grid for the mean read-off.
     """
 

@@ -241,9 +241,11 @@ class Prefix:
 class PlaneCache:
     """The planes of the groups seen last, by seed, at most ``size`` of them (least recently used
     out first). A bisection runs a few problems per group one after the other, each with the same
-    plane; drawing it once saves a QR per problem (dense planes: 0.35 ms at ``D = 64``, 1.8 ms at
-    ``D = 256`` on a 2-core CPU) or a random permutation of ``D`` coordinates (structured). With
-    ``size`` the work pool's rows it holds at most as many planes as the pool itself.
+    plane; drawing a dense plane once saves a QR per problem (0.35 ms at ``D = 64``, 1.8 ms at
+    ``D = 256`` on a 2-core CPU). With ``size`` the work pool's rows it holds at most as many
+    planes as the pool itself. (Structured planes are not kept: drawing one is a random
+    permutation of ``D`` coordinates, about 1 ms at ``D = 150,528``, and keeping them cost more
+    memory, on the model's device, than it saved time: 136 MB for 5 % of a 224 × 224 call.)
 
     Args:
         size: planes kept at most.
@@ -291,23 +293,21 @@ class PlaneRows:
             self.coords = torch.zeros(rows, max_dim, device=device, dtype=torch.long)
         names = ("basis_t",) if family == "dense" else ("signs", "coords")
         self.prefix = Prefix({name: getattr(self, name) for name in names})
-        self.cache = PlaneCache(rows, self._draw)
+        self.cache = PlaneCache(rows, self._bases) if family == "dense" else None
 
-    def _draw(self, seeds: list[int]) -> list[tuple[Tensor, ...]]:
-        """The planes of ``seeds``, one tuple of tensors per seed (what :meth:`load` writes to a row)."""
-        kw = {"device": self.device, "dtype": self.dtype}
-        if self.family == "dense":  # each its own copy: a kept plane does not hold the others' memory
-            return [(b.contiguous(),) for b in nested_bases(seeds, self.input_dim, self.max_dim, **kw).transpose(1, 2)]
-        planes = StructuredPlanes(seeds, self.input_dim, self.max_dim, **kw)
-        return [(s.clone(), c.clone()) for s, c in zip(planes.signs, planes.coords, strict=True)]
+    def _bases(self, seeds: list[int]) -> list[tuple[Tensor, ...]]:
+        """The transposed dense bases of ``seeds``, each its own copy (a kept one holds no other's memory)."""
+        bases = nested_bases(seeds, self.input_dim, self.max_dim, device=self.device, dtype=self.dtype)
+        return [(b.contiguous(),) for b in bases.transpose(1, 2)]
 
     def load(self, rows: Tensor, seeds: Sequence[int]) -> None:
-        """Give ``rows`` the planes of ``seeds`` (one seed per row); a plane drawn for an earlier
-        problem of the same group comes from :attr:`cache` (the same tensors, not drawn again)."""
-        parts = list(zip(*self.cache.get([int(s) for s in seeds]), strict=True))
-        targets = (self.basis_t,) if self.family == "dense" else (self.signs, self.coords)
-        for target, values in zip(targets, parts, strict=True):
-            target[rows] = torch.stack(values)
+        """Give ``rows`` the planes of ``seeds`` (one seed per row); a dense plane drawn for an
+        earlier problem of the same group comes from :attr:`cache` (not drawn again)."""
+        if self.cache is not None:
+            self.basis_t[rows] = torch.stack([b for (b,) in self.cache.get([int(s) for s in seeds])])
+        else:
+            planes = StructuredPlanes(seeds, self.input_dim, self.max_dim, device=self.device, dtype=self.dtype)
+            self.signs[rows], self.coords[rows] = planes.signs, planes.coords
 
     def reorder(self, order: Tensor) -> None:
         """Rows ``[0, len(order))`` get the planes of rows ``order`` (the work pool keeps its active
