@@ -1106,6 +1106,13 @@ def test_cost_is_estimated_before_training_and_a_limit_refuses(tmp_path):
     assert est.problems == (10 + 2) * 2 * 4
     assert est.passes == FAST["max_steps"] + 1  # one chunk
     assert est.seconds == pytest.approx(est.passes * est.seconds_per_pass) and est.seconds_per_pass > 0
+    # the default bisection: max_probes(4) = 4 rounds (a cold start probes a 4-point grid at most 4
+    # times) of one problem per (target, anchor) group, passes of 24 rows
+    bisecting = CMDimensionMonitor(**{**FAST, "settings": OptimizerSettings(max_radius=1.0)})
+    trainer(tmp_path, [bisecting], max_epochs=1).fit(DigitsCNN(), train, val)
+    est = bisecting.cost_estimate
+    assert (est.problems, est.timed_rows, est.rows_per_pass) == ((10 + 2) * 2 * 4, (10 + 2) * 2, (10 + 2) * 2 * 4)
+    assert est.passes == 4 * (FAST["max_steps"] + 1)
 
     model = DigitsCNN()
     refusing = CMDimensionMonitor(**FAST, max_seconds=1e-6)

@@ -158,6 +158,24 @@ def test_cost_estimate_counts_passes_and_leaves_the_model_alone():
         estimate_cost(model, data()[0], problems=0, per_pass=8, max_steps=1)
 
 
+def test_cost_of_a_bisection_counts_its_rounds_of_one_problem_per_group():
+    """A cold bisection runs one problem per group at a time, several rounds in a row: the bound counts
+    passes of one row per group, timed at that size (true also when a pass costs the same whatever its
+    rows), while the pool's rows (memory) stay those of every problem at once."""
+    from cm_monitor.cost import estimate_cost
+
+    model = bn_model()
+    est = estimate_cost(model, data()[0], problems=60, per_pass=2048, max_steps=9, rounds=6)  # 10 groups
+    assert (est.rows_per_pass, est.timed_rows, est.passes) == (60, 10, 6 * 10)
+    assert est.seconds == pytest.approx(est.passes * est.seconds_per_pass) and "passes of 10 rows" in str(est)
+    narrow = estimate_cost(model, data()[0], problems=60, per_pass=4, max_steps=9, rounds=6)  # 3 passes a round
+    assert (narrow.rows_per_pass, narrow.timed_rows, narrow.passes) == (4, 4, 6 * 3 * 10)
+    grid = estimate_cost(model, data()[0], problems=60, per_pass=2048, max_steps=9)
+    assert (grid.timed_rows, grid.passes) == (60, 10)
+    with pytest.raises(ValueError, match="rounds"):
+        estimate_cost(model, data()[0], problems=6, per_pass=8, max_steps=1, rounds=0)
+
+
 def test_passes_hold_what_the_planes_memory_bound_allows():
     from cm_monitor import OptimizerSettings, default_dims
     from cm_monitor.cutting import MAX_BASIS_ELEMENTS, MAX_PROBLEM_ELEMENTS, rows_per_pass

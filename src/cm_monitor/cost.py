@@ -3,8 +3,9 @@
 One measurement optimizes ``problems`` (target, anchor, plane dimension) problems in passes of at
 most ``per_pass`` plane points (``chunk_size``, or fewer where the planes' memory bound says so),
 each problem for at most ``max_steps`` steps. A probe times one
-forward/backward pass of the model on a full chunk, which gives an upper bound on the time: every
-problem running its whole budget. Early stopping makes real measurements cheaper (on the digits and
+forward/backward pass of the model on a full chunk (with a bisection, on one row per (target,
+anchor) group: it runs one problem per group at a time, in rounds; see :func:`estimate_cost`),
+which gives an upper bound on the time: every problem running its whole budget. Early stopping makes real measurements cheaper (on the digits and
 MNIST controls problems stopped after 40-70 steps of 500 on average), so the bound is loose by a
 factor of up to about ten; the logged ``{prefix}/seconds`` says what a measurement really took.
 
@@ -41,11 +42,13 @@ class CostEstimate:
 
     Attributes:
         problems: (target, anchor, plane dimension) problems.
-        passes: forward/backward passes at most (chunks × (max_steps + 1)).
-        seconds_per_pass: measured time of one pass on a full chunk.
+        passes: forward/backward passes at most (rounds × chunks per round × (max_steps + 1)).
+        seconds_per_pass: measured time of one pass of ``timed_rows`` rows.
         seconds: ``passes × seconds_per_pass``, the time if no problem stopped early.
-        rows_per_pass: plane points per pass (the work pool's rows).
+        rows_per_pass: plane points per pass at most (the work pool's rows; memory).
         memory_bytes: estimated peak memory of one pass: the pool's state and the activations.
+        timed_rows: rows of the passes the bound counts (``rows_per_pass``, or fewer when the
+            problems run in rounds: a bisection holds one problem per (target, anchor) group).
     """
 
     problems: int
@@ -54,11 +57,12 @@ class CostEstimate:
     seconds: float
     rows_per_pass: int = 0
     memory_bytes: int = 0
+    timed_rows: int = 0
 
     def __str__(self) -> str:
         return (
-            f"{self.problems} problems, at most {self.passes} passes of {self.rows_per_pass} rows, "
-            f"{self.seconds_per_pass * 1e3:.1f} ms each: at most {self.seconds:.0f} s per measurement (early "
+            f"{self.problems} problems, at most {self.passes} passes of {self.timed_rows or self.rows_per_pass} "
+            f"rows, {self.seconds_per_pass * 1e3:.1f} ms each: at most {self.seconds:.0f} s per measurement (early "
             f"stopping usually makes it several times less); about {self.memory_bytes / 2**20:.0f} MiB"
         )
 
@@ -125,19 +129,31 @@ def estimate_cost(
     per_pass: int,
     max_steps: int,
     bytes_per_row: float | None = None,
+    rounds: int = 1,
 ) -> CostEstimate:
     """Upper bound on the time of one measurement of ``problems`` problems run ``per_pass`` at a
     time (see :func:`cm_monitor.cutting.rows_per_pass`; the module docstring says what is bounded),
     and its memory: ``per_pass`` rows of ``bytes_per_row`` each (default: the activations alone,
-    :func:`activation_bytes_per_row`; add :func:`pool_bytes` for the pool's own state)."""
-    if problems < 1 or per_pass < 1:
-        raise ValueError(f"`problems` and `per_pass` must be >= 1, got {problems} and {per_pass}.")
+    :func:`activation_bytes_per_row`; add :func:`pool_bytes` for the pool's own state).
+
+    ``rounds``: the problems run in this many rounds one after the other, ``problems / rounds`` at
+    a time (a cold bisection: one problem per (target, anchor) group at a time, at most
+    :func:`~cm_monitor.cutting.problems_per_group` of them in a row). The bound then counts passes
+    of that many rows, timed at that size, which holds whether a pass's time grows with its rows
+    (compute-bound) or not (bound by per-pass overhead, as small passes on a GPU). A full pass of
+    ``per_pass`` rows is still run once, so that running out of memory shows here."""
+    if problems < 1 or per_pass < 1 or rounds < 1:
+        raise ValueError(f"`problems`, `per_pass` and `rounds` must be >= 1, got {problems}, {per_pass} and {rounds}.")
     rows = min(per_pass, problems)
     if bytes_per_row is None:
         bytes_per_row = activation_bytes_per_row(model, inputs)
     memory = int(rows * bytes_per_row)
-    seconds = time_pass(model, inputs, rows)
-    passes = math.ceil(problems / per_pass) * (max_steps + 1)
+    at_once = math.ceil(problems / rounds)
+    timed = min(rows, at_once)
+    if timed < rows:
+        time_pass(model, inputs, rows, repeats=1)  # the largest pass the pool may run must fit
+    seconds = time_pass(model, inputs, timed)
+    passes = rounds * math.ceil(at_once / timed) * (max_steps + 1)
     return CostEstimate(
         problems=problems,
         passes=passes,
@@ -145,6 +161,7 @@ def estimate_cost(
         seconds=passes * seconds,
         rows_per_pass=rows,
         memory_bytes=memory,
+        timed_rows=timed,
     )
 
 

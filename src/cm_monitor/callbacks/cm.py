@@ -435,6 +435,7 @@ class CMDimensionMonitor(GeometryMonitor):
                     per_pass=rows,
                     max_steps=self.settings.max_steps,
                     bytes_per_row=per_row,
+                    rounds=self._rounds(),
                 )
             except _OOM_ERRORS as err:
                 if rows <= 1:
@@ -449,6 +450,11 @@ class CMDimensionMonitor(GeometryMonitor):
                 rows //= 2
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
+
+    def _rounds(self) -> int:
+        """Rounds of problems one after the other in a cold measurement: a bisection runs one problem
+        per (target, anchor) group at a time, at most :func:`problems_per_group` in a row; the grid all at once."""
+        return 1 if resolve_search(self.settings) == "grid" else problems_per_group(self.settings, len(self.grid()))
 
     def _rows_within_memory(self, model: nn.Module | list[nn.Module]) -> tuple[int, float]:
         """Rows per pass that fit in half the free memory of the model's device (``chunk_size`` scaled
