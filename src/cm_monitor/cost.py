@@ -2,12 +2,12 @@
 
 One measurement optimizes ``problems`` (target, anchor, plane dimension) problems in passes of at
 most ``per_pass`` plane points (``chunk_size``, or fewer where the planes' memory bound says so),
-each problem for at most ``max_steps`` steps. A probe times one
-forward/backward pass of the model on a full chunk (with a bisection, on one row per (target,
-anchor) group: it runs one problem per group at a time, in rounds; see :func:`estimate_cost`),
-which gives an upper bound on the time: every problem running its whole budget. Early stopping makes real measurements cheaper (on the digits and
-MNIST controls problems stopped after 40-70 steps of 500 on average), so the bound is loose by a
-factor of up to about ten; the logged ``{prefix}/seconds`` says what a measurement really took.
+each problem for at most ``max_steps`` steps. A probe times one forward/backward pass of the model
+on a full chunk (with a bisection, on one row per (target, anchor) group: it runs one problem per
+group at a time, in rounds; see :func:`estimate_cost`), which gives an upper bound on the time:
+every problem running its whole budget. Early stopping makes real measurements cheaper (on the
+digits and MNIST controls problems stopped after 40-70 steps of 500 on average), so the bound is
+loose by a factor of up to about ten; the logged ``{prefix}/seconds`` says what a measurement really took.
 
 Memory is the work pool's own state (plane points, plane coordinates, optimizer moments, the
 planes: :func:`pool_bytes`) plus the model's activations of one pass, measured per row as the bytes

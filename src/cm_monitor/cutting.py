@@ -91,8 +91,8 @@ class OptimizerSettings:
             reaches the threshold, its bracket split where the expected cost is least (a failing
             probe costs more than a succeeding one); exact for ``readoff="fraction"``, which needs
             only that point per anchor, but the estimate can then not be re-read at another
-            threshold. ``"auto"`` (default):
-            bisection for the fraction read-off, the grid for the mean read-off.
+            threshold. ``"auto"`` (default): bisection for the fraction read-off, the grid for the
+            mean read-off.
     """
 
     lr: float = 0.1

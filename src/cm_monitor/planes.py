@@ -239,8 +239,8 @@ class Prefix:
 
 
 class PlaneCache:
-    """The planes of the groups seen last, by seed, at most ``size`` of them (least recently used
-    out first). A bisection runs a few problems per group one after the other, each with the same
+    """The dense bases of the groups seen last, by seed, at most ``size`` of them (least recently
+    used out first). A bisection runs a few problems per group one after the other, each with the same
     plane; drawing a dense plane once saves a QR per problem (0.35 ms at ``D = 64``, 1.8 ms at
     ``D = 256`` on a 2-core CPU). With ``size`` the work pool's rows it holds at most as many
     planes as the pool itself. (Structured planes are not kept: drawing one is a random
@@ -249,15 +249,15 @@ class PlaneCache:
 
     Args:
         size: planes kept at most.
-        draw: draws the planes of a list of seeds, one tuple of tensors per seed.
+        draw: draws the planes of a list of seeds, one tensor per seed.
     """
 
-    def __init__(self, size: int, draw: Callable[[list[int]], list[tuple[Tensor, ...]]]) -> None:
+    def __init__(self, size: int, draw: Callable[[list[int]], list[Tensor]]) -> None:
         self.size, self.draw = max(1, size), draw
-        self.planes: OrderedDict[int, tuple[Tensor, ...]] = OrderedDict()
+        self.planes: OrderedDict[int, Tensor] = OrderedDict()
         self.drawn = 0  # planes drawn so far (for tests and benchmarks)
 
-    def get(self, seeds: list[int]) -> list[tuple[Tensor, ...]]:
+    def get(self, seeds: list[int]) -> list[Tensor]:
         """The planes of ``seeds`` (a seed may repeat), drawing those not kept in one call."""
         missing = list(dict.fromkeys(s for s in seeds if s not in self.planes))
         fresh = dict(zip(missing, self.draw(missing), strict=True)) if missing else {}
@@ -295,16 +295,16 @@ class PlaneRows:
         self.prefix = Prefix({name: getattr(self, name) for name in names})
         self.cache = PlaneCache(rows, self._bases) if family == "dense" else None
 
-    def _bases(self, seeds: list[int]) -> list[tuple[Tensor, ...]]:
+    def _bases(self, seeds: list[int]) -> list[Tensor]:
         """The transposed dense bases of ``seeds``, each its own copy (a kept one holds no other's memory)."""
         bases = nested_bases(seeds, self.input_dim, self.max_dim, device=self.device, dtype=self.dtype)
-        return [(b.contiguous(),) for b in bases.transpose(1, 2)]
+        return [b.contiguous() for b in bases.transpose(1, 2)]
 
     def load(self, rows: Tensor, seeds: Sequence[int]) -> None:
         """Give ``rows`` the planes of ``seeds`` (one seed per row); a dense plane drawn for an
         earlier problem of the same group comes from :attr:`cache` (not drawn again)."""
         if self.cache is not None:
-            self.basis_t[rows] = torch.stack([b for (b,) in self.cache.get([int(s) for s in seeds])])
+            self.basis_t[rows] = torch.stack(self.cache.get([int(s) for s in seeds]))
         else:
             planes = StructuredPlanes(seeds, self.input_dim, self.max_dim, device=self.device, dtype=self.dtype)
             self.signs[rows], self.coords[rows] = planes.signs, planes.coords
