@@ -306,7 +306,7 @@ def optimize_planes(
             members, stop_at_level=search.stop_at_level, num_classes=num_classes, model_dtype=model_dtype
         )
         if finished:
-            out.record([pool.problem[r] for r in finished], finished, pool)
+            out.record([pool.problem[r] for r in finished], finished, pool, [ok is None for ok in success])
             done += len(finished)
             if progress is not None:
                 progress(min(done, total), total)
@@ -329,12 +329,12 @@ class _Outcomes:
         self.nonfinite = torch.zeros((G, K), dtype=torch.bool, device=device)
         self.probed = torch.zeros((G, K), dtype=torch.bool)
 
-    def record(self, problems: list[tuple[int, int]], rows: list[int], pool: _Pool) -> None:
-        """Copy what ``rows`` reached into the cells of their ``problems`` ``(group, grid index)``."""
-        g = torch.tensor([p[0] for p in problems], device=self.steps.device)
-        j = torch.tensor([p[1] for p in problems], device=self.steps.device)
-        r = torch.tensor(rows, device=self.steps.device)
-        bad = pool.nonfinite[r]
+    def record(self, problems: list[tuple[int, int]], rows: list[int], pool: _Pool, bad: list[bool]) -> None:
+        """Copy what ``rows`` reached into the cells of their ``problems`` ``(group, grid index)``;
+        ``bad``: per row, whether a NaN/inf stopped it."""
+        device = self.steps.device
+        g, j = torch.tensor(problems, device=device).unbind(1)
+        r, bad = torch.tensor(rows, device=device), torch.tensor(bad, device=device)
         for f in self.fields:
             self.values[f][g, j] = torch.where(bad, math.nan, getattr(pool, f)[r])
         self.steps[g, j], self.nonfinite[g, j] = pool.steps[r], bad
@@ -372,13 +372,14 @@ class RowAdam:
     def reset(self, rows: Tensor) -> None:
         self.m[rows], self.v[rows], self.t[rows] = 0.0, 0.0, 0.0
 
-    def step(self, grad: Tensor, coords: Tensor, live: Tensor) -> None:
-        """One step of the rows ``[0, n)``: ``grad`` ``[n, w]`` (the first ``w`` coordinates: the
-        others are masked in every row), ``coords`` their live coordinates (0/1), ``live`` how many
-        there are per row (the plane dimension). Every row steps, also one whose problem has just
-        stopped (its gradient is zero or garbage): its state is not used again before a reset."""
-        (n, w), (b1, b2) = grad.shape, self.betas
-        g = grad * coords
+    def step(self, g: Tensor, live: Tensor) -> None:
+        """One step of the rows ``[0, n)``: ``g`` ``[n, w]``, the gradient on the first ``w``
+        coordinates (the others are masked in every row), zero beyond each row's plane (the pool's
+        forward multiplies θ by the plane's mask, so its gradient is zero there and those
+        coordinates never move); ``live``: the plane dimension of each row. Every row steps, also
+        one whose problem has just stopped (its gradient is zero or garbage): its state is not used
+        again before a reset."""
+        (n, w), (b1, b2) = g.shape, self.betas
         rows = self.prefix(n)
         t, m, v = rows["t"], rows["m"][:, :w], rows["v"] if self.isotropic else rows["v"][:, :w]
         t += 1
@@ -428,8 +429,7 @@ class _Pool:
         self.k = group_targets.shape[1]
         self.mixed = False  # groups of one kind (see mix)
         self.dim_mask = _plane_mask(dims, settings, D, device, dtype)  # [K, max_dim]
-        self.dim_coords = (self.dim_mask != 0).to(dtype)  # [K, max_dim]: the live coordinates, 0/1
-        self.dim_live = self.dim_coords.sum(-1)  # [K]: d
+        self.dim_live = torch.tensor(dims, device=device, dtype=dtype)  # [K]: d
         self.dims = dims
         family = choose_planes(settings.planes, D, max_dim)
         self.planes = PlaneRows(family, rows, D, max_dim, device=device, dtype=dtype)
@@ -440,20 +440,19 @@ class _Pool:
         self.optimizer = RowAdam(self.theta, settings.lr, settings.optimizer == "isotropic")
         self.x0 = torch.zeros(rows, D, device=device, dtype=dtype)
         self.mask = torch.zeros(rows, max_dim, device=device, dtype=dtype)
-        self.coords = torch.zeros(rows, max_dim, device=device, dtype=dtype)
         self.live = torch.ones(rows, device=device, dtype=dtype)
         self.targets = torch.zeros(rows, self.k, device=device, dtype=torch.long)
         self.x0_norm = torch.ones(rows, device=device, dtype=dtype)
         self.limit = torch.full((rows,), math.inf, device=device, dtype=dtype)
         self.fills = {
             "score": -math.inf, "loss": math.inf, "distance": math.nan, "outside": math.nan, "steps": 0,
-            "nonfinite": False, "crossed": False, "history": math.nan,
+            "crossed": False, "history": math.nan,
         }  # fmt: skip
         for name, fill in self.fills.items():
             kind = torch.long if name == "steps" else torch.bool if isinstance(fill, bool) else torch.float32
             shape = (rows, settings.plateau_window) if name == "history" else (rows,)
             setattr(self, name, torch.full(shape, fill, device=device, dtype=kind))
-        names = ("theta", "x0", "mask", "coords", "live", "targets", "x0_norm", "limit", *self.fills)
+        names = ("theta", "x0", "mask", "live", "targets", "x0_norm", "limit", *self.fills)
         self.prefix = Prefix({name: getattr(self, name) for name in names})  # views of the active rows
         self.state = [*self.prefix.tensors.values(), *self.optimizer.state]  # what a reorder moves
 
@@ -521,7 +520,7 @@ class _Pool:
         if self.mixed:
             self.krow[r], self.level[r], self.tmask[r] = self.group_k[g], self.group_level[g], self.group_tmask[g]
             self.log_k[r] = self.group_k[g].log()
-        self.mask[r], self.coords[r], self.live[r] = self.dim_mask[j], self.dim_coords[j], self.dim_live[j]
+        self.mask[r], self.live[r] = self.dim_mask[j], self.dim_live[j]
         if self.space.radius_norms is not None:
             self.limit[r] = self.space.radius_norms * self.x0_norm[r] / self.space.scale
         self.planes.load(r, [self.group_seeds[p[0]] for p in problems])
@@ -542,7 +541,7 @@ class _Pool:
         loss, ok, lv, sv = self._evaluate(members, theta, num_classes, model_dtype)
         steps = rows["steps"]
         log_k, level = (rows["log_k"], rows["level"]) if self.mixed else (math.log(self.k), self.space.level)
-        done = ~ok | ((lv - log_k).abs() <= s.tol) | (steps >= s.max_steps)
+        done = ~ok | (lv <= log_k + s.tol) | (steps >= s.max_steps)  # (the loss is at least log k)
         done |= (steps >= s.plateau_window) & (rows["history"].std(1) <= s.plateau_tol)
         if stop_at_level:
             done |= sv >= level
@@ -552,9 +551,10 @@ class _Pool:
             go = ~done
             # no boolean indexing (a host sync on a GPU): the rows that stop get no gradient
             (grad,) = torch.autograd.grad(torch.where(go, loss, 0.0).sum() if finished else loss.sum(), theta)
-            self.optimizer.step(grad, rows["coords"][:, :w], rows["live"])
+            self.optimizer.step(grad, rows["live"])
             if self.space.radius_norms is not None:
-                _project(rows["theta"][:, :w], rows["mask"][:, :w], rows["limit"])
+                scaled = rows["mask"][:, :w] if s.dimension_scaled else None  # else a 0/1 mask: θ is 0 beyond it
+                _project(rows["theta"][:, :w], scaled, rows["limit"])
             steps += go
         return finished, [None if bad[i] else reached[i] for i in finished]
 
@@ -581,8 +581,9 @@ class _Pool:
         else:
             loss = -logp.gather(1, tg).mean(1)
             score = self.k * p.gather(1, tg).amin(1)
-        ok = torch.isfinite(loss) & torch.isfinite(score)
         lv, sv = _float32(loss.detach()), _float32(score.detach())
+        both = lv + sv
+        ok = both - both == 0  # both finite (NaN and inf give NaN): one test instead of two isfinite
         with torch.no_grad():
             dist = _float32((x - x0).norm(dim=1) / rows["x0_norm"])
             inside = x if space.clip else raw.clamp(space.low, space.high)
@@ -598,7 +599,6 @@ class _Pool:
         level, better = sv >= (rows["level"] if self.mixed else self.space.level), ok & (sv > best)
         record = ok & ~crossed & (level | better)
         crossed |= ok & level
-        rows["nonfinite"] |= ~ok
         torch.where(record, dist, distance, out=distance)
         torch.where(record, outside, far, out=far)
         torch.where(better, sv, best, out=best)
@@ -623,7 +623,8 @@ def _plane_mask(
     return mask
 
 
-def _project(theta: Tensor, mask: Tensor, limit: Tensor) -> None:
-    """Scale the rows of ``theta`` back so that ``‖θ ⊙ mask‖ <= limit`` (in place)."""
-    norm = (theta * mask).norm(dim=-1)  # ‖Q (θ ⊙ mask)‖ for orthonormal Q
+def _project(theta: Tensor, mask: Tensor | None, limit: Tensor) -> None:
+    """Scale the rows of ``theta`` back so that ``‖θ ⊙ mask‖ <= limit`` (in place; ``mask=None``:
+    ``‖θ‖``, for a 0/1 mask outside which θ is 0)."""
+    norm = (theta if mask is None else theta * mask).norm(dim=-1)  # ‖Q (θ ⊙ mask)‖ for orthonormal Q
     theta *= (limit / norm.clamp_min(1e-30)).clamp(max=1.0)[:, None]
