@@ -332,13 +332,13 @@ class _Outcomes:
     def record(self, problems: list[tuple[int, int]], rows: list[int], pool: _Pool, bad: list[bool]) -> None:
         """Copy what ``rows`` reached into the cells of their ``problems`` ``(group, grid index)``;
         ``bad``: per row, whether a NaN/inf stopped it."""
-        device = self.steps.device
-        g, j = torch.tensor(problems, device=device).unbind(1)
-        r, bad = torch.tensor(rows, device=device), torch.tensor(bad, device=device)
+        host = torch.tensor([[g for g, _ in problems], [j for _, j in problems], rows, bad])  # [4, m]
+        self.probed[host[0], host[1]] = True  # on the host: no copy back from the device
+        g, j, r, bad_rows = host.to(self.steps.device).unbind(0)  # one copy to the device
+        bad_rows = bad_rows.bool()
         for f in self.fields:
-            self.values[f][g, j] = torch.where(bad, math.nan, getattr(pool, f)[r])
-        self.steps[g, j], self.nonfinite[g, j] = pool.steps[r], bad
-        self.probed[g.cpu(), j.cpu()] = True
+            self.values[f][g, j] = torch.where(bad_rows, math.nan, getattr(pool, f)[r])
+        self.steps[g, j], self.nonfinite[g, j] = pool.steps[r], bad_rows
 
     def result(self) -> CuttingOutcome:
         v = {f: t.cpu() for f, t in self.values.items()}
@@ -510,10 +510,8 @@ class _Pool:
 
     def _start(self, rows: list[int], problems: list[tuple[int, int]]) -> None:
         """Fresh state in ``rows`` for ``problems`` ``(group, grid index)``: θ = 0, their planes."""
-        device = self.theta.device
-        r = torch.tensor(rows, device=device)
-        g = torch.tensor([p[0] for p in problems], device=device)
-        j = torch.tensor([p[1] for p in problems], device=device)
+        host = torch.tensor([rows, [g for g, _ in problems], [j for _, j in problems]])
+        r, g, j = host.to(self.theta.device).unbind(0)  # one copy to the device
         self.x0[r] = self.flat[self.group_anchor[g]]
         self.x0_norm[r] = self.x0[r].norm(dim=1).clamp_min(1e-30)
         self.targets[r] = self.group_targets[g]
