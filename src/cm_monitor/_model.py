@@ -551,5 +551,26 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+#: :func:`to_device` queues copies of at most this many bytes (pinned host memory, which PyTorch's
+#: caching host allocator keeps for reuse: only small blocks, so a measurement does not hold host
+#: memory that a training run's data loaders may need); larger ones wait.
+QUEUED_COPY_BYTES = 4 * 2**20
+
+
+def to_device(t: Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> Tensor:
+    """A tensor made on the host, on ``device`` (and in ``dtype``), if small without waiting for the
+    device.
+
+    A copy from ordinary host memory to a CUDA device waits until every operation already queued on
+    the device has run; from page-locked (pinned) memory it is queued like any other operation
+    (PyTorch's caching host allocator keeps that memory until the copy has run). Copies of at most
+    :data:`QUEUED_COPY_BYTES` are queued, larger ones wait. On the CPU this is ``t.to(device, dtype)``."""
+    device = torch.device(device)
+    t = t if dtype is None else t.to(dtype)
+    if device.type != "cuda" or t.device.type != "cpu" or t.numel() * t.element_size() > QUEUED_COPY_BYTES:
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def prod(shape: Sequence[int]) -> int:
     return int(math.prod(shape))

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from cm_monitor._model import ensemble_log_probs, explain_inference_tensors
+from cm_monitor._model import ensemble_log_probs, explain_inference_tensors, to_device
 from cm_monitor.planes import PlaneRows, Prefix, choose_planes
 from cm_monitor.search import make_search, max_probes
 
@@ -334,7 +334,7 @@ class _Outcomes:
         ``bad``: per row, whether a NaN/inf stopped it."""
         host = torch.tensor([[g for g, _ in problems], [j for _, j in problems], rows, bad])  # [4, m]
         self.probed[host[0], host[1]] = True  # on the host: no copy back from the device
-        g, j, r, bad_rows = host.to(self.steps.device).unbind(0)  # one copy to the device
+        g, j, r, bad_rows = to_device(host, self.steps.device).unbind(0)  # one copy, queued
         bad_rows = bad_rows.bool()
         for f in self.fields:
             self.values[f][g, j] = torch.where(bad_rows, math.nan, getattr(pool, f)[r])
@@ -503,7 +503,7 @@ class _Pool:
         """Rows ``[0, len(order))`` of every per-row tensor become rows ``order`` (one gather each)."""
         if order == list(range(len(order))):
             return
-        n, src = len(order), torch.tensor(order, device=self.theta.device)
+        n, src = len(order), to_device(torch.tensor(order), self.theta.device)
         for t in self.state:
             t[:n] = t[src]
         self.planes.reorder(src)
@@ -511,7 +511,7 @@ class _Pool:
     def _start(self, rows: list[int], problems: list[tuple[int, int]]) -> None:
         """Fresh state in ``rows`` for ``problems`` ``(group, grid index)``: θ = 0, their planes."""
         host = torch.tensor([rows, [g for g, _ in problems], [j for _, j in problems]])
-        r, g, j = host.to(self.theta.device).unbind(0)  # one copy to the device
+        r, g, j = to_device(host, self.theta.device).unbind(0)  # one copy, queued
         self.x0[r] = self.flat[self.group_anchor[g]]
         self.x0_norm[r] = self.x0[r].norm(dim=1).clamp_min(1e-30)
         self.targets[r] = self.group_targets[g]

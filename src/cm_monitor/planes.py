@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from cm_monitor._model import to_device
+
 #: The plane dimensions of the reference notebook (capped at ``D`` and with ``D`` appended).
 REFERENCE_DIMS: tuple[int, ...] = (1, 3, 5, 10, 15, 30, 50, 75, 100, 200, 300, 500, 1000)
 
@@ -107,7 +109,7 @@ def nested_bases(
     for i, seed in enumerate(seeds):
         gen = torch.Generator().manual_seed(int(seed))
         torch.randn(input_dim, max_dim, generator=gen, dtype=dtype, out=gaussians[i])
-    q, _ = torch.linalg.qr(gaussians.to(device), mode="reduced")
+    q, _ = torch.linalg.qr(to_device(gaussians, device), mode="reduced")
     return q
 
 
@@ -204,8 +206,8 @@ class StructuredPlanes:
             signs.append(torch.randint(0, 2, (input_dim,), generator=gen) * 2 - 1)
             coords.append(torch.randperm(input_dim, generator=gen)[:max_dim])
         self.input_dim, self.max_dim = input_dim, max_dim
-        self.signs = torch.stack(signs).to(device, dtype)  # [G, D]
-        self.coords = torch.stack(coords).to(device)  # [G, max_dim]: π[:max_dim]
+        self.signs = to_device(torch.stack(signs), device, dtype)  # [G, D]
+        self.coords = to_device(torch.stack(coords), device)  # [G, max_dim]: π[:max_dim]
 
     def offsets(self, theta: Tensor, rows: Tensor | None = None) -> Tensor:
         """``Q θ`` for plane coordinates ``theta`` ``[G, K, max_dim]`` (``K`` problems per group):
