@@ -33,13 +33,23 @@ def test_to_device_copies_to_the_gpu(size):
 
 
 @pytest.mark.gpu
+def test_to_device_copies_when_the_host_refuses_pinned_memory(monkeypatch):
+    def refuse(self, *args, **kwargs):
+        raise RuntimeError("cannot lock memory")
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", refuse)
+    host = torch.arange(5)
+    assert torch.equal(to_device(host, "cuda").cpu(), host)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("search", ["grid", "bisect"])
 def test_a_pass_waits_for_the_gpu_once(search):
     """The pool reads its rows' stop flags back once per pass and queues its copies to the device
     (the indices of the problems that start, finish or move, and their structured planes). A pool
     of 3 rows for 6 groups makes problems start and finish in many passes; CUDA's sync debug mode
-    counts every wait of ``optimize_planes``: one per pass, and a few when it sets up (the plane
-    masks) and hands back its results (six tensors). Before the copies were queued, each pass where
+    counts every wait of ``optimize_planes``: one per pass, two when it sets up (the grid's plane
+    dimensions) and six when it hands back its results. Before the copies were queued, each pass where
     problems started or finished waited two to five times more."""
     model = Tube(64, 16).cuda().eval()
     anchors = model.sample_outside(6).cuda()

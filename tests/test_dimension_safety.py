@@ -235,3 +235,18 @@ def test_half_precision_models_are_measured_in_their_precision(dtype):
     assert half.scores.dtype == torch.float32 and torch.isfinite(full.cutting_dim).all()
     ratio = half.cutting_dim / full.cutting_dim
     assert ((ratio >= 0.5) & (ratio <= 2.0)).all()  # the grid's step is a factor 2
+
+
+def test_float64_losses_beyond_float32s_range_are_finite():
+    """A float64 model whose loss exceeds float32's largest number (3.4e38) is not NaN/inf: the
+    finiteness test runs in the model's dtype, before the loss is kept in float32."""
+
+    class Huge(nn.Module):
+        def forward(self, x):
+            z = x.flatten(1).sum(1, keepdim=True)
+            return torch.cat([z * 0, z * 0 + 1e39], 1)  # class 0 has probability exp(-1e39)
+
+    anchors = torch.randn(4, 8, dtype=torch.float64)
+    unbounded = OptimizerSettings(max_radius=None, temperature=1.0, max_steps=3)
+    est = cm_dimension(Huge(), anchors, torch.ones(4, dtype=torch.long), classes=[0], dims=[4, 8], settings=unbounded)
+    assert est.probed.any() and not est.nonfinite.any()

@@ -564,12 +564,17 @@ def to_device(t: Tensor, device: torch.device | str, dtype: torch.dtype | None =
     A copy from ordinary host memory to a CUDA device waits until every operation already queued on
     the device has run; from page-locked (pinned) memory it is queued like any other operation
     (PyTorch's caching host allocator keeps that memory until the copy has run). Copies of at most
-    :data:`QUEUED_COPY_BYTES` are queued, larger ones wait. On the CPU this is ``t.to(device, dtype)``."""
+    :data:`QUEUED_COPY_BYTES` are queued; larger ones, and any where the host refuses page-locked
+    memory, wait. On the CPU this is ``t.to(device, dtype)``."""
     device = torch.device(device)
     t = t if dtype is None else t.to(dtype)
     if device.type != "cuda" or t.device.type != "cpu" or t.numel() * t.element_size() > QUEUED_COPY_BYTES:
         return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
+    try:
+        pinned = t.pin_memory()
+    except RuntimeError:  # page-locked memory refused (a low memlock limit, WSL): an ordinary copy
+        return t.to(device)
+    return pinned.to(device, non_blocking=True)
 
 
 def prod(shape: Sequence[int]) -> int:

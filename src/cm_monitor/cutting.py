@@ -539,7 +539,7 @@ class _Pool:
         loss, ok, lv, sv = self._evaluate(members, theta, num_classes, model_dtype)
         steps = rows["steps"]
         log_k, level = (rows["log_k"], rows["level"]) if self.mixed else (math.log(self.k), self.space.level)
-        done = ~ok | (lv <= log_k + s.tol) | (steps >= s.max_steps)  # (the loss is at least log k)
+        done = ~ok | (lv - log_k <= s.tol) | (steps >= s.max_steps)  # (the loss is at least log k)
         done |= (steps >= s.plateau_window) & (rows["history"].std(1) <= s.plateau_tol)
         if stop_at_level:
             done |= sv >= level
@@ -579,9 +579,9 @@ class _Pool:
         else:
             loss = -logp.gather(1, tg).mean(1)
             score = self.k * p.gather(1, tg).amin(1)
-        lv, sv = _float32(loss.detach()), _float32(score.detach())
-        both = lv + sv
+        both = loss.detach() + score.detach()  # in their own dtype (a float64 loss may exceed float32)
         ok = both - both == 0  # both finite (NaN and inf give NaN): one test instead of two isfinite
+        lv, sv = _float32(loss.detach()), _float32(score.detach())
         with torch.no_grad():
             dist = _float32((x - x0).norm(dim=1) / rows["x0_norm"])
             inside = x if space.clip else raw.clamp(space.low, space.high)
