@@ -1114,6 +1114,14 @@ def test_cost_is_estimated_before_training_and_a_limit_refuses(tmp_path):
     assert (est.problems, est.timed_rows, est.rows_per_pass) == ((10 + 2) * 2 * 4, (10 + 2) * 2, (10 + 2) * 2 * 4)
     assert est.passes == 4 * (FAST["max_steps"] + 1)
 
+    # on 10 grid points a warm start may run more in a row than a cold one: the bound holds for both
+    ten = {**FAST, "settings": OptimizerSettings(max_radius=1.0), "dims": [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]}
+    for warm, (rounds, per_group) in ((False, (6, 6)), (True, (7, 9))):
+        monitor = CMDimensionMonitor(**ten, warm_start=warm)
+        trainer(tmp_path, [monitor], max_epochs=1).fit(DigitsCNN(), train, val)
+        est = monitor.cost_estimate
+        assert est.problems == (10 + 2) * 2 * per_group and est.passes == rounds * (FAST["max_steps"] + 1)
+
     model = DigitsCNN()
     refusing = CMDimensionMonitor(**FAST, max_seconds=1e-6)
     with pytest.raises(MisconfigurationException, match=r"up to .* above `max_seconds` = 1e-06.*nothing was trained"):

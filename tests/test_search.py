@@ -9,7 +9,7 @@ import torch
 
 from cm_monitor import OptimizerSettings, cm_dimension
 from cm_monitor.cutting import problems_per_group, resolve_search
-from cm_monitor.search import FAILURE_COST, BisectionSearch, GridSearch, max_probes, split
+from cm_monitor.search import FAILURE_COST, BisectionSearch, GridSearch, max_probes, max_rounds, split
 from cm_monitor.synthetic import Tube
 
 D = 64
@@ -272,3 +272,27 @@ def test_a_hint_that_moved_by_a_point_or_two_closes_in_two_rounds(move):
     rounds = _rounds(search, answers)
     assert search.hi == answers
     assert max(rounds.values()) <= 2
+
+
+@pytest.mark.parametrize("K", [4, 10, 24])
+def test_the_bounds_hold_for_every_hint_and_answer_and_are_reached(K):
+    """max_probes / max_rounds with warm=True bound a group whatever its hint (or none) and its first
+    success, and some hint and answer reach them; a hint far from the answer costs more than a cold
+    start (two rounds of two problems, then the bisection of what is left)."""
+    problems, rounds = [], []
+    for hint in [None, *range(K + 1)]:
+        for answer in range(K + 1):
+            search = BisectionSearch(1, K, hints=[hint])
+            taken = 0
+            while search.waiting:  # as _rounds does, counting problems too
+                batch = search.take(10**6)
+                taken += len(batch)
+                for g, j in batch:
+                    search.report(g, j, j >= answer)
+            problems.append(taken)
+            rounds.append(_rounds(BisectionSearch(1, K, hints=[hint]), [answer])[0])
+    assert max(problems) == max_probes(K, warm=True) >= max_probes(K)
+    assert max(rounds) == max_rounds(K, warm=True) >= max_rounds(K) == max_probes(K)
+    assert (max_probes(10, warm=True), max_rounds(10, warm=True)) == (9, 7)
+    assert problems_per_group(OptimizerSettings(), 10, warm=True) == 9
+    assert problems_per_group(OptimizerSettings(search="grid"), 10, warm=True) == 10

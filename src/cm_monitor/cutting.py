@@ -230,10 +230,11 @@ def resolve_search(settings: OptimizerSettings) -> str:
     return "bisect" if settings.readoff == "fraction" else "grid"
 
 
-def problems_per_group(settings: OptimizerSettings, num_dims: int) -> int:
+def problems_per_group(settings: OptimizerSettings, num_dims: int, warm: bool = False) -> int:
     """Problems one (target, anchor) group runs at most: ``K`` on the grid,
-    :func:`~cm_monitor.search.max_probes` by bisection (6 for ``K = 10``, 8 for ``K = 24``)."""
-    return num_dims if resolve_search(settings) == "grid" else max_probes(num_dims)
+    :func:`~cm_monitor.search.max_probes` by bisection (6 for ``K = 10``, 8 for ``K = 24``; with
+    ``warm=True``, when the group may start at a hint, 9 and 12)."""
+    return num_dims if resolve_search(settings) == "grid" else max_probes(num_dims, warm)
 
 
 def optimize_planes(
@@ -295,7 +296,7 @@ def optimize_planes(
         pool.mix(group_k, group_level)
     out = _Outcomes(G, K, device)
     free, finished = list(range(rows)), []  # free slots; rows whose problem finished in the last pass
-    done, total = 0, G * problems_per_group(settings, K)
+    done, total = 0, G * problems_per_group(settings, K, warm=any(h is not None for h in hints or ()))
     while True:
         started = search.take(len(free))
         pool.refill(finished, free[: len(started)], started)

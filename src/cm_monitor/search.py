@@ -66,17 +66,41 @@ def split(lo: int, hi: int, failure_cost: float = FAILURE_COST) -> int:
 
 
 @functools.cache
-def max_probes(num_dims: int) -> int:
-    """The most problems a group of :class:`BisectionSearch` without a hint runs on a grid of ``num_dims``
-    points (``num_dims + 1`` possible answers): the depth of its tree of probes."""
+def max_probes(num_dims: int, warm: bool = False) -> int:
+    """The most problems a group of :class:`BisectionSearch` runs on a grid of ``num_dims`` points
+    (``num_dims + 1`` possible answers). Without a hint: the depth of its tree of probes (6 for
+    ``num_dims = 10``). ``warm=True``: a group that may start at a hint, the worst case over every
+    hint (or none) and answer (9 for ``num_dims = 10``: a hint far from the answer costs two rounds
+    of two problems before the bisection of what is left)."""
+    return _worst(num_dims, warm)[0]
 
-    def depth(lo: int, hi: int) -> int:
-        if hi - lo <= 1:
-            return 0
-        m = split(lo, hi)
-        return 1 + max(depth(lo, m), depth(m, hi))
 
-    return depth(-1, num_dims)
+@functools.cache
+def max_rounds(num_dims: int, warm: bool = False) -> int:
+    """The most rounds (problems of a group one after the other; a hinted group's first rounds run
+    two at once) of a group of :class:`BisectionSearch`: :func:`max_probes` without a hint; with
+    ``warm=True`` the worst case with or without one (7 on 10 points)."""
+    return _worst(num_dims, warm)[1]
+
+
+@functools.cache
+def _worst(num_dims: int, warm: bool) -> tuple[int, int]:
+    """(problems, rounds) of one group at most, by running its search for every answer (and every
+    hint): exact, and cheap for grids of tens of points (cached)."""
+    hints = [None, *range(num_dims + 1)] if warm else [None]
+    runs = [_one_group(num_dims, h, a) for h in hints for a in range(num_dims + 1)]
+    return max(p for p, _ in runs), max(r for _, r in runs)
+
+
+def _one_group(num_dims: int, hint: int | None, answer: int) -> tuple[int, int]:
+    """(problems, rounds) of a group whose first success is grid index ``answer`` (``num_dims``:
+    none), every problem of a round reported before the next round starts."""
+    search, problems, rounds = BisectionSearch(1, num_dims, [hint]), 0, 0
+    while batch := search.take(2 * num_dims + 2):
+        problems, rounds = problems + len(batch), rounds + 1
+        for g, j in batch:
+            search.report(g, j, j >= answer)
+    return problems, rounds
 
 
 class GridSearch:

@@ -23,6 +23,7 @@ from cm_monitor.cost import CostEstimate, activation_bytes_per_row, available_by
 from cm_monitor.cutting import OptimizerSettings, problems_per_group, resolve_search, rows_per_pass
 from cm_monitor.dimension import DimensionEstimate, cm_and_boundary_dimension, cm_dimension, first_success
 from cm_monitor.planes import choose_planes, default_dims
+from cm_monitor.search import max_rounds
 
 
 class CMDimensionMonitor(GeometryMonitor):
@@ -380,7 +381,7 @@ class CMDimensionMonitor(GeometryMonitor):
         assert self.anchor_labels is not None and self.targets is not None
         labels = self.anchor_labels.cpu()
         cap = self.anchors_per_target or labels.numel()
-        per_group = problems_per_group(self.settings, len(self.grid()))
+        per_group = self._per_group()
 
         def usable(t: tuple[int, ...]) -> int:  # as the core: a set of every class is anchored by all anchors
             if len(set(t)) == self.num_classes:
@@ -451,10 +452,18 @@ class CMDimensionMonitor(GeometryMonitor):
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
 
+    def _per_group(self) -> int:
+        """Problems of one (target, anchor) group at most, in any measurement of the run (a warm
+        start may run more than a cold one: :func:`~cm_monitor.search.max_probes`)."""
+        return problems_per_group(self.settings, len(self.grid()), warm=self.warm_start)
+
     def _rounds(self) -> int:
-        """Rounds of problems one after the other in a cold measurement: a bisection runs one problem
-        per (target, anchor) group at a time, at most :func:`problems_per_group` in a row; the grid all at once."""
-        return 1 if resolve_search(self.settings) == "grid" else problems_per_group(self.settings, len(self.grid()))
+        """Rounds of problems one after the other in a measurement: a bisection runs one problem per
+        (target, anchor) group at a time (two in a warm start's first rounds), at most
+        :func:`~cm_monitor.search.max_rounds` in a row; the grid all at once."""
+        if resolve_search(self.settings) == "grid":
+            return 1
+        return max_rounds(len(self.grid()), warm=self.warm_start)
 
     def _rows_within_memory(self, model: nn.Module | list[nn.Module]) -> tuple[int, float]:
         """Rows per pass that fit in half the free memory of the model's device (``chunk_size`` scaled
@@ -536,7 +545,7 @@ class CMDimensionMonitor(GeometryMonitor):
         """Rows of the work pool: at most ``chunk_size`` (and the memory bound), at most the problems in
         flight on this rank: every problem of the grid; by bisection one per (target, anchor) group,
         two for a group whose warm start lies inside the grid (classes and pairs share one pool)."""
-        per_group = problems_per_group(self.settings, len(self.grid()))
+        per_group = self._per_group()
         n_cm, n_pairs = self._problem_counts(part[1])
         if resolve_search(self.settings) == "grid":
             flight = n_cm + n_pairs
