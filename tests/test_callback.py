@@ -1106,21 +1106,23 @@ def test_cost_is_estimated_before_training_and_a_limit_refuses(tmp_path):
     assert est.problems == (10 + 2) * 2 * 4
     assert est.passes == FAST["max_steps"] + 1  # one chunk
     assert est.seconds == pytest.approx(est.passes * est.seconds_per_pass) and est.seconds_per_pass > 0
-    # the default bisection: max_probes(4) = 4 rounds (a cold start probes a 4-point grid at most 4
-    # times) of one problem per (target, anchor) group, passes of 24 rows
+    # the default bisection: max_rounds(4) = 4 rounds (a 4-point grid is probed at most 4 times, warm
+    # or cold) of one problem per (target, anchor) group, two in a warm start's first round: passes of 48 rows
     bisecting = CMDimensionMonitor(**{**FAST, "settings": OptimizerSettings(max_radius=1.0)})
     trainer(tmp_path, [bisecting], max_epochs=1).fit(DigitsCNN(), train, val)
     est = bisecting.cost_estimate
-    assert (est.problems, est.timed_rows, est.rows_per_pass) == ((10 + 2) * 2 * 4, (10 + 2) * 2, (10 + 2) * 2 * 4)
+    assert (est.problems, est.timed_rows, est.rows_per_pass) == ((10 + 2) * 2 * 4, (10 + 2) * 2 * 2, (10 + 2) * 2 * 4)
     assert est.passes == 4 * (FAST["max_steps"] + 1)
 
     # on 10 grid points a warm start may run more in a row than a cold one: the bound holds for both
     ten = {**FAST, "settings": OptimizerSettings(max_radius=1.0), "dims": [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]}
-    for warm, (rounds, per_group) in ((False, (6, 6)), (True, (7, 9))):
+    # (and a warm start runs two problems per group at once in its first rounds: the pass is timed at that size)
+    for warm, (rounds, per_group, width) in ((False, (6, 6, 1)), (True, (7, 9, 2))):
         monitor = CMDimensionMonitor(**ten, warm_start=warm)
         trainer(tmp_path, [monitor], max_epochs=1).fit(DigitsCNN(), train, val)
         est = monitor.cost_estimate
         assert est.problems == (10 + 2) * 2 * per_group and est.passes == rounds * (FAST["max_steps"] + 1)
+        assert est.timed_rows == (10 + 2) * 2 * width
 
     model = DigitsCNN()
     refusing = CMDimensionMonitor(**FAST, max_seconds=1e-6)

@@ -172,8 +172,13 @@ def test_cost_of_a_bisection_counts_its_rounds_of_one_problem_per_group():
     assert (narrow.rows_per_pass, narrow.timed_rows, narrow.passes) == (4, 4, 6 * 3 * 10)
     grid = estimate_cost(model, data()[0], problems=60, per_pass=2048, max_steps=9)
     assert (grid.timed_rows, grid.passes) == (60, 10)
+    # a warm start runs two problems per group in its first rounds: passes timed at 20 rows
+    warm = estimate_cost(model, data()[0], problems=90, per_pass=2048, max_steps=9, rounds=7, in_flight=20)
+    assert (warm.timed_rows, warm.passes) == (20, 7 * 10)
     with pytest.raises(ValueError, match="rounds"):
         estimate_cost(model, data()[0], problems=6, per_pass=8, max_steps=1, rounds=0)
+    with pytest.raises(ValueError, match="in_flight"):
+        estimate_cost(model, data()[0], problems=6, per_pass=8, max_steps=1, in_flight=0)
 
 
 def test_passes_hold_what_the_planes_memory_bound_allows():

@@ -130,25 +130,30 @@ def estimate_cost(
     max_steps: int,
     bytes_per_row: float | None = None,
     rounds: int = 1,
+    in_flight: int | None = None,
 ) -> CostEstimate:
     """Upper bound on the time of one measurement of ``problems`` problems run ``per_pass`` at a
     time (see :func:`cm_monitor.cutting.rows_per_pass`; the module docstring says what is bounded),
     and its memory: ``per_pass`` rows of ``bytes_per_row`` each (default: the activations alone,
     :func:`activation_bytes_per_row`; add :func:`pool_bytes` for the pool's own state).
 
-    ``rounds``: the problems run in this many rounds one after the other, ``problems / rounds`` at
-    a time (a cold bisection: one problem per (target, anchor) group at a time, at most
-    :func:`~cm_monitor.cutting.problems_per_group` of them in a row). The bound then counts passes
+    ``rounds``: the problems run in this many rounds one after the other, at most ``in_flight`` at
+    a time (default ``problems / rounds``; a cold bisection: one problem per (target, anchor) group
+    at a time, at most :func:`~cm_monitor.search.max_rounds` of them in a row; a warm start runs two
+    per group in its first rounds). The bound then counts passes
     of that many rows, timed at that size, which holds whether a pass's time grows with its rows
     (compute-bound) or not (bound by per-pass overhead, as small passes on a GPU). A full pass of
     ``per_pass`` rows is still run once, so that running out of memory shows here."""
-    if problems < 1 or per_pass < 1 or rounds < 1:
-        raise ValueError(f"`problems`, `per_pass` and `rounds` must be >= 1, got {problems}, {per_pass} and {rounds}.")
+    if problems < 1 or per_pass < 1 or rounds < 1 or (in_flight is not None and in_flight < 1):
+        raise ValueError(
+            f"`problems`, `per_pass`, `rounds` and `in_flight` must be >= 1, got {problems}, {per_pass}, {rounds} "
+            f"and {in_flight}."
+        )
     rows = min(per_pass, problems)
     if bytes_per_row is None:
         bytes_per_row = activation_bytes_per_row(model, inputs)
     memory = int(rows * bytes_per_row)
-    at_once = math.ceil(problems / rounds)
+    at_once = math.ceil(problems / rounds) if in_flight is None else min(in_flight, problems)
     timed = min(rows, at_once)
     if timed < rows:
         time_pass(model, inputs, rows, repeats=1)  # the largest pass the pool may run must fit

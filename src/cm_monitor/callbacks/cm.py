@@ -437,6 +437,7 @@ class CMDimensionMonitor(GeometryMonitor):
                     max_steps=self.settings.max_steps,
                     bytes_per_row=per_row,
                     rounds=self._rounds(),
+                    in_flight=self._in_flight(shares),
                 )
             except _OOM_ERRORS as err:
                 if rows <= 1:
@@ -464,6 +465,14 @@ class CMDimensionMonitor(GeometryMonitor):
         if resolve_search(self.settings) == "grid":
             return 1
         return max_rounds(len(self.grid()), warm=self.warm_start)
+
+    def _in_flight(self, shares: int) -> int | None:
+        """Problems a bisection runs at once at most on one of ``shares`` ranks: one per (target,
+        anchor) group, two in a warm start's first rounds; None for the grid (all at once)."""
+        if resolve_search(self.settings) == "grid":
+            return None
+        groups = self._num_problems(shares) // self._per_group()
+        return groups * (2 if self.warm_start else 1)
 
     def _rows_within_memory(self, model: nn.Module | list[nn.Module]) -> tuple[int, float]:
         """Rows per pass that fit in half the free memory of the model's device (``chunk_size`` scaled
