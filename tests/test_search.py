@@ -296,3 +296,18 @@ def test_the_bounds_hold_for_every_hint_and_answer_and_are_reached(K):
     assert (max_probes(10, warm=True), max_rounds(10, warm=True)) == (9, 7)
     assert problems_per_group(OptimizerSettings(), 10, warm=True) == 9
     assert problems_per_group(OptimizerSettings(search="grid"), 10, warm=True) == 10
+
+
+def test_long_grids_get_a_warm_bound_without_running_every_hint():
+    """Above 64 points the warm worst case is bounded (two rounds of two, then the deepest bisection
+    of what is left) instead of run for every hint and answer; the bound is never below the exact
+    worst case where both are known, and equals it on longer grids."""
+    from cm_monitor.search import _depth, _warm_bound, _worst
+
+    for K in range(1, 41):
+        exact = _worst(K, True)
+        assert _warm_bound(K)[0] >= exact[0] and _warm_bound(K)[1] >= exact[1], K
+        assert _depth(K + 1) == max_probes(K)
+    assert _warm_bound(40) == _worst(40, True)
+    assert (max_probes(784, warm=True), max_rounds(784, warm=True)) == _warm_bound(784)
+    assert max_probes(784, warm=True) > max_probes(784)

@@ -83,13 +83,38 @@ def max_rounds(num_dims: int, warm: bool = False) -> int:
     return _worst(num_dims, warm)[1]
 
 
+#: Up to this many grid points the warm worst case is found by running every hint and answer
+#: (about 0.2 s for 100 points, growing with the square); above, :func:`_warm_bound` bounds it.
+_EXACT_WARM = 64
+
+
 @functools.cache
 def _worst(num_dims: int, warm: bool) -> tuple[int, int]:
-    """(problems, rounds) of one group at most, by running its search for every answer (and every
-    hint): exact, and cheap for grids of tens of points (cached)."""
-    hints = [None, *range(num_dims + 1)] if warm else [None]
+    """(problems, rounds) of one group at most, by running its search for every answer (and, for
+    ``warm`` up to :data:`_EXACT_WARM` points, every hint): exact; cached."""
+    hints = [None, *range(num_dims + 1)] if warm and num_dims <= _EXACT_WARM else [None]
     runs = [_one_group(num_dims, h, a) for h in hints for a in range(num_dims + 1)]
-    return max(p for p, _ in runs), max(r for _, r in runs)
+    worst = max(p for p, _ in runs), max(r for _, r in runs)
+    if warm and num_dims > _EXACT_WARM:
+        bound = _warm_bound(num_dims)
+        worst = max(worst[0], bound[0]), max(worst[1], bound[1])
+    return worst
+
+
+def _warm_bound(num_dims: int) -> tuple[int, int]:
+    """(problems, rounds) of a hinted group at most: two rounds of at most two problems each, then
+    the bisection of a bracket of at most ``num_dims + 1`` possible answers (the deepest of them)."""
+    deepest = max(_depth(n) for n in range(1, num_dims + 2))
+    return 4 + deepest, 2 + deepest
+
+
+@functools.cache
+def _depth(n: int) -> int:
+    """Probes a bracket of ``n`` possible answers needs at most when split by :func:`split`."""
+    if n <= 1:
+        return 0
+    a = split(-1, n - 1) + 1  # answers on the success side of the first probe
+    return 1 + max(_depth(a), _depth(n - a))
 
 
 def _one_group(num_dims: int, hint: int | None, answer: int) -> tuple[int, int]:
