@@ -84,7 +84,7 @@ def max_rounds(num_dims: int, warm: bool = False) -> int:
 
 
 #: Up to this many grid points the warm worst case is found by running every hint and answer
-#: (about 0.2 s for 100 points, growing with the square); above, :func:`_warm_bound` bounds it.
+#: (0.2 s for 100 points, 1 s for 200: it grows with the square); above, :func:`_warm_bound` bounds it.
 _EXACT_WARM = 64
 
 
