@@ -1068,6 +1068,19 @@ def blobs(n_per_class=12, seed=0):
     return DataLoader(TensorDataset(centers[y] + torch.randn(len(y), 16, generator=g), y), batch_size=60)
 
 
+def test_a_warning_about_many_short_classes_names_twenty_of_them(tmp_path):
+    """A 30-class model whose validation data holds 4 of its classes: the 26 others are left out,
+    and the warning names 20 of them with their counts and says how many more."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(4).repeat_interleave(6)
+    val = DataLoader(TensorDataset(torch.randn(len(y), 16, generator=g), y), batch_size=60)
+    monitor = CMDimensionMonitor(**{**FAST, "num_pairs": 0, "dims": [1, 16]})
+    with pytest.warns(UserWarning, match=r"26 of the model's 30 classes .*class 23: 0, and 6 more classes;") as rec:
+        trainer(tmp_path, [monitor], max_epochs=1).fit(ManyClasses(), blobs(seed=1), val)
+    (message,) = [str(w.message) for w in rec if "more classes" in str(w.message)]
+    assert "class 24" not in message and monitor.targets == [0, 1, 2, 3]
+
+
 def test_many_classes_measure_a_fixed_subset(tmp_path):
     kw = dict(FAST, max_classes=5, num_pairs=0, dims=[1, 4, 16])
     runs = []

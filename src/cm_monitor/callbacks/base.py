@@ -96,6 +96,10 @@ _STATE_VERSION = 1
 
 #: The values of ``on_nonfinite``.
 NONFINITE_POLICIES = ("log_nan", "keep_last", "raise")
+
+#: A warning about classes left out names at most this many of them (with their counts).
+_LISTED = 20
+
 #: CUDA out of memory (``torch.cuda.OutOfMemoryError`` before torch 2.5).
 _OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
     {getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)} - {None}
@@ -940,7 +944,9 @@ class GeometryMonitor(Callback):
         if not short:
             return sample.inputs, sample.labels
         keep = ~torch.isin(sample.labels, torch.tensor(short, device=sample.labels.device))
-        listed = ", ".join(f"class {c}: {counts[c]}" for c in short)
+        listed = ", ".join(f"class {c}: {counts[c]}" for c in short[:_LISTED])
+        if len(short) > _LISTED:  # a 1000-class model with a small validation set: not every class
+            listed += f", and {len(short) - _LISTED} more classes"
         hint = (
             f", or name them in {self._explicit_classes_arg} to make this an error"
             if self._explicit_classes_arg
