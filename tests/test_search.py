@@ -227,7 +227,23 @@ def test_a_warm_start_finds_the_same_first_success_whatever_the_hint(K):
     probes = _run(search, firsts)
     assert search.hi == firsts
     assert all(len(p) <= 2 for p in probes.values())
-    assert search.in_flight == sum(len(BisectionSearch._first(f, K)) for f in firsts)
+    assert search.in_flight == len(firsts) * min(K, 2)  # two per hinted group (one on a 1-point grid)
+
+
+@pytest.mark.parametrize("K", [1, 2, 3, 10])
+def test_in_flight_covers_every_round_of_a_warm_start(K):
+    """The work pool has ``in_flight`` rows: a round never holds more problems, or its problems would
+    run one after the other, longer than the fit-start bound counts. A hint at an end of the grid has
+    one problem in its first round and may have two in its second."""
+    for hint in [None, *range(K + 1)]:
+        widest = 0
+        for answer in range(K + 1):
+            search = BisectionSearch(1, K, hints=[hint])
+            while batch := search.take(10**6):
+                widest = max(widest, len(batch))
+                for g, j in batch:
+                    search.report(g, j, j >= answer)
+        assert widest <= BisectionSearch(1, K, hints=[hint]).in_flight, (hint, widest)
 
 
 def test_a_warm_start_stays_consistent_when_outcomes_contradict_each_other():

@@ -132,8 +132,11 @@ def test_a_new_fit_or_a_resume_starts_cold(tmp_path):
     assert monitor.last_cm is None and monitor.last_boundary is None
 
 
-def test_the_pass_size_is_the_pool_that_ran(tmp_path):
+def test_the_pass_size_is_the_pool_that_ran(tmp_path, monkeypatch):
     # the out-of-memory retry halves _pass_size: it must be the rows the warm-started pool really held
+    # (two per hinted group: a round may run two problems of each), and no pass is larger
+    import cm_monitor.cutting as cutting
+
     net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
     rows: list[int] = []
     net[0].register_forward_hook(
@@ -141,6 +144,9 @@ def test_the_pass_size_is_the_pool_that_ran(tmp_path):
     )
     monitor, _ = _fit(tmp_path, warm_start=True, net=net)
     size = monitor._pass_size((0, 1))
+    pools: list[int] = []
+    pool_class = cutting._Pool
+    monkeypatch.setattr(cutting, "_Pool", lambda n, *args: pools.append(n) or pool_class(n, *args))
     rows.clear()
     monitor._measure_part(None, None, net, (0, 1))  # what the next measurement does
-    assert max(rows) == size
+    assert pools == [size] and max(rows) <= size

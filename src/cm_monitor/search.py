@@ -185,8 +185,9 @@ class BisectionSearch:
         self._ready = deque(range(groups))
         self._gallop = [h is not None for h in hints or [None] * groups]  # a hinted group's next round
         self.num_dims = num_dims
-        #: problems that can run at once: one per group, two for a group with a hint
-        self.in_flight = sum(len(p) for p in self._pending)
+        #: problems that can run at once: one per group, two for a group with a hint (its first round,
+        #: or at an end of the grid, where the first round has one problem, its second)
+        self.in_flight = sum(1 if h is None or num_dims < 2 else 2 for h in hints or [None] * groups)
 
     @staticmethod
     def _first(hint: int | None, num_dims: int) -> list[int]:

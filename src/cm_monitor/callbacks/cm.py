@@ -553,7 +553,7 @@ class CMDimensionMonitor(GeometryMonitor):
     def _pass_size(self, part: tuple[int, int]) -> int:
         """Rows of the work pool: at most ``chunk_size`` (and the memory bound), at most the problems in
         flight on this rank: every problem of the grid; by bisection one per (target, anchor) group,
-        two for a group whose warm start lies inside the grid (classes and pairs share one pool)."""
+        two for a group with a warm start (classes and pairs share one pool)."""
         per_group = self._per_group()
         n_cm, n_pairs = self._problem_counts(part[1])
         if resolve_search(self.settings) == "grid":
@@ -563,7 +563,7 @@ class CMDimensionMonitor(GeometryMonitor):
             starts = [self._start(self.last_cm, self.targets, self.threshold)]
             if self.pairs:
                 starts.append(self._start(self.last_boundary, self.pairs, self.boundary_threshold))
-            flight += sum(math.ceil(_inner_hints(start) / part[1]) for start in starts if start is not None)
+            flight += sum(math.ceil(_hinted(start) / part[1]) for start in starts if start is not None)
         return max(1, min(self._pass_rows, self.chunk_size, flight))
 
     def _start(self, last: DimensionEstimate | None, targets: list, threshold: float) -> DimensionEstimate | None:
@@ -790,8 +790,8 @@ def _check_dims(dims: int | Sequence[int]) -> int | list[int]:
     return sorted(set(out))
 
 
-def _inner_hints(est: DimensionEstimate) -> int:
-    """(target, anchor) groups of ``est`` whose first success lies inside the grid (after its first
-    point): a warm start from ``est`` gives each of them two problems at once."""
-    first = first_success(est)
-    return int(((first > 0) & (first < len(est.dims))).sum())
+def _hinted(est: DimensionEstimate) -> int:
+    """(target, anchor) groups of ``est`` whose first success is known (``K`` for never): a warm start
+    from ``est`` runs two problems of each at once, in its first round or, from an end of the grid, in
+    its second."""
+    return int((first_success(est) >= 0).sum())
