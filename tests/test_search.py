@@ -318,12 +318,14 @@ def test_long_grids_get_a_warm_bound_without_running_every_hint():
     """Above 64 points the warm worst case is bounded (two rounds of two, then the deepest bisection
     of what is left) instead of run for every hint and answer; the bound is never below the exact
     worst case where both are known, and equals it on longer grids."""
-    from cm_monitor.search import _depth, _warm_bound, _worst
+    from cm_monitor.search import _one_group, _warm_bound, _warm_worst
 
     for K in range(1, 41):
-        exact = _worst(K, True)
+        exact = _warm_worst(K)
         assert _warm_bound(K)[0] >= exact[0] and _warm_bound(K)[1] >= exact[1], K
-        assert _depth(K + 1) == max_probes(K)
-    assert _warm_bound(40) == _worst(40, True)
+        # the cold depth (a recursion over bracket sizes) is what running the search gives
+        cold = [_one_group(K, None, answer) for answer in range(K + 1)]
+        assert max(p for p, _ in cold) == max(r for _, r in cold) == max_probes(K) == max_rounds(K), K
+    assert _warm_bound(40) == _warm_worst(40)
     assert (max_probes(784, warm=True), max_rounds(784, warm=True)) == _warm_bound(784)
     assert max_probes(784, warm=True) > max_probes(784)

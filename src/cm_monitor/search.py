@@ -72,7 +72,7 @@ def max_probes(num_dims: int, warm: bool = False) -> int:
     ``num_dims = 10``). ``warm=True``: a group that may start at a hint, the worst case over every
     hint (or none) and answer (9 for ``num_dims = 10``: a hint far from the answer costs two rounds
     of two problems before the bisection of what is left)."""
-    return _worst(num_dims, warm)[0]
+    return _warm_worst(num_dims)[0] if warm else _depth(num_dims + 1)
 
 
 @functools.cache
@@ -80,7 +80,7 @@ def max_rounds(num_dims: int, warm: bool = False) -> int:
     """The most rounds (problems of a group one after the other; a hinted group's first rounds run
     two at once) of a group of :class:`BisectionSearch`: :func:`max_probes` without a hint; with
     ``warm=True`` the worst case with or without one (7 on 10 points)."""
-    return _worst(num_dims, warm)[1]
+    return _warm_worst(num_dims)[1] if warm else _depth(num_dims + 1)
 
 
 #: Up to this many grid points the warm worst case is found by running every hint and answer
@@ -89,21 +89,19 @@ _EXACT_WARM = 64
 
 
 @functools.cache
-def _worst(num_dims: int, warm: bool) -> tuple[int, int]:
-    """(problems, rounds) of one group at most, by running its search for every answer (and, for
-    ``warm`` up to :data:`_EXACT_WARM` points, every hint): exact; cached."""
-    hints = [None, *range(num_dims + 1)] if warm and num_dims <= _EXACT_WARM else [None]
-    runs = [_one_group(num_dims, h, a) for h in hints for a in range(num_dims + 1)]
-    worst = max(p for p, _ in runs), max(r for _, r in runs)
-    if warm and num_dims > _EXACT_WARM:
-        bound = _warm_bound(num_dims)
-        worst = max(worst[0], bound[0]), max(worst[1], bound[1])
-    return worst
+def _warm_worst(num_dims: int) -> tuple[int, int]:
+    """(problems, rounds) at most of one group that may start at a hint: up to :data:`_EXACT_WARM`
+    points by running its search for every hint (or none) and answer, exact; above, :func:`_warm_bound`."""
+    if num_dims > _EXACT_WARM:
+        return _warm_bound(num_dims)
+    runs = [_one_group(num_dims, h, a) for h in [None, *range(num_dims + 1)] for a in range(num_dims + 1)]
+    return max(p for p, _ in runs), max(r for _, r in runs)
 
 
 def _warm_bound(num_dims: int) -> tuple[int, int]:
     """(problems, rounds) of a hinted group at most: two rounds of at most two problems each, then
-    the bisection of a bracket of at most ``num_dims + 1`` possible answers (the deepest of them)."""
+    the bisection of a bracket of at most ``num_dims + 1`` possible answers (the deepest of them);
+    never below a cold start's :func:`_depth`."""
     deepest = max(_depth(n) for n in range(1, num_dims + 2))
     return 4 + deepest, 2 + deepest
 

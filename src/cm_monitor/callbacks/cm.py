@@ -378,10 +378,15 @@ class CMDimensionMonitor(GeometryMonitor):
     def _problem_counts(self, shares: int = 1) -> tuple[int, int]:
         """Problems of one measurement (at most, with a bisection) on one of ``shares`` ranks: of the
         classes, of the pairs."""
+        per_group = self._per_group()
+        return tuple(groups * per_group for groups in self._group_counts(shares))  # type: ignore[return-value]
+
+    def _group_counts(self, shares: int = 1) -> tuple[int, int]:
+        """(target, anchor) groups of one measurement on one of ``shares`` ranks: of the classes, of
+        the pairs."""
         assert self.anchor_labels is not None and self.targets is not None
         labels = self.anchor_labels.cpu()
         cap = self.anchors_per_target or labels.numel()
-        per_group = self._per_group()
 
         def usable(t: tuple[int, ...]) -> int:  # as the core: a set of every class is anchored by all anchors
             if len(set(t)) == self.num_classes:
@@ -389,7 +394,7 @@ class CMDimensionMonitor(GeometryMonitor):
             return int((~torch.isin(labels, torch.tensor(t))).sum())
 
         def count(sets: list[tuple[int, ...]]) -> int:
-            return math.ceil(sum(min(cap, usable(t)) for t in sets) / shares) * per_group
+            return math.ceil(sum(min(cap, usable(t)) for t in sets) / shares)
 
         return count([(c,) for c in self.targets]), count([tuple(p) for p in self.pairs or []])
 
@@ -471,8 +476,7 @@ class CMDimensionMonitor(GeometryMonitor):
         anchor) group, two in a warm start's first rounds; None for the grid (all at once)."""
         if resolve_search(self.settings) == "grid":
             return None
-        groups = self._num_problems(shares) // self._per_group()
-        return groups * (2 if self.warm_start else 1)
+        return sum(self._group_counts(shares)) * (2 if self.warm_start else 1)
 
     def _rows_within_memory(self, model: nn.Module | list[nn.Module]) -> tuple[int, float]:
         """Rows per pass that fit in half the free memory of the model's device (``chunk_size`` scaled
@@ -554,12 +558,10 @@ class CMDimensionMonitor(GeometryMonitor):
         """Rows of the work pool: at most ``chunk_size`` (and the memory bound), at most the problems in
         flight on this rank: every problem of the grid; by bisection one per (target, anchor) group,
         two for a group with a warm start (classes and pairs share one pool)."""
-        per_group = self._per_group()
-        n_cm, n_pairs = self._problem_counts(part[1])
         if resolve_search(self.settings) == "grid":
-            flight = n_cm + n_pairs
+            flight = self._num_problems(part[1])
         else:
-            flight = (n_cm + n_pairs) // per_group
+            flight = sum(self._group_counts(part[1]))
             starts = [self._start(self.last_cm, self.targets, self.threshold)]
             if self.pairs:
                 starts.append(self._start(self.last_boundary, self.pairs, self.boundary_threshold))
