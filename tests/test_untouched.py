@@ -257,3 +257,50 @@ def test_training_is_bit_identical_with_and_without_the_monitors(tmp_path, name)
     assert torch.equal(t0.callback_metrics["val_loss"], t1.callback_metrics["val_loss"])
     for key in ("cm/dim", "diffeo/rf", "elasticity/ratio"):
         assert key in t1.callback_metrics, key
+
+
+def fit_with_workers(tmp_path, callbacks, persistent=True):
+    """A fit whose validation loader has a worker process that persists across passes, and no sanity check."""
+    import lightning
+    from test_callback import loaders, trainer
+    from torch.utils.data import DataLoader
+
+    lightning.seed_everything(0, verbose=False)
+    module = OddModule("mc_dropout")  # draws random numbers in the forward: any shift shows
+    train, val = loaders(num_val=100)
+    val = DataLoader(val.dataset, batch_size=50, num_workers=1, persistent_workers=persistent)
+    t = trainer(tmp_path, callbacks, max_epochs=2, limit_train_batches=5, num_sanity_val_steps=0)
+    t.fit(module, train, val)
+    return module, t, torch.get_rng_state()
+
+
+def test_anchors_are_read_without_taking_over_a_persistent_worker_pool():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from cm_monitor.anchors import OwnIterator, sample_anchors
+
+    loader = DataLoader(
+        TensorDataset(torch.randn(40, 3), torch.arange(40) % 4), batch_size=8, num_workers=1, persistent_workers=True
+    )
+    batches = OwnIterator(loader)
+    try:
+        sample = sample_anchors(batches, 2, generator=0)
+    finally:
+        batches.close()
+    assert sample.labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert loader._iterator is None  # the loader's own first pass is still to come, with its seed draw
+    sum(1 for _ in loader)  # control: reading the loader itself keeps its iterator (and its seed) for later
+    assert loader._iterator is not None
+    loader._iterator._shutdown_workers()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning")
+def test_training_is_bit_identical_with_a_persistent_validation_worker(tmp_path):
+    plain, t0, rng0 = fit_with_workers(tmp_path / "plain", [])
+    watched, t1, rng1 = fit_with_workers(tmp_path / "watched", monitors())
+    for (k, a), (_, b) in zip(plain.state_dict().items(), watched.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    assert torch.equal(rng0, rng1)  # the worker pool's seed was drawn where training draws it
+    assert torch.equal(t0.callback_metrics["val_loss"], t1.callback_metrics["val_loss"])
+    assert t1.callback_metrics["cm/measured"] == 1.0

@@ -14,13 +14,14 @@ Pure PyTorch; no Lightning import (the callbacks in :mod:`cm_monitor.callbacks` 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 #: Signature of a user function that maps one batch to ``(inputs, labels)``.
 BatchReader = Callable[[Any], tuple[Tensor, Tensor]]
@@ -376,6 +377,37 @@ def sample_anchors(
         reservoir.add(inputs, labels)
         n += 1
     return reservoir.sample(num_batches=n) if allow_empty else reservoir.result(num_batches=n)
+
+
+class OwnIterator:
+    """The batches of ``loader`` read once through an iterator of their own, closed by :meth:`close`.
+
+    A :class:`~torch.utils.data.DataLoader` with ``persistent_workers=True`` keeps the first
+    iterator made from it (and its worker processes) for every later pass, and that iterator's
+    seed is drawn from the global RNG when it is made. Were the anchors read through it, the
+    training loop would reuse it and skip that draw, and every random number of training after it
+    would shift. This reads such a loader through a fresh iterator of its own, which never becomes
+    the loader's (its workers stop in :meth:`close`); any other iterable is read as it is.
+    """
+
+    def __init__(self, loader: Iterable[Any]) -> None:
+        self.loader = loader
+        self._iterator: Any = None
+
+    def __iter__(self) -> Iterator[Any]:
+        loader = self.loader
+        persistent = isinstance(loader, DataLoader) and loader.persistent_workers and loader.num_workers > 0
+        if not persistent:
+            return iter(loader)
+        self.close()
+        self._iterator = loader._get_iterator()  # what DataLoader.__iter__ makes without persistent workers
+        return self._iterator
+
+    def close(self) -> None:
+        """Stop the worker processes of the iterator made here, if any."""
+        if self._iterator is not None:
+            self._iterator._shutdown_workers()
+            self._iterator = None
 
 
 def _pick_key(keys: list, key: str | None, candidates: tuple[str, ...], arg: str, what: str) -> Any:

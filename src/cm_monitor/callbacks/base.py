@@ -88,7 +88,14 @@ from cm_monitor._model import (
     model_float_dtype,
     synchronize,
 )
-from cm_monitor.anchors import AnchorSample, BatchReader, make_batch_reader, merge_samples, sample_anchors
+from cm_monitor.anchors import (
+    AnchorSample,
+    BatchReader,
+    OwnIterator,
+    make_batch_reader,
+    merge_samples,
+    sample_anchors,
+)
 from cm_monitor.callbacks.figures import FigureWriter
 from cm_monitor.callbacks.progress import MeasurementProgress
 
@@ -1035,14 +1042,16 @@ class GeometryMonitor(Callback):
             batch = hook(batch, dataloader_idx=idx) if hook is not None else batch
             return trainer.strategy.batch_to_device(batch, dataloader_idx=idx)
 
-        stage = trainer.state.stage
+        stage, batches = trainer.state.stage, OwnIterator(loader)
         trainer.validating = True  # hooks that branch on the stage see a validation batch
         try:
             # creating a DataLoader iterator draws from the global RNG (and shuffling or workers
             # more): isolate it so that training sees exactly the random numbers it would without us
+            # a loader with persistent workers is read through an iterator of our own (OwnIterator)
             with isolate_rng(), torch.no_grad():
-                return self._sample_from(loader, max_batches, transfer, allow_empty=True)  # a rank may have no data
+                return self._sample_from(batches, max_batches, transfer, allow_empty=True)  # a rank may have no data
         finally:
+            batches.close()
             trainer.state.stage = stage
 
     def _sample_from(
