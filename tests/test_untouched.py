@@ -304,3 +304,42 @@ def test_training_is_bit_identical_with_a_persistent_validation_worker(tmp_path)
     assert torch.equal(rng0, rng1)  # the worker pool's seed was drawn where training draws it
     assert torch.equal(t0.callback_metrics["val_loss"], t1.callback_metrics["val_loss"])
     assert t1.callback_metrics["cm/measured"] == 1.0
+
+
+def lazy_net():
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
+
+
+def fit_lazy(tmp_path, callbacks):
+    import lightning
+    from test_callback import loaders, trainer
+
+    lightning.seed_everything(0, verbose=False)
+    module = NetModule(lazy_net(), lr=3e-3)
+    train, val = loaders(num_val=100)
+    t = trainer(tmp_path, callbacks, max_epochs=2, limit_train_batches=5, num_sanity_val_steps=0)
+    t.fit(module, train, val)
+    return module, t
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning")
+def test_a_model_with_lazy_modules_is_set_up_after_the_first_batch_and_trains_as_without(tmp_path):
+    plain, _ = fit_lazy(tmp_path / "plain", [])
+    watched, t1 = fit_lazy(tmp_path / "watched", monitors())
+    for (k, a), (_, b) in zip(plain.state_dict().items(), watched.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k  # the lazy layer is initialized by training's forward, not by a monitor's
+    for key in ("cm/measured", "diffeo/measured", "elasticity/measured"):
+        assert t1.callback_metrics[key] == 1.0, key
+
+
+def test_measuring_a_model_with_lazy_modules_asks_for_a_forward_first():
+    from cm_monitor import cm_dimension
+
+    model, x = lazy_net(), torch.randn(6, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"not initialized yet.*LazyLinear.*forward pass"):
+        cm_dimension(model, x, torch.arange(6) % 3, num_bootstrap=0)
+    model(x)  # control: initialized, it is measured
+    assert cm_dimension(
+        model, x, torch.arange(6) % 3, dims=[1, 64], num_bootstrap=0, max_steps=5
+    ).cutting_dim.shape == (10,)

@@ -260,6 +260,17 @@ def fingerprint(tensors: Sequence[Tensor]) -> Tensor:
     return torch.stack([s.cpu() for s in sums]) if len({s.device for s in sums}) > 1 else torch.stack(sums).cpu()
 
 
+def lazy_modules(members: list[nn.Module]) -> list[str]:
+    """The class names of the submodules whose parameters or buffers are not initialized yet (e.g.
+    :class:`torch.nn.LazyLinear` before its first forward pass)."""
+    subs = {id(sub): sub for m in members for sub in m.modules()}.values()
+    return [
+        type(sub).__name__
+        for sub in subs
+        if any(nn.parameter.is_lazy(t) for t in (*sub._parameters.values(), *sub._buffers.values()) if t is not None)
+    ]
+
+
 class ModelGuard:
     """Saves what a forward pass could change in ``members`` and puts it back.
 
@@ -275,6 +286,12 @@ class ModelGuard:
     """
 
     def __init__(self, members: list[nn.Module]) -> None:
+        lazy = lazy_modules(members)
+        if lazy:  # measuring would initialize them (with random numbers the training run did not draw)
+            raise ValueError(
+                f"The model has parameters that are not initialized yet (lazy modules: {', '.join(lazy[:5])}); "
+                "run one forward pass through it first (e.g. on a batch of data) and then measure."
+            )
         modules = list({id(sub): sub for m in members for sub in m.modules()}.values())
         self.modes = [(sub, sub.training) for sub in modules]
         self.buffer_dicts = [(sub, dict(sub._buffers)) for sub in modules]

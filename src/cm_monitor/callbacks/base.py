@@ -82,6 +82,7 @@ from cm_monitor._model import (
     OutputTransform,
     as_members,
     check_logits,
+    lazy_modules,
     logits_models,
     measuring,
     model_device,
@@ -336,6 +337,7 @@ class GeometryMonitor(Callback):
         self.total_seconds = 0.0
         self._interval_start: float | None = None
         self._restored = False  # load_state_dict ran after this fit's `setup` (which clears the flag)
+        self._set_up_pending = False  # lazy modules at fit start: set up after the first training batch
         self._fit_start: float | None = None
         self._fit_seconds = 0.0  # seconds spent measuring in this fit (for the budget)
         self._last_seconds: float | None = None  # duration of the last measurement in this fit
@@ -462,6 +464,31 @@ class GeometryMonitor(Callback):
                     category=UserWarning,
                 )
             self._reset_series()
+        lazy = lazy_modules(model if isinstance(model, list) else [model])
+        self._set_up_pending = bool(lazy)
+        if lazy:  # a forward now would initialize them, with random numbers training did not draw
+            if self.verbose:
+                rank_zero_info(
+                    f"{type(self).__name__}: the model has parameters that are not initialized yet (lazy "
+                    f"modules: {', '.join(lazy[:5])}); the anchors are drawn and the cost is estimated after "
+                    "the first training batch, which initializes them."
+                )
+            return
+        self._set_up(trainer, pl_module, model)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Set up after the first training batch when the model had lazy modules at the start."""
+        if not self._set_up_pending:
+            return
+        model = self._model(pl_module)
+        if not lazy_modules(model if isinstance(model, list) else [model]):
+            self._set_up_pending = False
+            self._set_up(trainer, pl_module, model)
+
+    def _set_up(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module | list[nn.Module]) -> None:
+        """Draw the anchors (or check the restored ones), check the targets and estimate the cost."""
         if self.anchors is None:
             self._draw_anchors(trainer, pl_module, model)
         else:  # restored from a checkpoint (saved on the CPU): back to the model's device
