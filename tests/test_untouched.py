@@ -343,3 +343,52 @@ def test_measuring_a_model_with_lazy_modules_asks_for_a_forward_first():
     assert cm_dimension(
         model, x, torch.arange(6) % 3, dims=[1, 64], num_bootstrap=0, max_steps=5
     ).cutting_dim.shape == (10,)
+
+
+class LogsInForward(NetModule):
+    """Logs a statistic of its activations in ``forward`` (a common pattern)."""
+
+    def __init__(self):
+        super().__init__(nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10)), lr=3e-3)
+
+    def forward(self, x):
+        z = self.net(x)
+        self.log("act_mean", z.detach().mean())
+        return z
+
+
+def fit_logging(tmp_path, callbacks):
+    import lightning
+    from test_callback import loaders, trainer
+
+    lightning.seed_everything(0, verbose=False)
+    module = LogsInForward()
+    train, val = loaders(num_val=100)
+    t = trainer(tmp_path, callbacks, max_epochs=1, limit_train_batches=3)
+    t.fit(module, train, val)
+    return t.callback_metrics, module
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning")
+def test_what_a_forward_logs_is_not_mixed_with_the_monitors_forwards(tmp_path):
+    plain, _ = fit_logging(tmp_path / "plain", [])
+    watched, module = fit_logging(tmp_path / "watched", monitors())  # ElasticityMonitor's vmap made this crash
+    assert torch.equal(plain["act_mean"], watched["act_mean"])  # only the validation's own forwards
+    for key in ("cm/measured", "diffeo/measured", "elasticity/measured"):
+        assert watched[key] == 1.0, key
+    assert "log" not in module.__dict__  # the method is back after the measurements
+
+
+def test_logging_off_silences_only_inside_and_keeps_an_instance_attribute():
+    from cm_monitor.callbacks.base import logging_off
+
+    module = LogsInForward()
+    calls = []
+    module.log_dict = lambda *a, **k: calls.append(a)  # set on the instance by the user
+    with logging_off(module):
+        module.log("x", 1.0)
+        module.log_dict({"x": 1.0})
+    assert calls == [] and "log" not in module.__dict__
+    module.log_dict({"y": 2.0})
+    assert calls == [({"y": 2.0},)]

@@ -60,11 +60,12 @@ A subclass sets :attr:`prefix`, implements :meth:`_measure_part` and :meth:`_fin
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -184,6 +185,29 @@ def gather_objects(trainer: pl.Trainer, obj: Any) -> list[Any]:
         return out
     # another kind of strategy: one broadcast from each rank
     return [trainer.strategy.broadcast(obj, src=r) for r in range(trainer.world_size)]
+
+
+@contextlib.contextmanager
+def logging_off(pl_module: pl.LightningModule) -> Iterator[None]:
+    """``pl_module.log`` and ``log_dict`` do nothing inside (the monitor's forwards): a forward that
+    logs (activation statistics, say) must not add what it computes on the monitor's inputs to the
+    validation's values, nor, under ``torch.func`` transforms, leave batched tensors among them."""
+    names = ("log", "log_dict")
+    own = {n: pl_module.__dict__[n] for n in names if n in pl_module.__dict__}  # rare: set on the instance
+    for n in names:
+        object.__setattr__(pl_module, n, _ignore)  # an instance attribute hides the method
+    try:
+        yield
+    finally:
+        for n in names:
+            if n in own:
+                object.__setattr__(pl_module, n, own[n])
+            else:
+                object.__delattr__(pl_module, n)
+
+
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    """What ``self.log`` does during the monitor's forwards."""
 
 
 def _part(trainer: pl.Trainer) -> tuple[int, int]:
@@ -474,7 +498,8 @@ class GeometryMonitor(Callback):
                     "the first training batch, which initializes them."
                 )
             return
-        self._set_up(trainer, pl_module, model)
+        with logging_off(pl_module):
+            self._set_up(trainer, pl_module, model)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -485,7 +510,8 @@ class GeometryMonitor(Callback):
         model = self._model(pl_module)
         if not lazy_modules(model if isinstance(model, list) else [model]):
             self._set_up_pending = False
-            self._set_up(trainer, pl_module, model)
+            with logging_off(pl_module):
+                self._set_up(trainer, pl_module, model)
 
     def _set_up(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module | list[nn.Module]) -> None:
         """Draw the anchors (or check the restored ones), check the targets and estimate the cost."""
@@ -535,7 +561,8 @@ class GeometryMonitor(Callback):
         epoch = trainer.current_epoch
         outcome = _Outcome()
         if self._due(epoch) and self._within_budget(trainer, epoch):
-            outcome = self._run_measurement(trainer, pl_module, epoch)
+            with logging_off(pl_module):  # the monitor's own values are logged below
+                outcome = self._run_measurement(trainer, pl_module, epoch)
         values = dict(self.last_values)
         values[f"{self.prefix}/seconds"] = outcome.seconds
         values[f"{self.prefix}/cost_frac"] = outcome.fraction
