@@ -432,3 +432,71 @@ def test_a_key_the_module_logs_after_the_monitor_is_left_to_the_module(tmp_path)
     with pytest.warns(UserWarning, match="'diffeo/extra', which is not a key of this monitor"):
         t, model = fit(tmp_path, [DiffeoStabilityMonitor(**DIFFEO_FAST), stopper], model=LogsAtEpochEnd(), max_epochs=2)
     assert model.train_steps == 6 and t.callback_metrics["diffeo/extra"] == 1.0
+
+
+class FrozenUnderNoGrad(nn.Module):
+    """A linear probe whose backbone runs under torch.no_grad(): no gradient reaches the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone, self.head = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU()), nn.Linear(16, 10)
+
+    def forward(self, x):
+        with torch.no_grad():
+            features = self.backbone(x)
+        return self.head(features)
+
+
+class Steps(Callback):
+    def __init__(self):
+        self.steps = 0
+
+    def on_train_batch_end(self, *args):
+        self.steps += 1
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_model_without_an_input_gradient_is_refused_at_the_start_with_the_reason(tmp_path):
+    from modules import NetModule
+
+    train, val = loaders(num_val=100)
+    steps = Steps()
+    t = trainer(tmp_path, [CMDimensionMonitor(**FAST), steps], max_epochs=1, limit_train_batches=2)
+    with pytest.raises(RuntimeError, match="CMDimensionMonitor could not set up at the start of fit") as info:
+        t.fit(NetModule(FrozenUnderNoGrad(), lr=1e-3), train, val)
+    assert "does not depend on its input through autograd" in str(info.value)
+    assert steps.steps == 0
+
+
+def test_the_functions_say_why_a_model_has_no_input_gradient():
+    from cm_monitor import cm_dimension
+
+    x, y = torch.randn(6, 1, 8, 8), torch.arange(6) % 3
+    with pytest.raises(RuntimeError, match=r"does not depend on its input through autograd.*no_grad"):
+        cm_dimension(FrozenUnderNoGrad(), x, y, dims=[1, 64], num_bootstrap=0, max_steps=5)
+    cm_dimension(
+        FrozenUnderNoGrad().backbone.append(nn.Linear(16, 10)), x, y, dims=[1, 64], num_bootstrap=0, max_steps=5
+    )
+
+
+class BatchOfTwoFails(nn.Module):
+    """Fails on batches of other sizes than the training's (a model that is wrong for the monitor's probes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+
+    def forward(self, x):
+        if x.shape[0] == 2:
+            raise RuntimeError("unsupported batch size 2")
+        return self.net(x)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_an_error_of_the_model_at_the_start_names_the_monitor(tmp_path):
+    from modules import NetModule
+
+    train, val = loaders(num_val=100)
+    t = trainer(tmp_path, [DiffeoStabilityMonitor(**DIFFEO_FAST)], max_epochs=1, limit_train_batches=2)
+    with pytest.raises(RuntimeError, match=r"DiffeoStabilityMonitor could not set up.*unsupported batch size 2"):
+        t.fit(NetModule(BatchOfTwoFails(), lr=1e-3), train, val)

@@ -504,6 +504,24 @@ def explain_inference_tensors(err: RuntimeError) -> RuntimeError:
     return err
 
 
+def input_gradient(output: Tensor, inputs: Tensor) -> Tensor:
+    """``d output / d inputs`` (``output`` a scalar), with an error that says what is wrong when the
+    model's output does not depend on its input through autograd."""
+    try:
+        (grad,) = torch.autograd.grad(output, inputs)
+    except RuntimeError as err:
+        text = str(err)
+        if "not have been used in the graph" in text or "does not require grad" in text:
+            raise RuntimeError(
+                "The model's output does not depend on its input through autograd (part of its forward "
+                "runs under torch.no_grad() or detaches the input, e.g. a frozen backbone), so there is no "
+                "gradient with respect to the input, which the cutting planes follow. Run the forward with "
+                "gradients enabled (freeze a backbone with requires_grad_(False) instead). Original error: " + text
+            ) from err
+        raise
+    return grad
+
+
 def ensemble_log_probs(
     members: list[nn.Module], x: Tensor, num_classes: int | None = None, temperature: float = 1.0
 ) -> tuple[Tensor, Tensor]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from cm_monitor._model import ensemble_log_probs, explain_inference_tensors, to_device
+from cm_monitor._model import ensemble_log_probs, explain_inference_tensors, input_gradient, to_device
 from cm_monitor.planes import PlaneRows, Prefix, choose_planes
 from cm_monitor.search import make_search, max_probes
 
@@ -549,7 +549,7 @@ class _Pool:
         if len(finished) < n:  # some go on (a row that goes on is finite): step those
             go = ~done
             # no boolean indexing (a host sync on a GPU): the rows that stop get no gradient
-            (grad,) = torch.autograd.grad(torch.where(go, loss, 0.0).sum() if finished else loss.sum(), theta)
+            grad = input_gradient(torch.where(go, loss, 0.0).sum() if finished else loss.sum(), theta)
             self.optimizer.step(grad, rows["live"])
             if self.space.radius_norms is not None:
                 scaled = rows["mask"][:, :w] if s.dimension_scaled else None  # else a 0/1 mask: θ is 0 beyond it

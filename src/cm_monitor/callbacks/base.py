@@ -498,8 +498,7 @@ class GeometryMonitor(Callback):
                     "the first training batch, which initializes them."
                 )
             return
-        with logging_off(pl_module):
-            self._set_up(trainer, pl_module, model)
+        self._set_up_at_start(trainer, pl_module, model)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -510,8 +509,25 @@ class GeometryMonitor(Callback):
         model = self._model(pl_module)
         if not lazy_modules(model if isinstance(model, list) else [model]):
             self._set_up_pending = False
+            self._set_up_at_start(trainer, pl_module, model)
+
+    def _set_up_at_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module | list[nn.Module]
+    ) -> None:
+        """:meth:`_set_up`; an error of the model's own (say a ``RuntimeError`` from its forward) is
+        raised again with the monitor's name, so that it is clear where it came from."""
+        try:
             with logging_off(pl_module):
                 self._set_up(trainer, pl_module, model)
+        except (ValueError, TypeError, MisconfigurationException):
+            raise  # the monitor's own errors say what to change
+        except RuntimeError as err:
+            raise RuntimeError(
+                f"{type(self).__name__} could not set up at the start of fit (drawing its anchors from the "
+                "validation data, a forward of two of them to count the classes, timing a pass for the cost "
+                f"estimate) on {'the LightningModule' if self.get_model is None else 'the model get_model returns'}: "
+                f"{type(err).__name__}: {err}"
+            ) from err
 
     def _set_up(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module | list[nn.Module]) -> None:
         """Draw the anchors (or check the restored ones), check the targets and estimate the cost."""
