@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from cm_monitor.anchors import StratifiedReservoir, make_batch_reader, sample_anchors, split_batch
+from cm_monitor.anchors import StratifiedReservoir, make_batch_reader, merge_samples, sample_anchors, split_batch
 
 
 def _data(n=120, classes=4, shape=(3,)):
@@ -156,3 +156,32 @@ def test_empty_and_shape_change():
         sample_anchors([(torch.randn(2, 3), torch.arange(2)), (torch.randn(2, 4), torch.arange(2))], 2)
     with pytest.raises(ValueError, match="per_class"):
         StratifiedReservoir(0, torch.Generator())
+
+
+def test_a_class_filter_hashes_and_holds_only_those_classes_and_draws_the_same_anchors(monkeypatch):
+    from cm_monitor import anchors as anchors_module
+
+    x, y = torch.randn(120, 5), torch.arange(120) % 6
+    batches = [(x[i : i + 25], y[i : i + 25]) for i in range(0, 120, 25)]
+    hashed = []
+    call = anchors_module.ContentKeys.__call__
+    monkeypatch.setattr(anchors_module.ContentKeys, "__call__", lambda self, b: hashed.append(len(b)) or call(self, b))
+    every = anchors_module.sample_anchors(batches, 3, generator=0)
+    assert sum(hashed) == 120  # control: every input hashed
+    hashed.clear()
+    some = anchors_module.sample_anchors(batches, 3, generator=0, classes=[1, 4])
+    assert sum(hashed) == 40  # the 20 inputs of each of the two classes
+    keep = torch.isin(every.labels, torch.tensor([1, 4]))
+    assert torch.equal(some.inputs, every.inputs[keep]) and torch.equal(some.labels, every.labels[keep])
+    assert some.counts == every.counts  # every class counted
+
+
+def test_a_class_limit_stops_holding_inputs_and_keeps_counting():
+    x, y = torch.randn(120, 5), torch.arange(120) % 6
+    batches = [(x[i : i + 25], y[i : i + 25]) for i in range(0, 120, 25)]
+    within = sample_anchors(batches, 3, generator=0, max_classes=6)
+    assert torch.equal(within.inputs, sample_anchors(batches, 3, generator=0).inputs)  # control: within the limit
+    beyond = sample_anchors(batches, 3, generator=0, max_classes=5, allow_empty=True)
+    assert beyond.labels.numel() == 0 and beyond.counts == dict.fromkeys(range(6), 20)
+    parts = [sample_anchors(batches[:2], 3, generator=0, max_classes=5, allow_empty=True), beyond]
+    assert merge_samples(parts, 3).counts == {c: 20 + n for c, n in parts[0].counts.items()}  # counts add up

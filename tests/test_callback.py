@@ -1185,3 +1185,35 @@ def test_activation_and_pool_bytes():
     # a dense basis twice: the row's and the plane cache's copy
     assert pool_bytes(100, 10, dense=False, rows=2) == 2 * 4 * (10 * 100 + 5 * 10 + 100 + 20)
     assert pool_bytes(100, 10, dense=True, rows=1) == 4 * (10 * 100 + 5 * 10 + 2 * 1000)
+
+
+def test_many_classes_hold_anchors_of_the_measured_subset_only_and_draw_the_same(tmp_path, monkeypatch):
+    """With more classes than `max_classes` the first pass over the validation data only counts
+    (no inputs held beyond `max_classes` classes) and a second draws the subset's anchors: the same
+    targets, pairs and anchors, bit for bit, as one pass that holds every class (the control)."""
+    from cm_monitor.anchors import StratifiedReservoir
+
+    kw = dict(FAST, max_classes=5, num_pairs=3, dims=[1, 4, 16])
+    held = []
+    add = StratifiedReservoir.add
+
+    def spy(self, inputs, labels):
+        add(self, inputs, labels)
+        held.append(len(self._inputs))
+
+    monkeypatch.setattr(StratifiedReservoir, "add", spy)
+    two_pass = CMDimensionMonitor(**kw)
+    pl.seed_everything(0, verbose=False)
+    trainer(tmp_path, [two_pass], max_epochs=1).fit(ManyClasses(), blobs(seed=1), blobs())
+    assert max(held) <= 5  # never more than max_classes classes' inputs at once
+    monkeypatch.setattr(CMDimensionMonitor, "_class_limit", lambda self: None)  # control: one pass, every class held
+    held.clear()
+    one_pass = CMDimensionMonitor(**kw)
+    pl.seed_everything(0, verbose=False)
+    trainer(tmp_path, [one_pass], max_epochs=1).fit(ManyClasses(), blobs(seed=1), blobs())
+    assert max(held) == 30
+    assert two_pass.targets == one_pass.targets and two_pass.pairs == one_pass.pairs and len(one_pass.pairs) == 3
+    assert torch.equal(two_pass.anchors, one_pass.anchors) and torch.equal(
+        two_pass.anchor_labels, one_pass.anchor_labels
+    )
+    assert two_pass.last_values == one_pass.last_values

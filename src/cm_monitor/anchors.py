@@ -14,7 +14,7 @@ Pure PyTorch; no Lightning import (the callbacks in :mod:`cm_monitor.callbacks` 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,13 +154,18 @@ class AnchorSample:
         """Raise a clear error if some class in ``classes`` has fewer than ``per_class`` examples."""
         short = {c: self.counts.get(c, 0) for c in classes if self.counts.get(c, 0) < per_class}
         if short:
-            listed = ", ".join(f"class {c}: {n}" for c, n in sorted(short.items()))
+            listed = ", ".join(f"class {c}: {n}" for c, n in sorted(short.items())[:_LISTED])
+            if len(short) > _LISTED:  # a 1000-class model with a small validation set: not every class
+                listed += f", and {len(short) - _LISTED} more classes"
             raise ValueError(
                 f"Too few validation examples to draw {per_class} anchors per class ({listed}; "
                 f"read {self.num_batches} batches). Lower `num_anchors`, or use a validation set "
                 "with more examples of these classes."
             )
 
+
+#: Messages list at most this many classes by name.
+_LISTED = 20
 
 #: The prime of the content hash (the Mersenne prime 2**31 - 1).
 _PRIME = 2**31 - 1
@@ -225,11 +230,21 @@ class StratifiedReservoir:
     to the CPU.
     """
 
-    def __init__(self, per_class: int, generator: torch.Generator):
+    def __init__(
+        self,
+        per_class: int,
+        generator: torch.Generator,
+        classes: Collection[int] | None = None,
+        max_classes: int | None = None,
+    ):
         if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
             raise ValueError(f"`per_class` must be a positive integer, got {per_class!r}.")
         self.per_class = per_class
         self.generator = generator
+        #: sample only these classes (None: all); the others are counted, not hashed nor kept
+        self.classes = None if classes is None else torch.tensor(sorted(set(classes)), dtype=torch.long)
+        #: once more classes than this have been read, nothing more is held (only counted)
+        self.max_classes = max_classes
         self._inputs: dict[int, Tensor] = {}
         self._keys: dict[int, Tensor] = {}
         self.counts: dict[int, int] = {}
@@ -247,11 +262,21 @@ class StratifiedReservoir:
                 f"{tuple(inputs.shape[1:])}); anchors must all have one shape."
             )
         assert self._hash is not None
-        keys = self._hash(inputs)
         labels = labels.detach().to("cpu", torch.long)
+        if self.max_classes is not None and len(self.counts.keys() | set(labels.unique().tolist())) > self.max_classes:
+            self.classes, self._inputs, self._keys = torch.zeros(0, dtype=torch.long), {}, {}  # only count from now on
+        if self.classes is not None:  # count every class, hash and keep only the sampled ones
+            for c, n in zip(*(t.tolist() for t in labels.unique(return_counts=True)), strict=True):
+                self.counts[c] = self.counts.get(c, 0) + n
+            sampled = torch.isin(labels, self.classes).nonzero().squeeze(1)
+            inputs, labels = inputs[sampled.to(inputs.device)], labels[sampled]
+            if labels.numel() == 0:
+                return
+        keys = self._hash(inputs)
         for c in labels.unique().tolist():
             rows = (labels == c).nonzero().squeeze(1)
-            self.counts[c] = self.counts.get(c, 0) + rows.numel()
+            if self.classes is None:
+                self.counts[c] = self.counts.get(c, 0) + rows.numel()
             old = self._keys.get(c, keys[:0])
             keep = _smallest_distinct(torch.cat([old, keys[rows]]), self.per_class)
             kept, new = keep[keep < old.numel()], rows[keep[keep >= old.numel()] - old.numel()]
@@ -266,16 +291,17 @@ class StratifiedReservoir:
     def sample(self, num_batches: int = 0) -> AnchorSample:
         """The sample so far, grouped by class and ordered by key within a class (empty if nothing was read)."""
         classes = sorted(self._inputs)
+        counts = dict(self.counts)  # a class not sampled (see `classes`): as many as were read
+        counts |= {
+            c: self.counts[c] if self._keys[c].numel() >= self.per_class else self._keys[c].numel() for c in classes
+        }
         if not classes:
             empty = torch.zeros(0, dtype=torch.long)
-            return AnchorSample(torch.zeros(0), empty, {}, num_batches, empty)
+            return AnchorSample(torch.zeros(0), empty, counts, num_batches, empty)
         with torch.inference_mode(False):
             inputs = torch.cat([self._inputs[c] for c in classes]).clone()
             keys = torch.cat([self._keys[c] for c in classes])
         labels = torch.cat([torch.full((self._keys[c].numel(),), c, dtype=torch.long) for c in classes])
-        counts = {
-            c: self.counts[c] if self._keys[c].numel() >= self.per_class else self._keys[c].numel() for c in classes
-        }
         return AnchorSample(inputs=inputs, labels=labels, counts=counts, num_batches=num_batches, keys=keys)
 
     def result(self, num_batches: int = 0) -> AnchorSample:
@@ -303,22 +329,22 @@ def merge_samples(samples: Sequence[AnchorSample], per_class: int) -> AnchorSamp
     Empty parts are allowed; the result is empty if all are.
     """
     parts = [s for s in samples if s.labels.numel()]
+    read = {c: sum(s.counts.get(c, 0) for s in samples) for c in sorted({c for s in samples for c in s.counts})}
     if not parts:
-        return AnchorSample(torch.zeros(0), torch.zeros(0, dtype=torch.long), {}, sum(s.num_batches for s in samples))
+        return AnchorSample(torch.zeros(0), torch.zeros(0, dtype=torch.long), read, sum(s.num_batches for s in samples))
     if any(s.keys is None for s in parts):
         raise ValueError("`merge_samples` needs samples with keys (drawn by StratifiedReservoir).")
     inputs = torch.cat([s.inputs for s in parts])
     labels = torch.cat([s.labels for s in parts])
     keys = torch.cat([s.keys for s in parts])  # type: ignore[misc]
-    xs, ys, ks, counts = [], [], [], {}
+    xs, ys, ks, counts = [], [], [], dict(read)  # classes without anchors: as many as were read
     for c in labels.unique().tolist():
         rows = (labels == c).nonzero().squeeze(1)
         keep = rows[_smallest_distinct(keys[rows], per_class)]  # ascending keys
         xs.append(inputs[keep])
         ks.append(keys[keep])
         ys.append(labels[keep])
-        total = sum(s.counts.get(c, 0) for s in parts)
-        counts[c] = total if keep.numel() >= per_class else keep.numel()
+        counts[c] = read[c] if keep.numel() >= per_class else keep.numel()
     return AnchorSample(torch.cat(xs), torch.cat(ys), counts, sum(s.num_batches for s in samples), torch.cat(ks))
 
 
@@ -331,6 +357,8 @@ def sample_anchors(
     max_batches: int | None = None,
     transform: Callable[[Any], Any] | None = None,
     allow_empty: bool = False,
+    classes: Collection[int] | None = None,
+    max_classes: int | None = None,
 ) -> AnchorSample:
     """Draw up to ``per_class`` anchors of every class from an iterable of batches.
 
@@ -347,6 +375,12 @@ def sample_anchors(
         transform: applied to each batch before ``read_batch`` (e.g. moving it to a device).
         allow_empty: return an empty sample when there are no batches (a part of the data, to
             merge with :func:`merge_samples`) instead of raising.
+        classes: draw anchors of these classes only (None: of every class); the others are only
+            counted (in :attr:`AnchorSample.counts`), so their inputs are neither hashed nor held.
+            The anchors of a class do not depend on which other classes are drawn.
+        max_classes: when more classes than this are read, the sample is empty and holds only the
+            counts of every class (memory bounded by ``max_classes · per_class`` inputs); draw again
+            with ``classes`` then.
 
     Example::
 
@@ -366,7 +400,7 @@ def sample_anchors(
         isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
     ):
         raise ValueError(f"`max_batches` must be a positive integer or None, got {max_batches!r}.")
-    reservoir = StratifiedReservoir(per_class, gen)
+    reservoir = StratifiedReservoir(per_class, gen, classes, max_classes)
     n = 0
     for batch in batches:
         if max_batches is not None and n >= max_batches:

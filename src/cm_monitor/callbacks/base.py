@@ -362,6 +362,7 @@ class GeometryMonitor(Callback):
         self._interval_start: float | None = None
         self._restored = False  # load_state_dict ran after this fit's `setup` (which clears the flag)
         self._set_up_pending = False  # lazy modules at fit start: set up after the first training batch
+        self._target_generator: torch.Generator | None = None  # set by a second anchor pass
         self._fit_start: float | None = None
         self._fit_seconds = 0.0  # seconds spent measuring in this fit (for the budget)
         self._last_seconds: float | None = None  # duration of the last measurement in this fit
@@ -951,24 +952,10 @@ class GeometryMonitor(Callback):
         name = type(self).__name__
         start = time.perf_counter()
         loader, max_batches = self._val_dataloader(trainer)  # on every rank (setup has a barrier)
-        # every rank samples its own shard; the samples merge into the sample of the whole data
-        # (keys from the inputs' content), so the anchors do not depend on how it is sharded
-        error: BaseException | None = None
-        local: AnchorSample | str
-        try:
-            local = self._sample(trainer, pl_module, loader, max_batches)
-        except Exception as err:
-            error, local = err, f"{type(err).__name__}: {err}"
-        # every rank takes part in the gather, also when its sampling failed, and then all raise
-        gathered = gather_objects(trainer, local)
-        failures = [f"rank {r}: {g}" for r, g in enumerate(gathered) if isinstance(g, str)]
-        if error is not None:
-            if isinstance(error, ValueError | TypeError):
-                raise type(error)(f"{name} could not draw anchors from the validation data: {error}") from error
-            raise error
-        if failures:
-            raise RuntimeError(f"{name} could not draw anchors on another rank: {'; '.join(failures)}")
-        sample = merge_samples(gathered, self.num_anchors)  # type: ignore[arg-type]
+        limit = self._class_limit()
+        sample = self._sample_everywhere(trainer, pl_module, loader, max_batches, max_classes=limit)
+        if limit is not None and len(sample.counts) > limit:  # more classes than are measured: draw those only
+            sample = self._sample_chosen_classes(trainer, pl_module, loader, max_batches, sample.counts)
         if sample.labels.numel() == 0:
             raise ValueError(
                 f"{name} could not draw anchors from the validation data: no examples were read from the "
@@ -985,6 +972,57 @@ class GeometryMonitor(Callback):
                 f"{time.perf_counter() - start:.2f} s; they stay fixed for the run."
             )
 
+    def _sample_everywhere(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: Any, max_batches: int | None, **kw: Any
+    ) -> AnchorSample:
+        """The anchor sample of the whole validation data (``kw``: of :func:`sample_anchors`): every rank
+        samples its own shard and the samples merge (keys from the inputs' content), so the anchors do
+        not depend on how the data is sharded."""
+        name = type(self).__name__
+        error: BaseException | None = None
+        local: AnchorSample | str
+        try:
+            local = self._sample(trainer, pl_module, loader, max_batches, **kw)
+        except Exception as err:
+            error, local = err, f"{type(err).__name__}: {err}"
+        # every rank takes part in the gather, also when its sampling failed, and then all raise
+        gathered = gather_objects(trainer, local)
+        failures = [f"rank {r}: {g}" for r, g in enumerate(gathered) if isinstance(g, str)]
+        if error is not None:
+            if isinstance(error, ValueError | TypeError):
+                raise type(error)(f"{name} could not draw anchors from the validation data: {error}") from error
+            raise error
+        if failures:
+            raise RuntimeError(f"{name} could not draw anchors on another rank: {'; '.join(failures)}")
+        return merge_samples(gathered, self.num_anchors)  # type: ignore[arg-type]
+
+    def _sample_chosen_classes(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: Any, max_batches: int | None,
+        counts: dict[int, int],
+    ) -> AnchorSample:  # fmt: skip
+        """A second pass over the validation data that draws anchors of the classes to measure only
+        (:meth:`_pick_classes` among those with ``num_anchors`` examples in ``counts``, those of the
+        first pass, which held no inputs); the counts of the others are kept for the warnings."""
+        available = sorted(c for c, n in counts.items() if n >= self.num_anchors)
+        if len(available) < 2:
+            raise ValueError(
+                f"{type(self).__name__} needs anchors of at least two classes, but only {len(available)} of the "
+                f"{len(counts)} classes of the validation data have `num_anchors` = {self.num_anchors} examples."
+            )
+        self._target_generator = torch.Generator().manual_seed(self.seed + 1)
+        chosen = self._pick_classes(available, self._target_generator)
+        sample = self._sample_everywhere(trainer, pl_module, loader, max_batches, classes=chosen)
+        return replace(sample, counts=counts | {c: sample.counts.get(c, 0) for c in chosen})
+
+    def _class_limit(self) -> int | None:
+        """Anchors are held for at most this many classes (None: for all); with more classes in the
+        validation data a second pass draws those of :meth:`_pick_classes` only."""
+        return None
+
+    def _pick_classes(self, available: list[int], generator: torch.Generator) -> list[int]:
+        """The classes to measure among those ``available`` (enough validation examples): all of them."""
+        return list(available)
+
     def _adopt_anchors(self, sample: AnchorSample, model: nn.Module | list[nn.Module]) -> tuple[Tensor, Tensor, int]:
         """Take ``sample`` (on the model's device) as this run's anchors: check its class ids against the
         model's classes, leave out short classes, choose the targets. Returns ``(inputs, labels, num_classes)``."""
@@ -997,7 +1035,9 @@ class GeometryMonitor(Callback):
             )
         inputs, labels = self._drop_short_classes(sample, num_classes)
         self.anchors, self.anchor_labels, self.num_classes = inputs, labels, num_classes
-        self._setup_targets(num_classes, torch.Generator().manual_seed(self.seed + 1))
+        generator = self._target_generator or torch.Generator().manual_seed(self.seed + 1)
+        self._target_generator = None  # (the second pass's, past the choice of classes)
+        self._setup_targets(num_classes, generator)
         return inputs, labels, num_classes
 
     def _drop_short_classes(self, sample: AnchorSample, num_classes: int) -> tuple[Tensor, Tensor]:
@@ -1100,7 +1140,7 @@ class GeometryMonitor(Callback):
         return loader, max_batches
 
     def _sample(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: Any, max_batches: int | None
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: Any, max_batches: int | None, **kw: Any
     ) -> AnchorSample:
         idx = self.dataloader_idx
 
@@ -1119,13 +1159,20 @@ class GeometryMonitor(Callback):
             # more): isolate it so that training sees exactly the random numbers it would without us
             # a loader with persistent workers is read through an iterator of our own (OwnIterator)
             with isolate_rng(), torch.no_grad():
-                return self._sample_from(batches, max_batches, transfer, allow_empty=True)  # a rank may have no data
+                return self._sample_from(
+                    batches, max_batches, transfer, allow_empty=True, **kw
+                )  # a rank may have no data
         finally:
             batches.close()
             trainer.state.stage = stage
 
     def _sample_from(
-        self, loader: Any, max_batches: int | None, transform: Callable[[Any], Any], allow_empty: bool = False
+        self,
+        loader: Any,
+        max_batches: int | None,
+        transform: Callable[[Any], Any],
+        allow_empty: bool = False,
+        **kw: Any,
     ) -> AnchorSample:
         """The anchor sample of this monitor's ``num_anchors`` and ``seed`` from ``loader`` (no Trainer needed);
         ``allow_empty``: a loader without data gives an empty sample (a rank's shard) instead of an error."""
@@ -1137,6 +1184,7 @@ class GeometryMonitor(Callback):
             max_batches=max_batches,
             transform=transform,
             allow_empty=allow_empty,
+            **kw,
         )
 
     def _num_classes(self, model: nn.Module | list[nn.Module], anchors: Tensor) -> int:
