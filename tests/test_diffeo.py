@@ -377,3 +377,20 @@ def test_median_on_cuda_uses_no_nondeterministic_operator():
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
     assert math.isfinite(est.rf)
     assert not [w for w in caught if "median" in str(w.message)]
+
+
+def test_the_fold_check_runs_in_blocks_of_bounded_size_with_the_same_answer(monkeypatch):
+    from cm_monitor import diffeo as core
+
+    scales = torch.linspace(0.005, 0.3, 23)[:, None, None, None]  # from smooth to folding
+    coeffs = scales * torch.randn(23, 2, 5, 5, generator=torch.Generator().manual_seed(0))
+    whole = core.min_jacobian_determinant(coeffs, 16, 16)  # one block: 23 · 2 · 61² values < 2**23
+    sizes = []
+    field = core.displacement_field
+    monkeypatch.setattr(core, "displacement_field", lambda c, *a: sizes.append(c.shape[0]) or field(c, *a))
+    monkeypatch.setattr(core, "FOLD_CHECK_ELEMENTS", 5 * 2 * 61 * 61)  # five deformations per block
+    blocks = core.min_jacobian_determinant(coeffs, 16, 16)
+    assert sizes == [5, 5, 5, 5, 3]
+    assert torch.allclose(blocks, whole, rtol=0, atol=1e-12) and torch.equal(blocks <= 0, whole <= 0)
+    assert 0 < int((whole <= 0).sum()) < 23  # control: some fold, some do not
+    assert core.min_jacobian_determinant(coeffs[:0], 16, 16).shape == (0,)
