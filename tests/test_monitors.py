@@ -325,3 +325,24 @@ def test_a_first_measurement_without_values(tmp_path, monkeypatch, strict):
         assert t.callback_metrics["elasticity/ratio"].item() == -torch.finfo(torch.float32).max
     else:
         assert "elasticity/ratio" not in t.callback_metrics
+
+
+@pytest.mark.parametrize("kind", ["diffeo", "elasticity"])
+def test_the_other_monitors_measure_a_fixed_subset_of_many_classes(tmp_path, kind):
+    """Digits have 10 classes; with `max_classes=4` the probe images come from a fixed random subset
+    of 4 (the same classes as CMDimensionMonitor's with the same seed); `max_classes=None` keeps
+    every class (the control)."""
+    make = {
+        "diffeo": lambda **k: DiffeoStabilityMonitor(**DIFFEO_FAST, **k),
+        "elasticity": lambda **k: ElasticityMonitor(**ELASTIC_FAST, **k),
+    }[kind]
+    subset, every = make(max_classes=4), make(max_classes=None, prefix="every")
+    cm = CMDimensionMonitor(**{**FAST, "max_classes": 4})
+    _, t = fit(tmp_path, [subset, every, cm], max_epochs=1)
+    classes = sorted(set(subset.anchor_labels.tolist()))
+    assert len(classes) == 4 and classes == cm.targets
+    assert subset.anchors.shape[0] == 4 * subset.num_anchors
+    assert t.callback_metrics[f"{subset.prefix}/num_classes_measured"] == 4.0
+    assert sorted(set(every.anchor_labels.tolist())) == list(range(10))
+    with pytest.raises(ValueError, match="max_classes"):
+        make(max_classes=1)

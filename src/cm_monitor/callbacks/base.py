@@ -280,6 +280,9 @@ class GeometryMonitor(Callback):
     #: a watched key that matches one but that this configuration does not log is an error at fit start.
     _key_patterns: tuple[str, ...] = ()
 
+    #: measure a fixed random subset of this many classes when there are more (None: every class)
+    max_classes: int | None = None
+
     def __init__(
         self,
         *,
@@ -1017,11 +1020,21 @@ class GeometryMonitor(Callback):
     def _class_limit(self) -> int | None:
         """Anchors are held for at most this many classes (None: for all); with more classes in the
         validation data a second pass draws those of :meth:`_pick_classes` only."""
-        return None
+        return self.max_classes
 
     def _pick_classes(self, available: list[int], generator: torch.Generator) -> list[int]:
-        """The classes to measure among those ``available`` (enough validation examples): all of them."""
-        return list(available)
+        """The classes to measure among those ``available`` (enough validation examples): all of
+        them, or a fixed random subset of ``max_classes`` when there are more."""
+        if self.max_classes is None or len(available) <= self.max_classes:
+            return list(available)
+        pick = torch.randperm(len(available), generator=generator)[: self.max_classes]
+        subset = torch.tensor(available)[pick].sort().values.tolist()
+        if self.verbose:
+            rank_zero_info(
+                f"{type(self).__name__}: there are {len(available)} classes to measure, more than `max_classes` = "
+                f"{self.max_classes}: measuring the fixed random subset {subset} (anchors of these classes only)."
+            )
+        return subset
 
     def _adopt_anchors(self, sample: AnchorSample, model: nn.Module | list[nn.Module]) -> tuple[Tensor, Tensor, int]:
         """Take ``sample`` (on the model's device) as this run's anchors: check its class ids against the

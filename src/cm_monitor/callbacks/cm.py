@@ -368,19 +368,6 @@ class CMDimensionMonitor(GeometryMonitor):
     def _class_limit(self) -> int | None:
         return self.max_classes if self.classes is None else None  # named classes measure against all others
 
-    def _pick_classes(self, available: list[int], generator: torch.Generator) -> list[int]:
-        """A fixed random subset of ``max_classes`` of the ``available`` classes (all when there are fewer)."""
-        if self.max_classes is None or len(available) <= self.max_classes:
-            return list(available)
-        pick = torch.randperm(len(available), generator=generator)[: self.max_classes]
-        subset = torch.tensor(available)[pick].sort().values.tolist()
-        if self.verbose:
-            rank_zero_info(
-                f"{type(self).__name__}: there are {len(available)} classes to measure, more than `max_classes` = "
-                f"{self.max_classes}: measuring the fixed random subset {subset} (anchors of these classes only)."
-            )
-        return subset
-
     def _num_problems(self, shares: int = 1) -> int:
         """(target, anchor, plane dimension) problems of one measurement, classes and pairs, on one of
         ``shares`` ranks (each optimizes every ``shares``-th (target, anchor) group of each kind)."""

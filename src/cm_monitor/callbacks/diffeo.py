@@ -51,6 +51,10 @@ class DiffeoStabilityMonitor(GeometryMonitor):
         num_bootstrap: bootstrap resamples of the images for the uncertainty; 0 for none (the
             ``*_std`` keys are then not logged).
         chunk_size: images per forward pass.
+        max_classes: with more classes than this in the validation data, the probe images come from a
+            fixed random subset of ``max_classes`` classes (drawn once with ``seed``, kept in
+            checkpoints; the anchors are then drawn in two passes that hold only the subset's
+            inputs, as for :class:`~cm_monitor.CMDimensionMonitor`); ``None``: every class.
         seed: seeds the probe images, the deformations and the noise.
 
     The other arguments (``max_cost_frac``, ``batch_to_inputs``, ``input_key``, ``label_key``,
@@ -106,6 +110,7 @@ class DiffeoStabilityMonitor(GeometryMonitor):
         clip: bool = True,
         num_bootstrap: int = 200,
         chunk_size: int = 1024,
+        max_classes: int | None = 20,
         max_cost_frac: float | None = None,
         seed: int = 0,
         batch_to_inputs: BatchReader | None = None,
@@ -161,6 +166,7 @@ class DiffeoStabilityMonitor(GeometryMonitor):
         if self.num_bootstrap == 1:
             raise ValueError("`num_bootstrap` must be 0 (no uncertainties) or at least 2, got 1.")
         self.chunk_size = check_int(chunk_size, "chunk_size")
+        self.max_classes = check_int(max_classes, "max_classes", minimum=2, allow_none=True)
         self.last_estimate: StabilityEstimate | None = None
         # (what the deformations depend on, their fold fraction), from the first measurement of a
         # run: the deformations are the same at every measurement (common random numbers)
@@ -189,6 +195,7 @@ class DiffeoStabilityMonitor(GeometryMonitor):
 
     def _config(self) -> dict[str, Any]:
         return {
+            "max_classes": self.max_classes,
             "delta": self.delta,
             "temperature": self.temperature,
             "cutoff": self.cutoff,

@@ -68,6 +68,10 @@ class ElasticityMonitor(GeometryMonitor):
         loss_fn: the training loss ``loss_fn(logits, labels) -> scalar`` (cross-entropy by default).
         check_linearity: also step with half the size and log ``elasticity/linearity_error``.
         chunk_size: SGD steps evaluated together (memory: that many copies of the parameters).
+        max_classes: with more classes than this in the validation data, the probe inputs come from a
+            fixed random subset of ``max_classes`` classes (drawn once with ``seed``, kept in
+            checkpoints; the anchors are then drawn in two passes that hold only the subset's
+            inputs, as for :class:`~cm_monitor.CMDimensionMonitor`); ``None``: every class.
         groups: what the summaries compare, when not the classes: a label map (``groups[c]`` is the
             group of class ``c``, e.g. ``[0, 0, 1, 1]`` to compare two pairs of classes) or a
             function ``(inputs, labels) -> [N]`` integer group ids, applied to the probe inputs once
@@ -128,6 +132,7 @@ class ElasticityMonitor(GeometryMonitor):
         loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
         check_linearity: bool = True,
         chunk_size: int = 64,
+        max_classes: int | None = 20,
         groups: GroupsSpec | None = None,
         max_cost_frac: float | None = None,
         seed: int = 0,
@@ -174,12 +179,14 @@ class ElasticityMonitor(GeometryMonitor):
             raise TypeError(f"`check_linearity` must be a bool, got {check_linearity!r}.")
         self.lr, self.relative_step, self.loss_fn, self.check_linearity = lr, relative_step, loss_fn, check_linearity
         self.chunk_size = check_int(chunk_size, "chunk_size")
+        self.max_classes = check_int(max_classes, "max_classes", minimum=2, allow_none=True)
         self.groups = _check_groups_spec(groups)
         self.anchor_groups: Tensor | None = None  # the probes' groups (set with the probes)
         self.last_estimate: ElasticityEstimate | None = None
 
     def _config(self) -> dict[str, Any]:
         return {
+            "max_classes": self.max_classes,
             "lr": self.lr,
             "relative_step": self.relative_step,
             "loss_fn": getattr(self.loss_fn, "__name__", "callable"),
