@@ -399,3 +399,20 @@ def test_a_model_at_chance_gets_uniform_calibrated_probabilities():
     informative = logits.clone()
     informative[torch.arange(90), labels] += 5.0
     assert calibrate_temperature(informative, labels) == calibrate_temperature(informative, labels, chance_z=0)
+
+
+def test_a_crossing_at_a_grid_point_is_that_grid_point_exactly():
+    """exp(log D) rounds above D for D = 150,528 (cm/dim was logged as -8.7e-12); the read-off stays
+    within its bracket's grid points exactly."""
+    import math
+
+    from cm_monitor.dimension import _crossing
+
+    dims = torch.tensor([1, 9, 784, 150528], dtype=torch.float64)
+    assert math.exp(math.log(150528)) != 150528  # control: the rounding this guards against
+    at_end = _crossing(torch.tensor([0.0, 0.0, 0.0, 0.5], dtype=torch.float64), dims.log(), 0.5)
+    assert float(at_end) == 150528.0
+    between = _crossing(torch.tensor([0.0, 0.0, 0.2, 0.8], dtype=torch.float64), dims.log(), 0.5)
+    assert float(between) == pytest.approx(math.sqrt(784 * 150528), rel=1e-12)  # the log-midpoint
+    first = _crossing(torch.tensor([0.7, 1.0, 1.0, 1.0], dtype=torch.float64), dims.log(), 0.5)
+    assert float(first) == 1.0
