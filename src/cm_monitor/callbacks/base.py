@@ -808,9 +808,11 @@ class GeometryMonitor(Callback):
                         f"{what}: its last finite values are logged again (`on_nonfinite='keep_last'`), with "
                         f"{self.prefix}/nonfinite = 1."
                     )
-                    self._keep_finite(values, notes)
-            else:
-                self._keep_finite(values, notes)
+                    self._keep_finite(values, notes, "non-finite values")
+            else:  # the model's outputs were finite: a NaN here is a value this model does not define
+                self._keep_finite(
+                    values, notes, "values undefined for this model (NaN; the model's outputs were finite)"
+                )
         notes += self._fill_watched_keys(trainer, epoch, None if causes else set(values))
         for note in notes:
             rank_zero_warn(f"{name} (epoch {epoch}): {note}", category=RuntimeWarning)
@@ -857,16 +859,16 @@ class GeometryMonitor(Callback):
         )
         return result, None, notes
 
-    def _keep_finite(self, values: Mapping[str, float], notes: list[str]) -> None:
+    def _keep_finite(self, values: Mapping[str, float], notes: list[str], what: str) -> None:
         """Take the finite values; a non-finite one keeps the key's last finite value (noted)."""
         bad = sorted(k for k, v in values.items() if not math.isfinite(v))
         self.last_values.update({k: v for k, v in values.items() if k not in bad})
         kept = [k for k in bad if math.isfinite(self.last_values.get(k, math.nan))]
         missing = [k for k in bad if k not in kept]
         if kept:
-            notes.append(f"non-finite values not logged, their last value is logged again: {kept}")
+            notes.append(f"{what} not logged, their last value is logged again: {kept}")
         if missing:
-            notes.append(f"non-finite values not logged, and there is no earlier value to log instead: {missing}")
+            notes.append(f"{what} not logged, and there is no earlier value to log instead: {missing}")
 
     def _watched_keys(self, trainer: pl.Trainer, strict_only: bool = False) -> set[str]:
         """Keys under this monitor's prefix that other callbacks monitor (``strict_only``: those that
