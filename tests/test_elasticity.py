@@ -85,6 +85,94 @@ def test_chunking_does_not_change_the_result():
     assert a.linearity_error == pytest.approx(b.linearity_error, rel=1e-6, abs=1e-12)
 
 
+def bn_dropout_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.3), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)
+    ).train()
+
+
+class NoisyMLP(nn.Module):
+    """Random numbers in the forward: vmap cannot batch it, so it takes the one-step-at-a-time path."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    def forward(self, x):
+        z = self.net(x)
+        return z + 0.01 * torch.randn_like(z)
+
+
+def inputs_in_flight(module, args):
+    """Inputs one forward pass of ``module`` really evaluates: its batch times the number of parameter
+    sets vmap batches it over (read through functorch's wrappers, which hide both from the forward)."""
+    from torch._C import _functorch
+
+    def physical(t):
+        while _functorch.is_functorch_wrapped_tensor(t):
+            t = _functorch.get_unwrapped(t)
+        return t
+
+    x, w = args[0], next(module.parameters())
+    return physical(x).numel() // x[0].numel() * (physical(w).numel() // w.numel())
+
+
+def largest_pass(model, *args, **kwargs):
+    """The most inputs a forward pass of ``model`` evaluated during ``local_elasticity``, and the passes."""
+    seen = []
+    handle = model.register_forward_pre_hook(lambda module, a: seen.append(inputs_in_flight(module, a)))
+    try:
+        local_elasticity(model, *args, cluster=False, **kwargs)
+    finally:
+        handle.remove()
+    return max(seen), len(seen)
+
+
+@pytest.mark.parametrize("chunk", [8, 2])
+def test_no_forward_pass_holds_more_inputs_than_the_memory_bound(monkeypatch, chunk):
+    """Peak memory is bounded: at most max(chunk_size * MAX_PASS_INPUTS_PER_STEP, N) inputs per
+    forward pass, not chunk_size * N (every step of a chunk on every probe at once, as before)."""
+    import cm_monitor.elasticity as elasticity
+
+    images, labels = torch.rand(40, 1, 8, 8), torch.arange(40) % 3
+    bound = max(chunk * elasticity.MAX_PASS_INPUTS_PER_STEP, 40)
+    for model in (bn_dropout_cnn(), NoisyMLP()):
+        assert largest_pass(model, images, labels, chunk_size=chunk)[0] <= bound
+    # control: the hook sees the steps vmap batches, so all of a chunk's steps at once exceed the bound
+    monkeypatch.setattr(elasticity, "_steps_per_pass", lambda chunk_size, n: chunk_size)
+    assert largest_pass(bn_dropout_cnn(), images, labels, chunk_size=chunk)[0] == chunk * 40 > bound
+
+
+def test_the_memory_bound_does_not_change_the_answers(monkeypatch):
+    """Bit for bit: a chunk's steps one, three or all eight per pass of the steps (batched path, and
+    the one-step-at-a-time path of a model vmap cannot batch)."""
+    import cm_monitor.elasticity as elasticity
+
+    images, labels = torch.rand(40, 1, 8, 8), torch.arange(40) % 3
+    calls, default = [], elasticity.MAX_PASS_INPUTS_PER_STEP
+    real = elasticity._Passes.stepped_logits
+    monkeypatch.setattr(elasticity._Passes, "stepped_logits", lambda *a: calls.append(1) or real(*a))
+    for make in (bn_dropout_cnn, NoisyMLP):
+        results = []
+        for per_step in (0, default, 10**6):
+            monkeypatch.setattr(elasticity, "MAX_PASS_INPUTS_PER_STEP", per_step)
+            calls.clear()
+            results.append((local_elasticity(make(), images, labels, chunk_size=8), len(calls)))
+        # control: the chunks of 8 steps (5 chunks, 2 step sizes) really are split: 8 x 1, 3 + 3 + 2, 8
+        assert [n for _, n in results] == [80, 30, 10]
+        first = results[0][0]
+        for est, _ in results[1:]:
+            assert torch.equal(est.similarity, first.similarity) and torch.equal(est.kernel, first.kernel)
+            assert torch.equal(est.lr, first.lr) and est.linearity_error == first.linearity_error
+            assert est.ratio == first.ratio and torch.equal(est.cluster_labels, first.cluster_labels)
+        # control: torch.equal sees a change far below the tolerance of assert_close
+        nudged = local_elasticity(make(), images, labels, chunk_size=8, relative_step=1e-3 * (1 + 1e-9))
+        assert not torch.equal(nudged.kernel, first.kernel)
+        torch.testing.assert_close(nudged.kernel, first.kernel)
+
+
 @pytest.mark.parametrize("error", [RuntimeError, torch.cuda.OutOfMemoryError])
 def test_vmap_failure_falls_back_but_out_of_memory_reaches_the_caller(monkeypatch, error):
     """A model vmap cannot batch runs one input at a time (same answer); running out of memory is

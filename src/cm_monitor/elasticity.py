@@ -39,6 +39,13 @@ from cm_monitor._parts import check_part, check_shares, owned
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
+MAX_PASS_INPUTS_PER_STEP = 16
+"""Bounds the memory of a measurement: no forward pass evaluates more than
+``max(chunk_size × MAX_PASS_INPUTS_PER_STEP, N)`` inputs for ``N`` probes. The passes of the SGD
+steps take as many of a chunk's stepped parameter sets as fit, each on all ``N`` probes (at least
+one); the per-example gradients take ``chunk_size`` inputs, the logits before the steps the ``N``
+probes. Splitting a chunk's steps is what a smaller ``chunk_size`` does: the answers are the same."""
+
 
 @dataclass(frozen=True)
 class ElasticityEstimate:
@@ -177,8 +184,11 @@ def local_elasticity(
         cluster: spectral clustering of the symmetrized similarity, scored by the adjusted Rand index
             against the groups (scikit-learn); the same for the baseline.
         generator: CPU ``torch.Generator`` or int seed (default 0) for the clustering's initialization.
-        chunk_size: SGD steps evaluated together, and per-example gradients computed together (memory:
-            about ``2 · chunk_size`` copies of the parameters).
+        chunk_size: SGD steps taken together: their per-example gradients are one batched pass of
+            ``chunk_size`` inputs, and their stepped parameters are read at the ``N`` probes as many
+            at a time as fit in ``chunk_size × MAX_PASS_INPUTS_PER_STEP`` (16) inputs, at least one.
+            Memory: up to ``2 · chunk_size`` copies of the parameters, and the activations of a forward
+            pass of at most ``max(chunk_size × 16, N)`` inputs, however many probes there are.
         output_transform: maps the model's output to logits ``[N, C]``; default
             :func:`~cm_monitor.default_output_transform` (a tensor, the first element of a tuple,
             ``out["logits"]`` or ``out.logits``). A single logit ``[N, 1]`` is read as two classes
@@ -325,26 +335,41 @@ def _steps(
     else:
         eta = torch.full((rows.numel(),), float(lr), dtype=torch.float64, device=x.device)
 
-    # Δ_i(x_j) for every step i and input j, [n, N, C]: one chunk of steps at a time (and the
-    # steps with η/2 for the linearity check from the same gradients)
+    # Δ_i(x_j) for every step i and input j, [n, N, C]: one chunk of steps at a time, a few of its
+    # steps per forward pass (and the steps with η/2 for the linearity check from the same gradients)
     scales = (1.0, 0.5) if check_linearity else (1.0,)
     out: dict[float, list[Tensor]] = {scale: [f0[:0, None].expand(0, n, -1)] for scale in scales}
-    start = 0
+    start, per_pass = 0, _steps_per_pass(chunk_size, n)
     for ch in chunks:
         g_par = passes.grads(x, y, ch)
         sl = slice(start, start + ch.numel())
         for scale in scales:
-            stepped = {}
-            for k, p in passes.params.items():
-                e = (eta[sl] * scale).to(p.dtype).view(-1, *([1] * p.dim()))
-                stepped[k] = p - e * g_par[k]
-            out[scale].append(passes.stepped_logits(stepped, x) - f0)
+            out[scale].append(_step_deltas(passes, g_par, eta[sl] * scale, x, f0, per_pass))
         start += ch.numel()
         del g_par
         tick()
     delta = torch.cat(out[1.0]).double()
     half = torch.cat(out[0.5]).double() if check_linearity else None
     return delta, half, eta.double(), g_out.double()
+
+
+def _steps_per_pass(chunk_size: int, n: int) -> int:
+    """Stepped parameter sets evaluated together on the ``n`` probes: at most
+    ``max(chunk_size × MAX_PASS_INPUTS_PER_STEP, n)`` inputs in one forward pass."""
+    return max(1, chunk_size * MAX_PASS_INPUTS_PER_STEP // n)
+
+
+def _step_deltas(
+    passes: _Passes, g_par: dict[str, Tensor], eta: Tensor, x: Tensor, f0: Tensor, per_pass: int
+) -> Tensor:
+    """``Δ_b(x) = f(x; w − η_b ∇_w L_b) − f(x; w)`` for the steps of one chunk (gradients ``g_par``
+    ``{name: [B, ...]}``, step sizes ``eta`` ``[B]``), ``[B, N, C]``; ``per_pass`` steps per forward pass."""
+    out = []
+    for start in range(0, eta.numel(), per_pass):
+        b = slice(start, start + per_pass)
+        stepped = {k: p - eta[b].to(p.dtype).view(-1, *([1] * p.dim())) * g_par[k][b] for k, p in passes.params.items()}
+        out.append(passes.stepped_logits(stepped, x) - f0)
+    return torch.cat(out)
 
 
 def _rows_estimate(

@@ -67,7 +67,9 @@ class ElasticityMonitor(GeometryMonitor):
         relative_step: see ``lr``.
         loss_fn: the training loss ``loss_fn(logits, labels) -> scalar`` (cross-entropy by default).
         check_linearity: also step with half the size and log ``elasticity/linearity_error``.
-        chunk_size: SGD steps evaluated together (memory: that many copies of the parameters).
+        chunk_size: SGD steps taken together (memory: up to twice that many copies of the
+            parameters, and the activations of a pass of at most ``max(16 · chunk_size, N)`` inputs;
+            see :func:`~cm_monitor.local_elasticity`).
         max_classes: with more classes than this in the validation data, the probe inputs come from a
             fixed random subset of ``max_classes`` classes (drawn once with ``seed``, kept in
             checkpoints; the anchors are then drawn in two passes that hold only the subset's
