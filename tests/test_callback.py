@@ -1217,3 +1217,42 @@ def test_many_classes_hold_anchors_of_the_measured_subset_only_and_draw_the_same
         two_pass.anchor_labels, one_pass.anchor_labels
     )
     assert two_pass.last_values == one_pass.last_values
+
+
+def duplicated_blobs():
+    """``blobs()`` with the 12 inputs of each of classes 0-9 all one input: short for `num_anchors=2`."""
+    x, y = blobs().dataset.tensors
+    x = x.clone()
+    for c in range(10):
+        x[y == c] = x[y == c][0]
+    return DataLoader(TensorDataset(x, y), batch_size=60)
+
+
+def test_the_two_passes_count_distinct_inputs_as_one_pass_does(tmp_path, monkeypatch):
+    """Classes whose inputs are one input repeated are short (one distinct input): the subset is
+    chosen among the others in both draws (the first pass counted raw examples before: it chose short
+    classes and measured two)."""
+    kw = dict(FAST, max_classes=5, num_pairs=3, dims=[1, 4, 16], num_anchors=2)
+    runs = []
+    for limit in (True, False):
+        if not limit:  # control: one pass that holds every class
+            monkeypatch.setattr(CMDimensionMonitor, "_class_limit", lambda self: None)
+        monitor = CMDimensionMonitor(**kw)
+        with pytest.warns(UserWarning, match="10 of the model's 30 classes have fewer"):
+            trainer(tmp_path, [monitor], max_epochs=1, limit_train_batches=1).fit(
+                ManyClasses(), blobs(seed=1), duplicated_blobs()
+            )
+        runs.append(monitor)
+    two_pass, one_pass = runs
+    assert two_pass.targets == one_pass.targets and len(two_pass.targets) == 5 and min(two_pass.targets) >= 10
+    assert two_pass.pairs == one_pass.pairs and torch.equal(two_pass.anchors, one_pass.anchors)
+
+
+def test_a_class_id_beyond_the_model_is_an_error_also_outside_the_measured_subset(tmp_path):
+    x, y = blobs().dataset.tensors
+    y = torch.where(y == 29, 30, y)  # a 30-logit model, validation labels up to 30
+    val = DataLoader(TensorDataset(x, y), batch_size=60)
+    for seed in range(3):  # whichever subset is drawn
+        monitor = CMDimensionMonitor(**{**FAST, "max_classes": 5, "num_pairs": 0, "seed": seed})
+        with pytest.raises(ValueError, match="class id 30, but the model returns logits for 30 classes"):
+            trainer(tmp_path, [monitor], max_epochs=1).fit(ManyClasses(), blobs(seed=1), val)

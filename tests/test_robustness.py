@@ -500,3 +500,24 @@ def test_an_error_of_the_model_at_the_start_names_the_monitor(tmp_path):
     t = trainer(tmp_path, [DiffeoStabilityMonitor(**DIFFEO_FAST)], max_epochs=1, limit_train_batches=2)
     with pytest.raises(RuntimeError, match=r"DiffeoStabilityMonitor could not set up.*unsupported batch size 2"):
         t.fit(NetModule(BatchOfTwoFails(), lr=1e-3), train, val)
+
+
+class OutOfMemoryOnSmallBatches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+
+    def forward(self, x):
+        if x.shape[0] == 2:
+            raise torch.OutOfMemoryError("simulated")
+        return self.net(x)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_an_error_subclass_at_the_start_keeps_its_type(tmp_path):
+    from modules import NetModule
+
+    train, val = loaders(num_val=100)
+    t = trainer(tmp_path, [DiffeoStabilityMonitor(**DIFFEO_FAST)], max_epochs=1, limit_train_batches=2)
+    with pytest.raises(torch.OutOfMemoryError, match="simulated"):  # handlers of that type still catch it
+        t.fit(NetModule(OutOfMemoryOnSmallBatches(), lr=1e-3), train, val)

@@ -339,6 +339,12 @@ def test_measuring_a_model_with_lazy_modules_asks_for_a_forward_first():
     model, x = lazy_net(), torch.randn(6, 1, 8, 8)
     with pytest.raises(ValueError, match=r"not initialized yet.*LazyLinear.*forward pass"):
         cm_dimension(model, x, torch.arange(6) % 3, num_bootstrap=0)
+    from cm_monitor import local_elasticity
+
+    with pytest.raises(ValueError, match=r"not initialized yet.*LazyLinear"):
+        local_elasticity(model, x, torch.arange(6) % 3)
+    with pytest.raises(ValueError, match=r"not initialized yet.*LazyLinear"):
+        relative_stability(model, x, delta=0.5, num_bootstrap=0)
     model(x)  # control: initialized, it is measured
     assert cm_dimension(
         model, x, torch.arange(6) % 3, dims=[1, 64], num_bootstrap=0, max_steps=5
@@ -392,3 +398,49 @@ def test_logging_off_silences_only_inside_and_keeps_an_instance_attribute():
     assert calls == [] and "log" not in module.__dict__
     module.log_dict({"y": 2.0})
     assert calls == [({"y": 2.0},)]
+
+
+class ScaledLoader(torch.utils.data.DataLoader):
+    """A DataLoader subclass whose own ``__iter__`` changes the batches."""
+
+    def __iter__(self):
+        for x, y in super().__iter__():
+            yield 1000 * x, y
+
+
+def test_a_loader_subclass_is_read_through_its_own_iter_without_keeping_its_workers():
+    from torch.utils.data import TensorDataset
+
+    from cm_monitor.anchors import OwnIterator, sample_anchors
+
+    data = TensorDataset(torch.rand(40, 3), torch.arange(40) % 4)
+    loader = ScaledLoader(data, batch_size=8, num_workers=1, persistent_workers=True)
+    batches = OwnIterator(loader)
+    try:
+        sample = sample_anchors(batches, 2, generator=0)
+    finally:
+        batches.close()
+    assert sample.inputs.abs().max() > 1  # through the subclass's __iter__ (inputs in [0, 1) times 1000)
+    assert loader._iterator is None  # the worker pool that made is gone: the loader's first pass is to come
+
+
+@pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning")
+def test_lazy_modules_that_the_forward_never_uses_leave_the_monitor_off_with_a_warning(tmp_path):
+    import lightning
+    from test_callback import FAST, loaders, trainer
+
+    from cm_monitor import CMDimensionMonitor
+
+    class Unused(NetModule):
+        def __init__(self):
+            super().__init__(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), lr=1e-3)
+            self.spare = nn.LazyLinear(4)  # never called
+
+    lightning.seed_everything(0, verbose=False)
+    monitor = CMDimensionMonitor(**FAST)
+    train, val = loaders(num_val=100)
+    t = trainer(tmp_path, [monitor], max_epochs=1, limit_train_batches=2, num_sanity_val_steps=0)
+    with pytest.warns(UserWarning, match=r"not initialized after the first training batch.*LazyLinear.*stays off"):
+        t.fit(Unused(), train, val)
+    assert monitor.anchors is None and not any(k.startswith("cm/") for k in t.callback_metrics)
+    assert t.global_step == 2  # training went on

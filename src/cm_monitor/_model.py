@@ -271,6 +271,17 @@ def lazy_modules(members: list[nn.Module]) -> list[str]:
     ]
 
 
+def check_initialized(members: list[nn.Module]) -> None:
+    """Raise a clear error if a member has lazy modules not initialized yet: measuring would
+    initialize them, with random numbers a training run did not draw."""
+    lazy = lazy_modules(members)
+    if lazy:
+        raise ValueError(
+            f"The model has parameters that are not initialized yet (lazy modules: {', '.join(lazy[:5])}); "
+            "run one forward pass through it first (e.g. on a batch of data) and then measure."
+        )
+
+
 class ModelGuard:
     """Saves what a forward pass could change in ``members`` and puts it back.
 
@@ -286,12 +297,7 @@ class ModelGuard:
     """
 
     def __init__(self, members: list[nn.Module]) -> None:
-        lazy = lazy_modules(members)
-        if lazy:  # measuring would initialize them (with random numbers the training run did not draw)
-            raise ValueError(
-                f"The model has parameters that are not initialized yet (lazy modules: {', '.join(lazy[:5])}); "
-                "run one forward pass through it first (e.g. on a batch of data) and then measure."
-            )
+        check_initialized(members)
         modules = list({id(sub): sub for m in members for sub in m.modules()}.values())
         self.modes = [(sub, sub.training) for sub in modules]
         self.buffer_dicts = [(sub, dict(sub._buffers)) for sub in modules]

@@ -15,7 +15,7 @@ Pure PyTorch; no Lightning import (the callbacks in :mod:`cm_monitor.callbacks` 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -142,6 +142,8 @@ class AnchorSample:
         keys: ``[A]`` the anchors' sampling keys (``torch.long``), ascending within a class: a
             pseudo-random function of each input's content (see :class:`StratifiedReservoir`);
             :func:`merge_samples` needs them.
+        seen: for the classes counted without anchors after ``max_classes`` was passed, up to
+            ``per_class`` distinct keys each, so that merged counts of distinct inputs stay exact.
     """
 
     inputs: Tensor
@@ -149,6 +151,7 @@ class AnchorSample:
     counts: dict[int, int]
     num_batches: int
     keys: Tensor | None = None
+    seen: dict[int, Tensor] = field(default_factory=dict)
 
     def check_classes(self, classes: Iterable[int], per_class: int) -> None:
         """Raise a clear error if some class in ``classes`` has fewer than ``per_class`` examples."""
@@ -247,6 +250,7 @@ class StratifiedReservoir:
         self.max_classes = max_classes
         self._inputs: dict[int, Tensor] = {}
         self._keys: dict[int, Tensor] = {}
+        self._seen: dict[int, Tensor] | None = None  # past max_classes: distinct keys of every class
         self.counts: dict[int, int] = {}
         self._shape: torch.Size | None = None
         self._hash: ContentKeys | None = None
@@ -264,11 +268,13 @@ class StratifiedReservoir:
         assert self._hash is not None
         labels = labels.detach().to("cpu", torch.long)
         if self.max_classes is not None and len(self.counts.keys() | set(labels.unique().tolist())) > self.max_classes:
-            self.classes, self._inputs, self._keys = torch.zeros(0, dtype=torch.long), {}, {}  # only count from now on
+            self._stop_holding()
         if self.classes is not None:  # count every class, hash and keep only the sampled ones
             for c, n in zip(*(t.tolist() for t in labels.unique(return_counts=True)), strict=True):
                 self.counts[c] = self.counts.get(c, 0) + n
-            sampled = torch.isin(labels, self.classes).nonzero().squeeze(1)
+            sampled = torch.isin(labels, self.classes)
+            if self._seen is not None:
+                self._see(inputs[~sampled.to(inputs.device)], labels[~sampled])
             inputs, labels = inputs[sampled.to(inputs.device)], labels[sampled]
             if labels.numel() == 0:
                 return
@@ -288,21 +294,40 @@ class StratifiedReservoir:
             with torch.inference_mode(False):
                 self._inputs[c], self._keys[c] = x[order].clone(), k[order].clone()
 
+    def _stop_holding(self) -> None:
+        """More than ``max_classes`` classes: drop the inputs held and from now on only count, keeping
+        up to ``per_class`` distinct keys of every class (the short-class test needs distinct inputs)."""
+        if self._seen is None:
+            self._seen, self._inputs, self._keys = dict(self._keys), {}, {}
+            self.classes = torch.zeros(0, dtype=torch.long)
+
+    def _see(self, inputs: Tensor, labels: Tensor) -> None:
+        """Add the keys of the rows whose class has fewer than ``per_class`` distinct keys yet."""
+        assert self._seen is not None and self._hash is not None
+        full = torch.tensor([c for c, k in self._seen.items() if k.numel() >= self.per_class], dtype=torch.long)
+        rows = (~torch.isin(labels, full)).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return
+        keys, labels = self._hash(inputs[rows.to(inputs.device)]), labels[rows]
+        for c in labels.unique().tolist():
+            self._seen[c] = torch.cat([self._seen.get(c, keys[:0]), keys[labels == c]]).unique()[: self.per_class]
+
     def sample(self, num_batches: int = 0) -> AnchorSample:
         """The sample so far, grouped by class and ordered by key within a class (empty if nothing was read)."""
-        classes = sorted(self._inputs)
-        counts = dict(self.counts)  # a class not sampled (see `classes`): as many as were read
-        counts |= {
-            c: self.counts[c] if self._keys[c].numel() >= self.per_class else self._keys[c].numel() for c in classes
+        classes, seen = sorted(self._inputs), self._seen or {}
+        distinct = {c: self._keys[c].numel() for c in classes} | {c: k.numel() for c, k in seen.items()}
+        # a class with fewer than per_class distinct inputs: that many; a class only counted: as read
+        counts = {
+            c: n if distinct.get(c, self.per_class) >= self.per_class else distinct[c] for c, n in self.counts.items()
         }
         if not classes:
             empty = torch.zeros(0, dtype=torch.long)
-            return AnchorSample(torch.zeros(0), empty, counts, num_batches, empty)
+            return AnchorSample(torch.zeros(0), empty, counts, num_batches, empty, dict(seen))
         with torch.inference_mode(False):
             inputs = torch.cat([self._inputs[c] for c in classes]).clone()
             keys = torch.cat([self._keys[c] for c in classes])
         labels = torch.cat([torch.full((self._keys[c].numel(),), c, dtype=torch.long) for c in classes])
-        return AnchorSample(inputs=inputs, labels=labels, counts=counts, num_batches=num_batches, keys=keys)
+        return AnchorSample(inputs, labels, counts, num_batches, keys, dict(seen))
 
     def result(self, num_batches: int = 0) -> AnchorSample:
         """:meth:`sample`, or an error when nothing was read."""
@@ -329,23 +354,47 @@ def merge_samples(samples: Sequence[AnchorSample], per_class: int) -> AnchorSamp
     Empty parts are allowed; the result is empty if all are.
     """
     parts = [s for s in samples if s.labels.numel()]
-    read = {c: sum(s.counts.get(c, 0) for s in samples) for c in sorted({c for s in samples for c in s.counts})}
-    if not parts:
-        return AnchorSample(torch.zeros(0), torch.zeros(0, dtype=torch.long), read, sum(s.num_batches for s in samples))
     if any(s.keys is None for s in parts):
         raise ValueError("`merge_samples` needs samples with keys (drawn by StratifiedReservoir).")
+    counts, seen = _merged_counts(samples, per_class)
+    num_batches = sum(s.num_batches for s in samples)
+    if not parts:
+        return AnchorSample(torch.zeros(0), torch.zeros(0, dtype=torch.long), counts, num_batches, seen=seen)
     inputs = torch.cat([s.inputs for s in parts])
     labels = torch.cat([s.labels for s in parts])
     keys = torch.cat([s.keys for s in parts])  # type: ignore[misc]
-    xs, ys, ks, counts = [], [], [], dict(read)  # classes without anchors: as many as were read
+    xs, ys, ks = [], [], []
     for c in labels.unique().tolist():
         rows = (labels == c).nonzero().squeeze(1)
         keep = rows[_smallest_distinct(keys[rows], per_class)]  # ascending keys
         xs.append(inputs[keep])
         ks.append(keys[keep])
         ys.append(labels[keep])
-        counts[c] = read[c] if keep.numel() >= per_class else keep.numel()
-    return AnchorSample(torch.cat(xs), torch.cat(ys), counts, sum(s.num_batches for s in samples), torch.cat(ks))
+    return AnchorSample(torch.cat(xs), torch.cat(ys), counts, num_batches, torch.cat(ks), seen)
+
+
+def _merged_counts(samples: Sequence[AnchorSample], per_class: int) -> tuple[dict[int, int], dict[int, Tensor]]:
+    """The counts of the whole data: per class the examples read, or the distinct ones (by key, over
+    the anchors and the ``seen`` keys of every part) when fewer than ``per_class``; and the merged
+    ``seen`` keys."""
+    read: dict[int, int] = {}
+    for s in samples:
+        for c, n in s.counts.items():
+            read[c] = read.get(c, 0) + n
+    found: dict[int, list[Tensor]] = {}
+    for s in samples:
+        for c, k in s.seen.items():
+            found.setdefault(c, []).append(k)
+        if s.keys is not None and s.labels.numel():
+            for c in s.labels.unique().tolist():
+                found.setdefault(c, []).append(s.keys[s.labels == c])
+    distinct = {c: torch.cat(k).unique() for c, k in found.items()}
+    counts = {
+        c: n if c not in distinct or distinct[c].numel() >= per_class else distinct[c].numel()
+        for c, n in sorted(read.items())
+    }
+    seen = {c: distinct[c][:per_class] for c in sorted({c for s in samples for c in s.seen})}
+    return counts, seen
 
 
 def sample_anchors(
@@ -414,34 +463,45 @@ def sample_anchors(
 
 
 class OwnIterator:
-    """The batches of ``loader`` read once through an iterator of their own, closed by :meth:`close`.
+    """The batches of ``loader`` read once without taking over its persistent workers; :meth:`close` after.
 
     A :class:`~torch.utils.data.DataLoader` with ``persistent_workers=True`` keeps the first
     iterator made from it (and its worker processes) for every later pass, and that iterator's
     seed is drawn from the global RNG when it is made. Were the anchors read through it, the
     training loop would reuse it and skip that draw, and every random number of training after it
     would shift. This reads such a loader through a fresh iterator of its own, which never becomes
-    the loader's (its workers stop in :meth:`close`); any other iterable is read as it is.
+    the loader's (its workers stop in :meth:`close`). A subclass with its own ``__iter__`` (which
+    may change the batches) is read through it, and the persistent iterator that made, if the
+    loader had none, is stopped and dropped in :meth:`close`. Any other iterable is read as it is.
     """
 
     def __init__(self, loader: Iterable[Any]) -> None:
         self.loader = loader
-        self._iterator: Any = None
+        self._iterator: Any = None  # a fresh iterator made here
+        self._through_loader = False  # read through a subclass's own __iter__
+        self._had_iterator = False
 
     def __iter__(self) -> Iterator[Any]:
         loader = self.loader
-        persistent = isinstance(loader, DataLoader) and loader.persistent_workers and loader.num_workers > 0
-        if not persistent:
+        if not (isinstance(loader, DataLoader) and loader.persistent_workers and loader.num_workers > 0):
             return iter(loader)
-        self.close()
-        self._iterator = loader._get_iterator()  # what DataLoader.__iter__ makes without persistent workers
-        return self._iterator
+        if type(loader).__iter__ is DataLoader.__iter__:
+            self.close()
+            self._iterator = loader._get_iterator()  # what DataLoader.__iter__ makes without persistent workers
+            return self._iterator
+        self._through_loader, self._had_iterator = True, loader._iterator is not None
+        return iter(loader)
 
     def close(self) -> None:
-        """Stop the worker processes of the iterator made here, if any."""
+        """Stop the worker processes of the iterator made here, or of the loader's if reading made it."""
         if self._iterator is not None:
             self._iterator._shutdown_workers()
             self._iterator = None
+        made = getattr(self.loader, "_iterator", None) if self._through_loader and not self._had_iterator else None
+        if made is not None:
+            made._shutdown_workers()
+            self.loader._iterator = None  # type: ignore[attr-defined]
+        self._through_loader = False
 
 
 def _pick_key(keys: list, key: str | None, candidates: tuple[str, ...], arg: str, what: str) -> Any:

@@ -67,7 +67,7 @@ class CostEstimate:
         return (
             f"{self.problems} problems, at most {self.passes} passes of {self.timed_rows or self.rows_per_pass} "
             f"rows, {self.seconds_per_pass * 1e3:.1f} ms each: at most {self.seconds:.0f} s per measurement (early "
-            f"stopping made measurements 20 to 170 times shorter in the fits measured); about {self.memory_bytes / 2**20:.0f} MiB"
+            f"stopping made measurements 20 to over 170 times shorter in the fits measured); about {self.memory_bytes / 2**20:.0f} MiB"
         )
 
 

@@ -27,6 +27,7 @@ from torch.func import functional_call, grad, vmap
 
 from cm_monitor._model import (
     OutputTransform,
+    check_initialized,
     check_logits,
     explain_inference_tensors,
     logits_models,
@@ -251,6 +252,7 @@ def local_elasticity(
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=make_generator(generator)))  # the clustering's
 
     net = logits_models([model], output_transform)[0]
+    check_initialized([net])  # before _Passes reads the parameters
     device = model_device([net], inputs.device)
     passes = _Passes(net, loss_fn)
     with measuring([net]):

@@ -366,6 +366,7 @@ class GeometryMonitor(Callback):
         self._restored = False  # load_state_dict ran after this fit's `setup` (which clears the flag)
         self._set_up_pending = False  # lazy modules at fit start: set up after the first training batch
         self._target_generator: torch.Generator | None = None  # set by a second anchor pass
+        self._trained = "nothing was trained yet"  # what fit-start errors say about training so far
         self._fit_start: float | None = None
         self._fit_seconds = 0.0  # seconds spent measuring in this fit (for the budget)
         self._last_seconds: float | None = None  # duration of the last measurement in this fit
@@ -511,21 +512,38 @@ class GeometryMonitor(Callback):
         if not self._set_up_pending:
             return
         model = self._model(pl_module)
-        if not lazy_modules(model if isinstance(model, list) else [model]):
-            self._set_up_pending = False
-            self._set_up_at_start(trainer, pl_module, model)
+        lazy = lazy_modules(model if isinstance(model, list) else [model])
+        self._set_up_pending = False
+        if not lazy:
+            self._set_up_at_start(trainer, pl_module, model, after_batch=True)
+            return
+        rank_zero_warn(
+            f"{type(self).__name__}: the model still has parameters that are not initialized after the first "
+            f"training batch (lazy modules its forward does not use: {', '.join(lazy[:5])}), so it cannot be "
+            "measured: this monitor stays off for this fit and logs nothing. Remove the unused lazy modules, or "
+            "pass `get_model=` the network that the forward uses.",
+            category=UserWarning,
+        )
 
     def _set_up_at_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module | list[nn.Module]
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        model: nn.Module | list[nn.Module],
+        after_batch: bool = False,
     ) -> None:
         """:meth:`_set_up`; an error of the model's own (say a ``RuntimeError`` from its forward) is
-        raised again with the monitor's name, so that it is clear where it came from."""
+        raised again with the monitor's name, so that it is clear where it came from.
+        ``after_batch``: after the first training batch (lazy modules), which errors then say."""
+        self._trained = (
+            "one training batch ran (to initialize the lazy modules)" if after_batch else "nothing was trained yet"
+        )
         try:
             with logging_off(pl_module):
                 self._set_up(trainer, pl_module, model)
-        except (ValueError, TypeError, MisconfigurationException):
-            raise  # the monitor's own errors say what to change
         except RuntimeError as err:
+            if type(err) is not RuntimeError:  # a subclass (out of memory, ...) keeps its type for handlers
+                raise
             raise RuntimeError(
                 f"{type(self).__name__} could not set up at the start of fit (drawing its anchors from the "
                 "validation data, a forward of two of them to count the classes, timing a pass for the cost "
@@ -957,7 +975,7 @@ class GeometryMonitor(Callback):
         name = type(self).__name__
         start = time.perf_counter()
         loader, max_batches = self._val_dataloader(trainer)  # on every rank (setup has a barrier)
-        limit = self._class_limit()
+        self._target_generator, limit = None, self._class_limit()
         sample = self._sample_everywhere(trainer, pl_module, loader, max_batches, max_classes=limit)
         if limit is not None and len(sample.counts) > limit:  # more classes than are measured: draw those only
             sample = self._sample_chosen_classes(trainer, pl_module, loader, max_batches, sample.counts)
@@ -1042,7 +1060,7 @@ class GeometryMonitor(Callback):
         """Take ``sample`` (on the model's device) as this run's anchors: check its class ids against the
         model's classes, leave out short classes, choose the targets. Returns ``(inputs, labels, num_classes)``."""
         num_classes = self._num_classes(model, sample.inputs)
-        top = int(sample.labels.max())
+        top = max(sample.counts, default=int(sample.labels.max()))  # every class read, also those without anchors
         if top >= num_classes:
             raise ValueError(
                 f"{type(self).__name__}: the validation data has class id {top}, but the model returns logits for "

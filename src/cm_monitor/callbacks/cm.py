@@ -102,9 +102,10 @@ class CMDimensionMonitor(GeometryMonitor):
             is the one of a cold start and only the time changes (see ``docs/callback.md`` for when
             it is not). The first measurement of a fit, and the first after a resume, start cold.
             No effect with the grid search (``extra_thresholds``).
-        max_seconds: at the start of fit, before any training, a probe pass gives an upper bound on
+        max_seconds: at the start of fit, before any training (after the first batch for a model with
+            lazy modules, see ``docs/callback.md``), a probe pass gives an upper bound on
             the time of one measurement (every problem running its whole ``max_steps``; early
-            stopping made real measurements 25 to over 170 times shorter in the fits measured,
+            stopping made real measurements 20 to over 170 times shorter in the fits measured,
             see :mod:`cm_monitor.cost`). It is logged and kept as :attr:`cost_estimate`; above
             ``max_seconds`` the fit stops there with an error that says which settings to reduce,
             so set it from that bound, not from a measured ``cm/seconds``. ``None``: no limit.
@@ -423,7 +424,7 @@ class CMDimensionMonitor(GeometryMonitor):
             raise MisconfigurationException(
                 f"{name}: one measurement could take up to {est.seconds:.0f} s ({est}), above `max_seconds` = "
                 f"{self.max_seconds:g}. Reduce the problems (`anchors_per_target`, `dims`, `num_pairs`, "
-                "`max_classes`), the step budget (`max_steps`), or raise `max_seconds`; nothing was trained yet."
+                f"`max_classes`), the step budget (`max_steps`), or raise `max_seconds`; {self._trained}."
             )
 
     def _probe_cost(self, model: nn.Module | list[nn.Module], shares: int, rows: int, per_row: float) -> CostEstimate:
@@ -446,7 +447,7 @@ class CMDimensionMonitor(GeometryMonitor):
                 if rows <= 1:
                     raise MisconfigurationException(
                         f"{type(self).__name__}: one forward/backward pass of a single input runs out of memory "
-                        f"({type(err).__name__}: {err}); nothing was trained yet."
+                        f"({type(err).__name__}: {err}); {self._trained}."
                     ) from err
                 rank_zero_warn(
                     f"{type(self).__name__}: a pass of {rows} rows ran out of memory at the start of fit; "
@@ -495,7 +496,7 @@ class CMDimensionMonitor(GeometryMonitor):
         if fit < 1:
             raise MisconfigurationException(
                 f"{name}: one plane point needs about {per_row / 2**20:.0f} MiB (activations and the planes' state), "
-                f"more than half the {free / 2**20:.0f} MiB free on {device}; nothing was trained yet."
+                f"more than half the {free / 2**20:.0f} MiB free on {device}; {self._trained}."
             )
         rank_zero_warn(
             f"{name}: {rows} plane points per pass would need about {rows * per_row / 2**30:.1f} GiB, more than half "
