@@ -185,3 +185,16 @@ def test_a_class_limit_stops_holding_inputs_and_keeps_counting():
     assert beyond.labels.numel() == 0 and beyond.counts == dict.fromkeys(range(6), 20)
     parts = [sample_anchors(batches[:2], 3, generator=0, max_classes=5, allow_empty=True), beyond]
     assert merge_samples(parts, 3).counts == {c: 20 + n for c, n in parts[0].counts.items()}  # counts add up
+
+
+def test_a_class_limit_without_allow_empty_returns_the_counts_and_bad_arguments_are_errors():
+    x, y = torch.randn(60, 5), torch.arange(60) % 6
+    beyond = sample_anchors([(x, y)], 3, generator=0, max_classes=5)  # data was read: no "empty" error
+    assert beyond.labels.numel() == 0 and beyond.counts == dict.fromkeys(range(6), 10)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="`max_classes` must be a positive integer"):
+            sample_anchors([(x, y)], 3, max_classes=bad)
+    with pytest.raises(ValueError, match="not both"):
+        sample_anchors([(x, y)], 3, classes=[0], max_classes=3)
+    with pytest.raises(ValueError, match="it is empty"):  # control: nothing read is still an error
+        sample_anchors([], 3, max_classes=5)

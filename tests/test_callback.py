@@ -1256,3 +1256,25 @@ def test_a_class_id_beyond_the_model_is_an_error_also_outside_the_measured_subse
         monitor = CMDimensionMonitor(**{**FAST, "max_classes": 5, "num_pairs": 0, "seed": seed})
         with pytest.raises(ValueError, match="class id 30, but the model returns logits for 30 classes"):
             trainer(tmp_path, [monitor], max_epochs=1).fit(ManyClasses(), blobs(seed=1), val)
+
+
+@pytest.mark.parametrize("usable", [0, 1])
+def test_too_few_usable_classes_among_many_give_the_one_pass_errors(tmp_path, usable):
+    """All but `usable` of 30 classes are one input repeated (short for `num_anchors=2`): the errors
+    (and the warning) of one pass, with the counts, also when the two-pass draw is taken."""
+    x, y = blobs().dataset.tensors
+    x = x.clone()
+    for c in range(usable, 30):
+        x[y == c] = x[y == c][0]
+    val = DataLoader(TensorDataset(x, y), batch_size=60)
+    monitor = CMDimensionMonitor(**{**FAST, "max_classes": 5, "num_pairs": 0, "num_anchors": 2, "dims": [1, 16]})
+    t = trainer(tmp_path, [monitor], max_epochs=1, limit_train_batches=1)
+    if usable == 0:
+        with pytest.raises(ValueError, match=r"Too few validation examples .*class 0: 1, class 1: 1"):
+            t.fit(ManyClasses(), blobs(seed=1), val)
+    else:
+        with (
+            pytest.warns(UserWarning, match="29 of the model's 30 classes have fewer"),
+            pytest.raises(ValueError, match=r"only class \[0\] has"),
+        ):
+            t.fit(ManyClasses(), blobs(seed=1), val)

@@ -242,6 +242,12 @@ class StratifiedReservoir:
     ):
         if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
             raise ValueError(f"`per_class` must be a positive integer, got {per_class!r}.")
+        if max_classes is not None and (
+            isinstance(max_classes, bool) or not isinstance(max_classes, int) or max_classes < 1
+        ):
+            raise ValueError(f"`max_classes` must be a positive integer or None, got {max_classes!r}.")
+        if classes is not None and max_classes is not None:
+            raise ValueError("Pass `classes` (sample those) or `max_classes` (stop holding past that many), not both.")
         self.per_class = per_class
         self.generator = generator
         #: sample only these classes (None: all); the others are counted, not hashed nor kept
@@ -331,7 +337,7 @@ class StratifiedReservoir:
 
     def result(self, num_batches: int = 0) -> AnchorSample:
         """:meth:`sample`, or an error when nothing was read."""
-        if not self._inputs:
+        if not self.counts:
             raise ValueError("No examples were read from the validation dataloader (it is empty).")
         return self.sample(num_batches)
 

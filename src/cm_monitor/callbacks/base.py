@@ -1027,11 +1027,13 @@ class GeometryMonitor(Callback):
         (:meth:`_pick_classes` among those with ``num_anchors`` examples in ``counts``, those of the
         first pass, which held no inputs); the counts of the others are kept for the warnings."""
         available = sorted(c for c, n in counts.items() if n >= self.num_anchors)
-        if len(available) < 2:
-            raise ValueError(
-                f"{type(self).__name__} needs anchors of at least two classes, but only {len(available)} of the "
-                f"{len(counts)} classes of the validation data have `num_anchors` = {self.num_anchors} examples."
-            )
+        if not available:  # as one pass would say: every class is short, with the counts
+            try:
+                AnchorSample(torch.zeros(0), torch.zeros(0, dtype=torch.long), counts, 0).check_classes(
+                    counts, self.num_anchors
+                )
+            except ValueError as err:
+                raise ValueError(f"{type(self).__name__}: {err}") from err
         self._target_generator = torch.Generator().manual_seed(self.seed + 1)
         chosen = self._pick_classes(available, self._target_generator)
         sample = self._sample_everywhere(trainer, pl_module, loader, max_batches, classes=chosen)
