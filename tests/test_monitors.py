@@ -338,7 +338,7 @@ def test_the_other_monitors_measure_a_fixed_subset_of_many_classes(tmp_path, kin
     }[kind]
     subset, every = make(max_classes=4), make(max_classes=None, prefix="every")
     cm = CMDimensionMonitor(**{**FAST, "max_classes": 4})
-    _, t = fit(tmp_path, [subset, every, cm], max_epochs=1)
+    model, t = fit(tmp_path, [subset, every, cm], max_epochs=1)
     classes = sorted(set(subset.anchor_labels.tolist()))
     assert len(classes) == 4 and classes == cm.targets
     assert subset.anchors.shape[0] == 4 * subset.num_anchors
@@ -346,3 +346,9 @@ def test_the_other_monitors_measure_a_fixed_subset_of_many_classes(tmp_path, kin
     assert sorted(set(every.anchor_labels.tolist())) == list(range(10))
     with pytest.raises(ValueError, match="max_classes"):
         make(max_classes=1)
+    # `cm-monitor analyze` draws the same anchors after the fit (two passes there too)
+    from cm_monitor.analysis import draw_anchors
+
+    offline = make(max_classes=4)
+    draw_anchors(offline, [loaders()[1]], model)
+    assert torch.equal(offline.anchors, subset.anchors) and torch.equal(offline.anchor_labels, subset.anchor_labels)

@@ -253,9 +253,10 @@ def draw_anchors(
     """
     device = device or torch.device("cpu")
     loader = _pick_loader(loaders, monitor.dataloader_idx, type(monitor).__name__)
-    with torch.no_grad():
-        sample = monitor._sample_from(
-            loader, monitor.max_scan_batches, _batch_transfer(module, datamodule, device, monitor.dataloader_idx)
+    transfer = _batch_transfer(module, datamodule, device, monitor.dataloader_idx)
+    with torch.no_grad():  # one pass, or two with more classes than the monitor measures (as in a fit)
+        sample = monitor._draw_sample(
+            lambda **kw: monitor._sample_from(loader, monitor.max_scan_batches, transfer, **kw)
         )
     on_device = AnchorSample(sample.inputs.to(device), sample.labels.to(device), sample.counts, sample.num_batches)
     monitor._reset_series()

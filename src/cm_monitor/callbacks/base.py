@@ -975,10 +975,7 @@ class GeometryMonitor(Callback):
         name = type(self).__name__
         start = time.perf_counter()
         loader, max_batches = self._val_dataloader(trainer)  # on every rank (setup has a barrier)
-        self._target_generator, limit = None, self._class_limit()
-        sample = self._sample_everywhere(trainer, pl_module, loader, max_batches, max_classes=limit)
-        if limit is not None and len(sample.counts) > limit:  # more classes than are measured: draw those only
-            sample = self._sample_chosen_classes(trainer, pl_module, loader, max_batches, sample.counts)
+        sample = self._draw_sample(lambda **kw: self._sample_everywhere(trainer, pl_module, loader, max_batches, **kw))
         if sample.labels.numel() == 0:
             raise ValueError(
                 f"{name} could not draw anchors from the validation data: no examples were read from the "
@@ -1019,13 +1016,20 @@ class GeometryMonitor(Callback):
             raise RuntimeError(f"{name} could not draw anchors on another rank: {'; '.join(failures)}")
         return merge_samples(gathered, self.num_anchors)  # type: ignore[arg-type]
 
-    def _sample_chosen_classes(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: Any, max_batches: int | None,
-        counts: dict[int, int],
-    ) -> AnchorSample:  # fmt: skip
-        """A second pass over the validation data that draws anchors of the classes to measure only
-        (:meth:`_pick_classes` among those with ``num_anchors`` examples in ``counts``, those of the
-        first pass, which held no inputs); the counts of the others are kept for the warnings."""
+    def _draw_sample(self, read: Callable[..., AnchorSample]) -> AnchorSample:
+        """The anchor sample of the validation data; ``read(**kw)`` reads it once with these keywords of
+        :func:`sample_anchors`. One pass, or two when there are more classes than :meth:`_class_limit`:
+        the first holds the inputs of at most that many classes, the second those of the chosen ones."""
+        self._target_generator, limit = None, self._class_limit()
+        sample = read(max_classes=limit)
+        if limit is not None and len(sample.counts) > limit:  # more classes than are measured: draw those only
+            sample = self._sample_chosen_classes(read, sample.counts)
+        return sample
+
+    def _sample_chosen_classes(self, read: Callable[..., AnchorSample], counts: dict[int, int]) -> AnchorSample:
+        """A second pass over the validation data (``read``, see :meth:`_draw_sample`) that draws anchors
+        of the classes to measure only (:meth:`_pick_classes` among those with ``num_anchors`` examples
+        in ``counts``, those of the first pass, which held no inputs); the others' counts are kept."""
         available = sorted(c for c, n in counts.items() if n >= self.num_anchors)
         if not available:  # as one pass would say: every class is short, with the counts
             try:
@@ -1036,7 +1040,7 @@ class GeometryMonitor(Callback):
                 raise ValueError(f"{type(self).__name__}: {err}") from err
         self._target_generator = torch.Generator().manual_seed(self.seed + 1)
         chosen = self._pick_classes(available, self._target_generator)
-        sample = self._sample_everywhere(trainer, pl_module, loader, max_batches, classes=chosen)
+        sample = read(classes=chosen)
         return replace(sample, counts=counts | {c: sample.counts.get(c, 0) for c in chosen})
 
     def _class_limit(self) -> int | None:
