@@ -480,15 +480,16 @@ def test_the_functions_say_why_a_model_has_no_input_gradient():
 
 
 class BatchOfTwoFails(nn.Module):
-    """Fails on batches of other sizes than the training's (a model that is wrong for the monitor's probes)."""
+    """Raises ``error`` on a batch of two (the monitor's probe at the start; training batches are larger)."""
 
-    def __init__(self):
+    def __init__(self, error: Exception | None = None):
         super().__init__()
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+        self.error = error if error is not None else RuntimeError("unsupported batch size 2")
 
     def forward(self, x):
         if x.shape[0] == 2:
-            raise RuntimeError("unsupported batch size 2")
+            raise self.error
         return self.net(x)
 
 
@@ -502,17 +503,6 @@ def test_an_error_of_the_model_at_the_start_names_the_monitor(tmp_path):
         t.fit(NetModule(BatchOfTwoFails(), lr=1e-3), train, val)
 
 
-class OutOfMemoryOnSmallBatches(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
-
-    def forward(self, x):
-        if x.shape[0] == 2:
-            raise torch.OutOfMemoryError("simulated")
-        return self.net(x)
-
-
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_an_error_subclass_at_the_start_keeps_its_type(tmp_path):
     from modules import NetModule
@@ -520,4 +510,4 @@ def test_an_error_subclass_at_the_start_keeps_its_type(tmp_path):
     train, val = loaders(num_val=100)
     t = trainer(tmp_path, [DiffeoStabilityMonitor(**DIFFEO_FAST)], max_epochs=1, limit_train_batches=2)
     with pytest.raises(torch.OutOfMemoryError, match="simulated"):  # handlers of that type still catch it
-        t.fit(NetModule(OutOfMemoryOnSmallBatches(), lr=1e-3), train, val)
+        t.fit(NetModule(BatchOfTwoFails(torch.OutOfMemoryError("simulated")), lr=1e-3), train, val)

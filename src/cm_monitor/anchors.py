@@ -273,11 +273,11 @@ class StratifiedReservoir:
             )
         assert self._hash is not None
         labels = labels.detach().to("cpu", torch.long)
-        if self.max_classes is not None and len(self.counts.keys() | set(labels.unique().tolist())) > self.max_classes:
+        for c, n in zip(*(t.tolist() for t in labels.unique(return_counts=True)), strict=True):
+            self.counts[c] = self.counts.get(c, 0) + n  # every class read, sampled or not
+        if self.max_classes is not None and len(self.counts) > self.max_classes:
             self._stop_holding()
-        if self.classes is not None:  # count every class, hash and keep only the sampled ones
-            for c, n in zip(*(t.tolist() for t in labels.unique(return_counts=True)), strict=True):
-                self.counts[c] = self.counts.get(c, 0) + n
+        if self.classes is not None:  # hash and keep only the sampled classes
             sampled = torch.isin(labels, self.classes)
             if self._seen is not None:
                 self._see(inputs[~sampled.to(inputs.device)], labels[~sampled])
@@ -287,8 +287,6 @@ class StratifiedReservoir:
         keys = self._hash(inputs)
         for c in labels.unique().tolist():
             rows = (labels == c).nonzero().squeeze(1)
-            if self.classes is None:
-                self.counts[c] = self.counts.get(c, 0) + rows.numel()
             old = self._keys.get(c, keys[:0])
             keep = _smallest_distinct(torch.cat([old, keys[rows]]), self.per_class)
             kept, new = keep[keep < old.numel()], rows[keep[keep >= old.numel()] - old.numel()]

@@ -1076,7 +1076,8 @@ def _crossing(curves: Tensor, log_dims: Tensor, threshold: float) -> Tensor:
     frac = ((threshold - c_lo) / (c_hi - c_lo).clamp_min(1e-12)).clamp(0, 1)
     log_d = torch.where(j == 0, l_hi, l_lo + frac * (l_hi - l_lo))
     # within the bracket's grid points exactly: exp(log D) may round above D (and D - d* below 0)
-    d = torch.minimum(torch.maximum(log_d.exp(), log_dims.exp()[jm].round()), log_dims.exp()[j].round())
+    grid = log_dims.exp().round()
+    d = torch.minimum(torch.maximum(log_d.exp(), grid[jm]), grid[j])
     nan = torch.full_like(d, math.nan)
     return torch.where(any_reached & torch.isfinite(curves).all(-1), d, nan)
 

@@ -91,6 +91,7 @@ from cm_monitor._model import (
     synchronize,
 )
 from cm_monitor.anchors import (
+    _LISTED,
     AnchorSample,
     BatchReader,
     OwnIterator,
@@ -106,8 +107,6 @@ _STATE_VERSION = 1
 #: The values of ``on_nonfinite``.
 NONFINITE_POLICIES = ("log_nan", "keep_last", "raise")
 
-#: A warning about classes left out names at most this many of them (with their counts).
-_LISTED = 20
 
 #: CUDA out of memory (``torch.cuda.OutOfMemoryError`` before torch 2.5).
 _OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
