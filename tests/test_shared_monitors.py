@@ -3,6 +3,7 @@ other callbacks watch, checked at the start of fit."""
 
 from __future__ import annotations
 
+import inspect
 import types
 import warnings
 
@@ -46,6 +47,46 @@ def test_a_lone_monitors_cost_frac_is_its_share_of_the_epoch(tmp_path, monkeypat
     t = tiny_trainer(tmp_path, [TrainClock(clock), FakeMonitor(seconds=6.0, clock=clock)], max_epochs=1)
     t.fit(tiny_module(), *tiny_loaders())
     assert t.callback_metrics["fake/cost_frac"].item() == pytest.approx(6 / 8)
+
+
+def costly_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if "makes the fit about" in str(w.message)]
+
+
+@pytest.mark.parametrize(
+    ("seconds", "kwargs", "expected"),
+    [
+        (6.0, {}, "about 300% slower"),  # 6 s against 2 s of training: 6 / 8 of each epoch
+        (6.0, {"every_n_epochs": 3}, "about 100% slower"),
+        (0.4, {}, None),  # 0.4 / 2.4 = 0.17 of the epoch: under COSTLY_FRACTION
+        (0.6, {}, "about 30% slower"),  # 0.6 / 2.6 = 0.23
+        (6.0, {"max_cost_frac": 1.0}, None),  # a budget was chosen: no advice
+    ],
+)
+def test_a_costly_measurement_is_warned_about_once_per_fit(tmp_path, monkeypatch, seconds, kwargs, expected):
+    clock = [0.0]
+    monkeypatch.setattr(base.time, "perf_counter", lambda: clock[0])
+    monitor = FakeMonitor(seconds=seconds, clock=clock, **kwargs)
+    for _fit in range(2):  # said once per fit, again in the next fit
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            tiny_trainer(tmp_path, [TrainClock(clock), monitor], max_epochs=4).fit(tiny_module(), *tiny_loaders())
+        said = costly_warnings(record)
+        if expected is None:
+            assert said == []
+        else:
+            assert len(said) == 1 and expected in said[0], said
+            assert "FakeMonitor (epoch 0)" in said[0] and "`every_n_epochs`" in said[0] and "max_cost_frac" in said[0]
+
+
+def test_the_costly_warning_names_what_makes_each_monitor_cheaper():
+    from cm_monitor import DiffeoStabilityMonitor, ElasticityMonitor
+
+    assert "anchors_per_target" in CMDimensionMonitor._cost_arguments
+    assert "num_anchors" in DiffeoStabilityMonitor._cost_arguments
+    assert "num_anchors" in ElasticityMonitor._cost_arguments
+    for cls in (CMDimensionMonitor, DiffeoStabilityMonitor, ElasticityMonitor):  # real arguments
+        assert set(cls._cost_arguments) <= set(inspect.signature(cls).parameters), cls
 
 
 def test_the_budget_does_not_count_other_monitors_time(monkeypatch):

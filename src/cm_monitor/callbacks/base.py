@@ -107,6 +107,10 @@ _STATE_VERSION = 1
 #: The values of ``on_nonfinite``.
 NONFINITE_POLICIES = ("log_nan", "keep_last", "raise")
 
+#: Without a budget, a measurement that takes at least this share of its interval (a fit about a
+#: quarter slower when measuring every epoch) is warned about once per fit, with what makes it cheaper.
+COSTLY_FRACTION = 0.2
+
 
 #: CUDA out of memory (``torch.cuda.OutOfMemoryError`` before torch 2.5).
 _OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
@@ -281,6 +285,9 @@ class GeometryMonitor(Callback):
 
     #: measure a fixed random subset of this many classes when there are more (None: every class)
     max_classes: int | None = None
+    #: Arguments besides ``every_n_epochs`` and ``max_cost_frac`` that make a measurement cheaper
+    #: (named by the warning on a costly measurement).
+    _cost_arguments: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -369,6 +376,7 @@ class GeometryMonitor(Callback):
         self._fit_start: float | None = None
         self._fit_seconds = 0.0  # seconds spent measuring in this fit (for the budget)
         self._last_seconds: float | None = None  # duration of the last measurement in this fit
+        self._cost_warned = False  # the warning on a costly measurement was given in this fit
         # other monitors' measuring seconds (their `total_seconds`) when the fit / interval started
         self._others_at_fit_start = 0.0
         self._others_at_interval_start = 0.0
@@ -481,7 +489,7 @@ class GeometryMonitor(Callback):
         """Draw the anchors (new run) or check the restored ones (run resumed from a checkpoint)."""
         self._interval_start = self._fit_start = time.perf_counter()
         self._others_at_fit_start = self._others_at_interval_start = self._others_seconds(trainer)
-        self._fit_seconds, self._last_seconds = 0.0, None
+        self._fit_seconds, self._last_seconds, self._cost_warned = 0.0, None, False
         model = self._model(pl_module)
         if not self._restored:  # a new series, also when this monitor served an earlier fit
             if self.anchors is not None and trainer.current_epoch > 0:
@@ -833,6 +841,8 @@ class GeometryMonitor(Callback):
         notes += self._fill_watched_keys(trainer, epoch, None if causes else set(values))
         for note in notes:
             rank_zero_warn(f"{name} (epoch {epoch}): {note}", category=RuntimeWarning)
+        if not outcome.failed:
+            self._warn_if_costly(epoch, seconds, fraction)
 
         if self.verbose and outcome.measured:
             n = len(self.prefix) + 1
@@ -842,6 +852,23 @@ class GeometryMonitor(Callback):
                 f"{100 * fraction:.0f}% of the epoch"
             )
         return outcome
+
+    def _warn_if_costly(self, epoch: int, seconds: float, fraction: float) -> None:
+        """Once per fit, without a budget: a measurement that took at least :data:`COSTLY_FRACTION` of
+        its interval (the time since the epoch or the previous validation started, itself included)
+        says how much it slows the fit and what makes it cheaper."""
+        if self._cost_warned or self.max_cost_frac is not None or not COSTLY_FRACTION <= fraction < 1:
+            return
+        self._cost_warned = True
+        slower = fraction / (1 - fraction) / self.every_n_epochs
+        cheaper = ", ".join(f"`{a}`" for a in ("every_n_epochs", *self._cost_arguments))
+        rank_zero_warn(
+            f"{type(self).__name__} (epoch {epoch}): the measurement took {seconds:.1f} s, {fraction:.0%} of the "
+            f"time since the epoch (or the previous validation) started; measuring every {self.every_n_epochs} "
+            f"epoch(s) at this cost makes the fit about {slower:.0%} slower (later measurements may cost less). "
+            f"To spend less: {cheaper}, or a budget such as `max_cost_frac=0.1`. (Said once per fit.)",
+            category=UserWarning,
+        )
 
     def _attempt(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Any, Exception | None, list[str]]:
         """Measure this rank's share: ``(part, None, notes)``, or ``(None, error, notes)`` when it raised.

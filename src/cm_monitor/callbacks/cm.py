@@ -193,6 +193,7 @@ class CMDimensionMonitor(GeometryMonitor):
     prefix = "cm"
     prog_bar_keys = ("dim",)
     _explicit_classes_arg = "`classes=` or `pairs=`"
+    _cost_arguments = ("anchors_per_target", "num_pairs", "max_classes")
     _key_patterns = (
         r"dim(_std|_frac)?",
         r"dim_class_\d+",

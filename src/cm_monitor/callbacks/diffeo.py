@@ -95,6 +95,7 @@ class DiffeoStabilityMonitor(GeometryMonitor):
     prefix = "diffeo"
     prog_bar_keys = ("log10_rf",)
     _key_patterns = (r"(log10_)?rf(_std)?", r"df|gf")
+    _cost_arguments = ("num_anchors", "num_deformations", "max_classes")
 
     def __init__(
         self,

@@ -123,6 +123,7 @@ class ElasticityMonitor(GeometryMonitor):
     prefix = "elasticity"
     prog_bar_keys = ("ratio",)
     _key_patterns = (r"intra|inter|ratio(_baseline)?|cluster_ari(_baseline)?|linearity_error",)
+    _cost_arguments = ("num_anchors", "max_classes")
 
     def __init__(
         self,
