@@ -50,3 +50,31 @@ def test_efficiency_counts_rows_and_passes(bench):
     r = bench.efficiency(model, x, y, [0, 1], torch.device("cpu"))
     assert r["problems"] > 0 and r["batch"] >= 1 and r["mean_steps"] >= 1
     assert r["efficiency"] == pytest.approx(r["estimator_rows_per_s"] / r["plain_rows_per_s"])
+
+
+@pytest.fixture(scope="module")
+def speculation():
+    spec = importlib.util.spec_from_file_location("speculation_bench", ROOT / "benchmarks" / "speculation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_speculation_replay_of_depth_0_is_the_bisection(speculation):
+    # the replay's chain of probes, one after the other, against the package's BisectionSearch
+    from cm_monitor.search import BisectionSearch
+
+    g = torch.Generator().manual_seed(0)
+    for K in (1, 2, 5, 10, 19):
+        for answer in range(K + 1):
+            passes = torch.randint(1, 50, (K,), generator=g).tolist()
+            success = [j >= answer for j in range(K)]
+            search, chain = BisectionSearch(1, K), 0
+            while batch := search.take(1):
+                ((_, j),) = batch
+                chain += passes[j]
+                search.report(0, j, success[j])
+            assert speculation.replay(passes, success, 0) == (chain, chain), (K, answer)
+            # speculative probes never lengthen the chain; the probes of the chain still run in full
+            deeper = [speculation.replay(passes, success, d) for d in (1, 2)]
+            assert all(p <= chain <= r for p, r in deeper), (K, answer, deeper)
