@@ -2,10 +2,11 @@
 
 One *problem* is an anchor ``x0``, a plane dimension ``d`` and a target set ``Y`` of classes
 (one class for a class manifold, ``k`` classes for a boundary). Inside the plane
-``x(θ) = x0 + s · sqrt(D / d) · Q[:, :d] θ`` (``Q`` orthonormal, ``s`` the data scale) Adam minimizes the
-cross-entropy to the uniform distribution on ``Y``, starting from ``θ = 0``. Every problem of a
-chunk runs in the same forward/backward pass; problems that converged are masked out of later
-passes. Each problem records the best *score* along its trajectory:
+``x(θ) = x0 + s · Q[:, :d] θ`` (``Q`` orthonormal, ``s`` the data scale; times ``sqrt(D / d)`` with
+``dimension_scaled=True``) Adam minimizes the cross-entropy to the uniform distribution on ``Y``,
+starting from ``θ = 0``. Problems run in a work pool (:func:`optimize_planes`): one
+forward/backward pass per step for all its rows, and a row whose problem stops takes the next
+waiting one. Each problem records the best *score* along its trajectory:
 
 * class manifold (``k = 1``): the highest target probability reached, ``max p_c``;
 * boundary (``k >= 2``): the highest ``k · min_{c in Y} p_c`` reached, i.e. 1 when every class

@@ -327,8 +327,10 @@ def cm_dimension(
 
     For each target class ``c`` and each anchor whose label is not ``c``, random planes of every
     dimension ``d`` in ``dims`` are passed through the anchor and Adam maximizes ``p_c`` inside
-    each; ``d*`` is the smallest ``d`` at which the mean best ``p_c`` over anchors reaches
-    ``threshold`` (interpolated in ``log d``), and the class manifold's dimension is ``D - d*``.
+    each (by default a bisection over ``dims`` optimizes only the few that decide the answer);
+    ``d*`` is where half of the anchors reach ``threshold`` (``readoff="fraction"``, the default;
+    with ``"mean"``, where the mean best ``p_c`` over anchors does), interpolated in ``log d``, and
+    the class manifold's dimension is ``D - d*``.
 
     Args:
         model: an ``nn.Module`` mapping a float batch ``[N, *shape]`` to logits ``[N, C]``, or a list
@@ -562,7 +564,8 @@ def cm_and_boundary_dimension(
     both run in one work pool after one temperature calibration, so the boundaries' problems fill
     the rows that the class manifolds' slowest problems leave free instead of running after them.
     ``threshold`` and ``start`` are the class manifolds', ``boundary_threshold`` and
-    ``boundary_start`` the boundaries'; the other arguments are those of :func:`cm_dimension`.
+    ``boundary_start`` the boundaries'; the other arguments are those of :func:`cm_dimension`, but
+    for its ``lr``, ``max_steps`` and ``scale`` overrides (set them in ``settings``).
 
     Example:
         >>> import torch

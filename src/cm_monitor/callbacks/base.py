@@ -46,7 +46,9 @@
   Other non-finite values (a quantity undefined for this model, e.g. an uncertainty without
   resolved classes) are not logged: the key keeps its last finite value, with a warning. A key
   that another callback (``EarlyStopping``, ``ModelCheckpoint``) monitors and that has no value
-  is logged as NaN rather than left missing;
+  is logged as the worst finite value for that callback (−3.4e38 for ``mode="max"``, +3.4e38 for
+  ``"min"``, at most an ``EarlyStopping``'s ``divergence_threshold``) rather than left missing,
+  with a warning;
 * **incomplete validation data**: classes with fewer than ``num_anchors`` validation examples are
   left out of the measurement with a warning (an error if the monitor was told to measure them);
 * **state**: anchors, seed, chosen targets and the last values are in :meth:`state_dict`, so a run
@@ -268,8 +270,9 @@ class GeometryMonitor(Callback):
         on_nonfinite: what a validation logs when the model returned NaN/inf during the measurement
             (``{prefix}/nonfinite = 1``): ``"log_nan"`` (default) logs NaN for the monitor's values,
             so a diverged run looks broken and ``EarlyStopping(check_finite=True)`` (its default)
-            stops it; ``"keep_last"`` logs the last finite values again (NaN for a key that has none
-            yet and that another callback monitors); ``"raise"`` raises a ``RuntimeError``.
+            stops it; ``"keep_last"`` logs the last finite values again (for a key that has none yet and
+            that another callback monitors, the worst finite value for that callback, see above);
+            ``"raise"`` raises a ``RuntimeError``.
     """
 
     #: Prefix of the logged keys, e.g. ``"cm"`` → ``cm/dim``. Set by subclasses (the default of

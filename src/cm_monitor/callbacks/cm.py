@@ -51,8 +51,8 @@ class CMDimensionMonitor(GeometryMonitor):
     spent measuring above that fraction of the fit's wall time (postponed validations also repeat
     the last values, so leave room for them in the patience).
 
-    Anchors: ``num_anchors`` per class, a uniform random sample of each class of the validation
-    data (the batches one validation epoch reads), drawn once at the start of fit from the whole
+    Anchors: ``num_anchors`` per class, a uniform random sample of each class of the whole
+    validation dataloader (``limit_val_batches`` does not shrink it; ``max_scan_batches`` does), drawn once at the start of fit from the whole
     validation set (under DDP too: each rank samples its shard, the samples merge, see
     ``docs/callback.md``); they, the random planes (same ``seed``) and the chosen boundary
     pairs stay fixed for the run and are saved in checkpoints (common random numbers: a change in
@@ -155,7 +155,9 @@ class CMDimensionMonitor(GeometryMonitor):
     A class whose curve never reaches ``threshold`` even at ``d = D`` is logged with dimension 0
     (``d* = D``) and a warning. A class whose optimization produced NaN/inf (the model returned
     NaN/inf) is NaN, and so are the means, with ``cm/nonfinite = 1`` (``on_nonfinite``). If a key
-    that ``EarlyStopping`` or ``ModelCheckpoint`` monitors has no value yet, it is logged as NaN. A
+    that ``EarlyStopping`` or ``ModelCheckpoint`` monitors has no value yet, it is logged as the
+    worst finite value for that callback's mode (−3.4e38 for ``"max"``, +3.4e38 for ``"min"``), with a
+    warning, so that it neither stops the run nor counts as an improvement. A
     ``cm/`` key that they monitor and that this configuration never logs (a typo such as ``cm/dims``,
     ``cm/boundary_dim`` with ``num_pairs=0``, ``cm/dim_class_{c}`` of a class not measured) is an
     error at the start of fit, before any training.
@@ -185,7 +187,7 @@ class CMDimensionMonitor(GeometryMonitor):
         >>> from lightning.pytorch.callbacks import EarlyStopping
         >>> from cm_monitor import CMDimensionMonitor
         >>> monitor = CMDimensionMonitor(every_n_epochs=2, num_anchors=4, num_pairs=5)
-        >>> stopper = EarlyStopping(monitor="cm/dim", mode="max", patience=6)
+        >>> stopper = EarlyStopping(monitor="val_loss", mode="min", patience=5)  # not on cm/dim: docs/callback.md
         >>> trainer = pl.Trainer(max_epochs=20, callbacks=[monitor, stopper])
         >>> # trainer.fit(model, train_loader, val_loader)   # model(x) returns logits [N, C]
     """

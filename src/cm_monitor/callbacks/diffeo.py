@@ -76,7 +76,8 @@ class DiffeoStabilityMonitor(GeometryMonitor):
     When the model returns NaN/inf, ``diffeo/nonfinite`` is 1 and the values are NaN or the last
     finite ones (``on_nonfinite``). Other non-finite values (``R_f = 0`` for ``log10``) are not
     logged: the last value is kept and a warning says so; a key that ``EarlyStopping`` or
-    ``ModelCheckpoint`` monitors is logged as NaN while it has no value.
+    ``ModelCheckpoint`` monitors is logged as the worst finite value for its mode while it has no
+    value (with a warning).
 
     Raises:
         ValueError: at the start of fit, when the validation inputs are not images
