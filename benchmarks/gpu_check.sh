@@ -31,8 +31,12 @@ fi
 
 # the test files that hold GPU-marked tests (the others need packages the image may lack)
 gpu_files=$(grep -l "mark.gpu" tests/test_*.py)
-timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu $gpu_files 2>&1 | tee "$out/gpu_tests.log"
+timeout 240 python3 -m pytest -q -rs -p no:cacheprovider -m gpu $gpu_files 2>&1 | tee "$out/gpu_tests.log"
 echo "gpu tests: exit ${PIPESTATUS[0]}" | tee -a "$out/gpu_tests.log"
+# a GPU test skipped on a GPU machine tested nothing (a missing package, no CUDA): say so loudly
+if grep -q "^SKIPPED" "$out/gpu_tests.log"; then
+    echo "WARNING: GPU tests were skipped on the GPU machine (reasons above)" | tee -a "$out/gpu_tests.log"
+fi
 
 timeout 420 python3 benchmarks/estimator.py --device cuda 2>&1 | tee "$out/estimator_cuda.log"
 echo "estimator --device cuda: exit ${PIPESTATUS[0]}" | tee -a "$out/estimator_cuda.log"

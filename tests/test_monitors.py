@@ -19,8 +19,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from cm_monitor import CMDimensionMonitor, DiffeoStabilityMonitor, ElasticityMonitor
 
-tbparse = pytest.importorskip("tbparse")
-
 DIFFEO_FAST = {"num_anchors": 3, "delta": 0.6, "num_bootstrap": 20}
 ELASTIC_FAST = {"num_anchors": 3}
 

@@ -233,3 +233,14 @@ def test_plane_rows_draw_a_groups_dense_plane_once_and_keep_at_most_their_rows()
     assert rows.cache.drawn == 6  # drawn again, to the same plane
     fresh.load(torch.tensor([0]), [11])
     assert torch.equal(rows.apply(theta)[:1], fresh.apply(theta)[:1])
+
+
+def test_tube_anchors_follow_the_models_device_and_not_its_generator():
+    # the noise is drawn on the CPU and moved: a model on another device (meta here, CUDA on a GPU)
+    # gets anchors on its device, from the same draw
+    cpu = Tube(64, 16).sample_outside(3)
+    moved = Tube(64, 16).to("meta").sample_outside(3)
+    assert moved.device.type == "meta" and moved.shape == cpu.shape
+    g = torch.Generator().manual_seed(1)
+    tube = Tube(64, 16)
+    assert torch.equal(cpu, (tube.center + torch.randn(3, 64, generator=g) * tube.radius) * tube.input_scale)

@@ -41,8 +41,9 @@ class Tube(nn.Module):
 
     def sample_outside(self, n: int, seed: int = 1) -> Tensor:
         """Anchors far from the tube (distance about sqrt(D - k) radii)."""
-        g = torch.Generator().manual_seed(seed)
-        return (self.center + torch.randn(n, self.center.numel(), generator=g) * self.radius) * self.input_scale
+        g = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same anchors on every device
+        noise = torch.randn(n, self.center.numel(), generator=g).to(self.center.device)
+        return (self.center + noise * self.radius) * self.input_scale
 
 
 class HalfSpace(nn.Module):
