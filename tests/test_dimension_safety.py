@@ -97,6 +97,30 @@ def test_a_callers_autocast_does_not_reach_the_measurement():
     assert torch.equal(plain.scores.nan_to_num(-1), inside.scores.nan_to_num(-1))
 
 
+class SeesCudnnAutotuning(nn.Module):
+    """Records ``torch.backends.cudnn.benchmark`` at every forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear, self.seen = nn.Linear(16, 3), []
+
+    def forward(self, x):
+        self.seen.append(torch.backends.cudnn.benchmark)
+        return self.linear(x)
+
+
+def test_cudnn_autotuning_is_off_inside_a_measurement_and_restored(monkeypatch):
+    # Trainer(benchmark=True) sets it; the pool's changing pass sizes would re-tune every convolution
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    model = SeesCudnnAutotuning()
+    x = torch.randn(9, 16, generator=torch.Generator().manual_seed(1))
+    cm_dimension(model, x, torch.arange(9) % 3, dims=[2, 8], num_bootstrap=0)
+    assert model.seen and not any(model.seen)
+    assert torch.backends.cudnn.benchmark is True
+    model(x)
+    assert model.seen[-1] is True  # the caller's setting outside
+
+
 def test_model_made_in_inference_mode_gives_a_clear_error():
     with torch.inference_mode():
         model = nn.Linear(64, 3)

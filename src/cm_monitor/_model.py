@@ -463,7 +463,10 @@ def measuring(members: list[nn.Module], grad: bool = True) -> Iterator[None]:
 
     Autocast is off inside (on the CPU and the members' CUDA devices): a measurement called within a
     ``torch.autocast`` block runs the model in its own precision, as the monitors do (Lightning's
-    mixed precision covers the step methods, not the epoch-end hooks they measure in).
+    mixed precision covers the step methods, not the epoch-end hooks they measure in). So is cuDNN's
+    autotuner (``torch.backends.cudnn.benchmark``, which ``Trainer(benchmark=True)`` sets): the work
+    pool's passes change their number of rows as problems finish, and the autotuner would search
+    the algorithms of every convolution again for each new size.
     """
     guard = ModelGuard(members)
     devices = _cuda_devices(members)
@@ -474,7 +477,7 @@ def measuring(members: list[nn.Module], grad: bool = True) -> Iterator[None]:
 
     hooks = []
     try:
-        with saved_rng(devices), _no_autocast(devices):
+        with saved_rng(devices), _no_autocast(devices), _no_cudnn_autotuning():
             hooks = [m.register_forward_pre_hook(before_forward) for m in members]
             for m in members:
                 m.eval()
@@ -488,6 +491,17 @@ def measuring(members: list[nn.Module], grad: bool = True) -> Iterator[None]:
         for h in hooks:
             h.remove()
         guard.restore()
+
+
+@contextlib.contextmanager
+def _no_cudnn_autotuning() -> Iterator[None]:
+    """``torch.backends.cudnn.benchmark`` off inside, restored on exit."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 @contextlib.contextmanager
