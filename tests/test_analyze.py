@@ -286,3 +286,40 @@ def test_argument_errors(run):
         analyze(ckpts, model_class=DigitsModule, data=vectors, measurements=["cm", "diffeo"])
     with pytest.raises(ValueError, match="no attribute 'Nope'"):
         analyze(ckpts, model_class=f"{FIXTURES}:Nope", data=val_loader)
+
+
+class OOMAbove(torch.nn.Module):
+    """Raises CUDA's out-of-memory error for batches larger than ``limit`` (on any device)."""
+
+    def __init__(self, net, limit):
+        super().__init__()
+        self.net, self.limit = net, limit
+
+    def forward(self, x):
+        if x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated, batch of {x.shape[0]})")
+        return self.net(x)
+
+
+def test_analyze_retries_out_of_memory_with_half_the_pass_as_a_fit_does(run):
+    from cm_monitor.analysis import draw_anchors, measure
+
+    module = DigitsModule.load_from_checkpoint(find_checkpoints([run[0]])[-1])
+    monitor = DiffeoStabilityMonitor(num_anchors=3, delta=0.6, num_bootstrap=0, chunk_size=16)
+    monitor._model = lambda m: OOMAbove(m.net, 8)  # as get_model would: the forwards of more than 8 fail
+    draw_anchors(monitor, [val_loader()], module)
+    values, notes = measure(monitor, module)
+    assert math.isfinite(values["diffeo/rf"]) and monitor.chunk_size == 8
+    assert any("out of memory with chunk_size = 16" in n for n in notes), notes
+
+
+def test_analyze_sizes_the_cm_pass_to_the_free_memory(run, monkeypatch):
+    from cm_monitor.analysis import draw_anchors
+
+    module = DigitsModule.load_from_checkpoint(find_checkpoints([run[0]])[-1])
+    monitor = CMDimensionMonitor(num_anchors=4, dims=6, anchors_per_target=2, num_bootstrap=0)
+    monkeypatch.setattr("cm_monitor.callbacks.cm.activation_bytes_per_row", lambda *a, **k: 2**30)
+    monkeypatch.setattr("cm_monitor.callbacks.cm.available_bytes", lambda device: 6 * 2**30)
+    with pytest.warns(UserWarning, match="running 2 per pass instead"):
+        draw_anchors(monitor, [val_loader()], module)
+    assert monitor._pass_rows == 2  # half of 6 GiB at about 1 GiB per row

@@ -15,6 +15,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from test_callback import FAST, DigitsCNN, digits, loaders, trainer
 from test_monitors import DIFFEO_FAST, ELASTIC_FAST
 from torch import nn
@@ -400,6 +401,38 @@ def test_out_of_memory_retries_with_half_the_pass_that_ran_out(tmp_path, kind):
     assert t.callback_metrics[f"{kind}/measured"] == 1.0 and t.callback_metrics[f"{kind}/failed"] == 0.0
 
 
+class SqueezeMemory(Callback):
+    """After the monitor's start-of-fit estimate, the device's free memory holds ``rows`` of its rows
+    (as when training's gradients and optimizer state fill memory after it)."""
+
+    def __init__(self, monitor, rows, monkeypatch):
+        self.monitor, self.rows, self.monkeypatch = monitor, rows, monkeypatch
+
+    def on_train_start(self, trainer, pl_module):
+        free = 2 * self.rows * self.monitor._row_bytes + 1
+        self.monkeypatch.setattr("cm_monitor.callbacks.cm.available_bytes", lambda device: free)
+
+
+def test_the_pass_is_scaled_to_the_memory_free_at_the_measurement(tmp_path, monkeypatch):
+    sizes = []
+    monitor = CMDimensionMonitor(**FAST, get_model=lambda m: m.net)
+    t, model = fit(tmp_path, [monitor, SqueezeMemory(monitor, 5, monkeypatch)], max_epochs=2)
+    assert monitor.cost_estimate.rows_per_pass > 5  # planned at the start of fit
+    assert monitor._pass_rows == 5  # what fits when it measures, kept
+    hook = model.net.register_forward_pre_hook(lambda _, args: sizes.append(args[0].shape[0]))
+    monitor._measure_part(t, model, model.net, (0, 1))
+    hook.remove()
+    assert max(sizes[1:]) == 5  # every pass of the work pool (the first forward is the calibration)
+    assert t.callback_metrics["cm/measured"] == 1.0 and t.callback_metrics["cm/failed"] == 0.0
+
+
+def test_the_pass_scaled_to_the_free_memory_is_said_once(tmp_path, monkeypatch):
+    monitor = CMDimensionMonitor(**FAST)
+    with pytest.warns(UserWarning, match=r"holds 5 plane points per pass, fewer than the \d+ planned") as record:
+        fit(tmp_path, [monitor, SqueezeMemory(monitor, 5, monkeypatch)], max_epochs=3)
+    assert sum("plane points per pass, fewer than" in str(w.message) for w in record) == 1
+
+
 def test_out_of_memory_at_the_start_of_fit_scales_the_pass_down(tmp_path):
     monitor = CMDimensionMonitor(**FAST, get_model=lambda m: OOMAbove(m.net, 50))
     with pytest.warns(
@@ -511,3 +544,37 @@ def test_an_error_subclass_at_the_start_keeps_its_type(tmp_path):
     t = trainer(tmp_path, [DiffeoStabilityMonitor(**DIFFEO_FAST)], max_epochs=1, limit_train_batches=2)
     with pytest.raises(torch.OutOfMemoryError, match="simulated"):  # handlers of that type still catch it
         t.fit(NetModule(BatchOfTwoFails(torch.OutOfMemoryError("simulated")), lr=1e-3), train, val)
+
+
+def test_strategies_that_shard_the_parameters_are_refused_before_training():
+    from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
+
+    from cm_monitor.callbacks.base import check_strategy
+
+    with pytest.raises(
+        MisconfigurationException, match=r"CMDimensionMonitor: `FSDPStrategy` shards .* `cm-monitor analyze`"
+    ):
+        check_strategy(FSDPStrategy(), "CMDimensionMonitor")
+
+    class DeepSpeedStrategy(SingleDeviceStrategy):  # what the check reads of Lightning's (deepspeed absent here)
+        def __init__(self, stage):
+            super().__init__(device="cpu")
+            self.zero_stage_3 = stage == 3
+
+    with pytest.raises(MisconfigurationException, match="`DeepSpeedStrategy` shards"):
+        check_strategy(DeepSpeedStrategy(3), "ElasticityMonitor")
+    check_strategy(DeepSpeedStrategy(2), "ElasticityMonitor")  # stage 2 shards the optimizer state only
+    check_strategy(DDPStrategy(), "CMDimensionMonitor")
+    check_strategy(SingleDeviceStrategy(device="cpu"), "CMDimensionMonitor")
+
+
+def test_a_sharding_strategy_stops_the_fit_at_setup(tmp_path, monkeypatch):
+    from cm_monitor.callbacks import base
+
+    monkeypatch.setattr(base, "FSDPStrategy", type(pl.Trainer(accelerator="cpu", logger=False).strategy))
+    steps = []
+    model = DigitsCNN()
+    model.on_train_batch_start = lambda *a: steps.append(1)
+    with pytest.raises(MisconfigurationException, match="shards the model's parameters"):
+        fit(tmp_path, [CMDimensionMonitor(**FAST)], model=model, max_epochs=1)
+    assert steps == []  # before any training

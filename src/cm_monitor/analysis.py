@@ -261,6 +261,7 @@ def draw_anchors(
     on_device = AnchorSample(sample.inputs.to(device), sample.labels.to(device), sample.counts, sample.num_batches)
     monitor._reset_series()
     monitor._adopt_anchors(on_device, monitor._model(module))
+    monitor._plan_passes(monitor._model(module))  # as at the start of a fit: the pass fits in memory
     try:
         monitor._check_targets(monitor.num_classes)
     except (TypeError, ValueError) as err:  # the data or the model do not suit this measurement
@@ -278,10 +279,15 @@ def measure(
     """
     if monitor.anchors is None:
         raise RuntimeError(f"{type(monitor).__name__} has no anchors yet: call `draw_anchors` first.")
-    # a monitor's measurement reads the Trainer only for the epoch (figure titles)
-    clock = SimpleNamespace(current_epoch=epoch, global_step=step if step is not None else epoch)
+    # a monitor's measurement reads the Trainer only for the epoch (figure titles) and its one process
+    clock = SimpleNamespace(
+        current_epoch=epoch, global_step=step if step is not None else epoch, world_size=1, global_rank=0
+    )
     start = time.perf_counter()
-    result = monitor._measure(clock, module, monitor._model(module))  # type: ignore[arg-type]
+    part, error, retried = monitor._attempt(clock, module)  # type: ignore[arg-type]  # out of memory: retried
+    if error is not None:
+        raise error
+    result = monitor._finish(clock, module, [part])  # type: ignore[arg-type]
     seconds = time.perf_counter() - start
     monitor.num_measurements += 1
     p = monitor.prefix
@@ -289,7 +295,7 @@ def measure(
     values[f"{p}/seconds"] = seconds
     values[f"{p}/nonfinite"] = float(result.nonfinite is not None)
     values[f"{p}/num_classes_measured"] = float(len(monitor._measured_classes()))
-    notes = list(result.notes)
+    notes = retried + list(result.notes)
     if result.nonfinite is not None:
         notes.append(f"the model returned NaN/inf ({result.nonfinite}); the values that depend on it are NaN.")
     return values, notes

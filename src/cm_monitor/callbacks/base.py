@@ -74,6 +74,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -209,6 +210,19 @@ def logging_off(pl_module: pl.LightningModule) -> Iterator[None]:
                 object.__setattr__(pl_module, n, own[n])
             else:
                 object.__delattr__(pl_module, n)
+
+
+def check_strategy(strategy: Strategy, name: str) -> None:
+    """Refuse strategies that shard the parameters across ranks (FSDP, model parallelism, DeepSpeed
+    ZeRO stage 3): each forward of such a model gathers its parameters from every rank, but the
+    ranks measure different shares of the work, so their forwards would not match (a hang)."""
+    deepspeed_3 = type(strategy).__name__ == "DeepSpeedStrategy" and bool(getattr(strategy, "zero_stage_3", False))
+    if isinstance(strategy, FSDPStrategy | ModelParallelStrategy) or deepspeed_3:
+        raise MisconfigurationException(
+            f"{name}: `{type(strategy).__name__}` shards the model's parameters across ranks, and the monitors "
+            "measure with unsharded forwards split across ranks (single device or DDP). Train without the "
+            "monitor and measure the saved checkpoints with `cm-monitor analyze` (docs/analyze.md)."
+        )
 
 
 def _ignore(*args: Any, **kwargs: Any) -> None:
@@ -428,11 +442,9 @@ class GeometryMonitor(Callback):
         with the same ``parts``, so all ranks get the same values; no model call here."""
         raise NotImplementedError
 
-    def _measure(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module | list[nn.Module]
-    ) -> Measurement:
-        """The whole measurement of ``model`` in this process (one share, no collective)."""
-        return self._finish(trainer, pl_module, [self._measure_part(trainer, pl_module, model, (0, 1))])
+    def _plan_passes(self, model: nn.Module | list[nn.Module]) -> None:
+        """Size the passes to the memory of the model's device, as the start of a fit does (for
+        :func:`~cm_monitor.analysis.draw_anchors`, which has no fit); nothing to size by default."""
 
     def _pass_size(self, part: tuple[int, int]) -> int | None:
         """The largest batch one forward pass of a measurement holds on this rank (share ``part``):
@@ -480,6 +492,7 @@ class GeometryMonitor(Callback):
         # runs before Lightning restores a checkpoint's callback states: only a restore after
         # this point (this fit's `ckpt_path`) continues a series
         self._restored = False
+        check_strategy(trainer.strategy, type(self).__name__)
         for other in trainer.callbacks:
             if other is not self and isinstance(other, GeometryMonitor) and other.prefix == self.prefix:
                 raise MisconfigurationException(

@@ -303,6 +303,7 @@ class CMDimensionMonitor(GeometryMonitor):
         self.max_seconds = max_seconds
         self.cost_estimate: CostEstimate | None = None
         self._pass_rows = self.chunk_size
+        self._row_bytes: float | None = None  # memory of one row of a pass, measured at fit start
         self.num_bootstrap = check_int(num_bootstrap, "num_bootstrap", minimum=0)
         if not isinstance(warm_start, bool):
             raise TypeError(f"`warm_start` must be a bool, got {warm_start!r}.")
@@ -417,6 +418,7 @@ class CMDimensionMonitor(GeometryMonitor):
         assert self.anchors is not None
         with isolate_rng():
             rows, per_row = self._rows_within_memory(model)
+            self._row_bytes = per_row
             local = self._probe_cost(model, trainer.world_size, rows, per_row)
         self.cost_estimate = est = trainer.strategy.broadcast(local, src=0)  # every rank decides alike
         self._pass_rows = max(1, est.rows_per_pass)  # chunk_size, or less where memory says so
@@ -508,6 +510,28 @@ class CMDimensionMonitor(GeometryMonitor):
         )
         return fit, per_row
 
+    def _plan_passes(self, model: nn.Module | list[nn.Module]) -> None:
+        self._pass_rows, self._row_bytes = self._rows_within_memory(model)
+
+    def _rows_fitting_now(self, model: nn.Module | list[nn.Module]) -> int:
+        """The rows per pass (:attr:`_pass_rows`), fewer if half the device's free memory now holds
+        fewer, at the bytes per row measured at fit start: training allocates gradients and optimizer
+        state after the fit-start estimate (Adam's moments at its first step). Fewer from then on,
+        with a warning (the answers do not depend on it)."""
+        if self._row_bytes is None or self.anchors is None:
+            return self._pass_rows
+        device = model_device(as_members(model), self.anchors.device)
+        free = available_bytes(device)
+        fit = None if free is None else max(1, int(free / 2 // self._row_bytes))
+        if fit is not None and fit < self._pass_rows:
+            rank_zero_warn(
+                f"{type(self).__name__}: half the {free / 2**30:.1f} GiB now free on {device} holds {fit} plane points per "
+                f"pass, fewer than the {self._pass_rows} planned at the start of fit (training's gradients and "
+                f"optimizer state came after it): measuring with {fit} per pass (the answers do not depend on it)."
+            )
+            self._pass_rows = fit
+        return self._pass_rows
+
     def _check_targets(self, num_classes: int) -> None:
         name = type(self).__name__
         for c in self.classes or ():
@@ -592,7 +616,7 @@ class CMDimensionMonitor(GeometryMonitor):
             "dims": self.grid(),
             "generator": self.seed,  # an int: the same planes and anchor subsets at every evaluation
             "anchors_per_target": self.anchors_per_target,
-            "chunk_size": min(self._pass_rows, self.chunk_size),  # an out-of-memory retry halves chunk_size
+            "chunk_size": min(self._rows_fitting_now(model), self.chunk_size),  # an out-of-memory retry halves it
             "num_bootstrap": self.num_bootstrap,
             "settings": self.settings,
             "part": part,
