@@ -162,7 +162,8 @@ def test_cuda_gives_the_cpu_answer(planes, search):
     gpu = cm_dimension(model.cuda(), anchors, torch.zeros(6, dtype=torch.long), **kw)
     ratio = float(gpu.cutting_dim[0]) / float(cpu.cutting_dim[0])
     assert 960 / 1024 <= ratio <= 1024 / 960
-    assert 16 <= float(gpu.dimension[0]) <= 128  # a tube of dimension 64 (the CPU reads 48.1: one anchor at 992 moves it)
+    # a tube of dimension 64 (the CPU reads 48.1: one anchor that succeeds at 992 or not moves it)
+    assert 16 <= float(gpu.dimension[0]) <= 128
     assert available_bytes(torch.device("cuda")) > 0
 
 
