@@ -47,6 +47,15 @@ steps take as many of a chunk's stepped parameter sets as fit, each on all ``N``
 one); the per-example gradients take ``chunk_size`` inputs, the logits before the steps the ``N``
 probes. Splitting a chunk's steps is what a smaller ``chunk_size`` does: the answers are the same."""
 
+HALF_PRECISION = (torch.float16, torch.bfloat16)
+"""A model whose floating-point parameters are in one of these dtypes (``precision="16-true"``,
+``"bf16-true"``) is measured in float32, on float32 copies of its half parameters and buffers, with
+float32 inputs: the default step (``relative_step=1e-3`` of the weights' norm) is below bfloat16's
+resolution (8 bits of mantissa, steps of 2⁻⁸ = 0.4 % of a weight), so in the model's own dtype most
+weights would not move at all and the similarities would measure round-off (a small bfloat16 MLP:
+kernel off by 16 % of its largest entry, ``linearity_error`` 0.31 instead of 1e-4). The answer is
+that of the half weights themselves: what a float32 model with those weights gets, bit for bit."""
+
 
 @dataclass(frozen=True)
 class ElasticityEstimate:
@@ -167,7 +176,8 @@ def local_elasticity(
         model: an ``nn.Module`` mapping a batch ``[N, ...]`` to logits ``[N, C]``; measured in eval
             mode (BatchNorm uses its running statistics, dropout is off).
         inputs: ``[N, ...]`` probe inputs (any dtype the model takes, token ids included;
-            floating-point inputs are cast to the dtype of the model's parameters).
+            floating-point inputs are cast to the dtype of the model's parameters, to float32 for a
+            half-precision model: see :data:`HALF_PRECISION`).
         labels: ``[N]`` their classes (targets of the loss).
         groups: ``[N]`` integer groups that the summaries (``intra``, ``inter``, ``ratio``,
             ``cluster_ari`` and their baselines) compare, when they are not the labels. He & Su's
@@ -189,7 +199,9 @@ def local_elasticity(
             ``chunk_size`` inputs, and their stepped parameters are read at the ``N`` probes as many
             at a time as fit in ``chunk_size × MAX_PASS_INPUTS_PER_STEP`` (16) inputs, at least one.
             Memory: up to ``2 · chunk_size`` copies of the parameters, and the activations of a forward
-            pass of at most ``max(chunk_size × 16, N)`` inputs, however many probes there are.
+            pass of at most ``max(chunk_size × 16, N)`` inputs, however many probes there are. For a
+            half-precision model these are float32 (twice its parameters' size), plus one float32
+            copy of its parameters and buffers (:data:`HALF_PRECISION`).
         output_transform: maps the model's output to logits ``[N, C]``; default
             :func:`~cm_monitor.default_output_transform` (a tensor, the first element of a tuple,
             ``out["logits"]`` or ``out.logits``). A single logit ``[N, 1]`` is read as two classes
@@ -254,11 +266,11 @@ def local_elasticity(
     net = logits_models([model], output_transform)[0]
     check_initialized([net])  # before _Passes reads the parameters
     device = model_device([net], inputs.device)
-    passes = _Passes(net, loss_fn)
     with measuring([net]):
+        passes = _Passes(net, loss_fn)  # in here, a half model's float32 copies are not inference tensors
         x = inputs.detach().to(device).clone()
-        if x.is_floating_point():  # measured in the parameters' dtype, as the model predicts (bf16, float64)
-            x = x.to(model_float_dtype([net], x.dtype))
+        if x.is_floating_point():  # the parameters' dtype, as the model predicts (float64); half: float32
+            x = x.to(_measured_dtype(net, x.dtype))
         y = labels.detach().to(device).clone()
         rows = owned(n, part).nonzero().squeeze(1).to(device)  # this share's SGD steps
         steps = _steps(passes, x, y, rows, lr, relative_step, loss_fn, check_linearity, chunk_size, progress)
@@ -491,17 +503,21 @@ class _Passes:
     numbers in its forward, in-place buffer updates, data-dependent Python) is run one step at a
     time instead, every pass on the whole batch of inputs from the same seed (see
     :func:`~cm_monitor._model.measuring`), so that its random numbers are the same at every pass.
+
+    A half-precision model (:data:`HALF_PRECISION`) is run on float32 copies of its float16/bfloat16
+    parameters and buffers, so that its SGD steps and passes are float32.
     """
 
     batched = True  # vmap, until it fails once
 
     def __init__(self, net: nn.Module, loss_fn: LossFn) -> None:
         self.net, self.loss_fn = net, loss_fn
-        self.params = {k: v.detach() for k, v in net.named_parameters() if v.requires_grad}
+        upcast = model_float_dtype([net], torch.float32) in HALF_PRECISION
+        self.params = {k: _detached(v, upcast) for k, v in net.named_parameters() if v.requires_grad}
         if not self.params:
             raise ValueError("`model` has no trainable parameters (requires_grad=True): there is no SGD step to take.")
-        self.frozen = {k: v.detach() for k, v in net.named_parameters() if not v.requires_grad}
-        self.buffers = {k: v.detach() for k, v in net.named_buffers()}
+        self.frozen = {k: _detached(v, upcast) for k, v in net.named_parameters() if not v.requires_grad}
+        self.buffers = {k: _detached(v, upcast) for k, v in net.named_buffers()}
 
     def __call__(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
         fresh = {k: b.clone() for k, b in self.buffers.items()}
@@ -554,6 +570,18 @@ class _Passes:
         if isinstance(err, RuntimeError) and explain_inference_tensors(err) is not err:
             raise explain_inference_tensors(err) from err
         self.batched = False
+
+
+def _measured_dtype(net: nn.Module, fallback: torch.dtype) -> torch.dtype:
+    """What the passes compute in: the dtype of the parameters, float32 for a half-precision model."""
+    dtype = model_float_dtype([net], fallback)
+    return torch.float32 if dtype in HALF_PRECISION else dtype
+
+
+def _detached(t: Tensor, upcast: bool) -> Tensor:
+    """``t`` detached (the model's own tensor), or a float32 copy of it if ``upcast`` and it is half precision."""
+    t = t.detach()
+    return t.float() if upcast and t.dtype in HALF_PRECISION else t
 
 
 def check_groups(groups: object, n: int, name: str = "groups") -> Tensor:
