@@ -444,3 +444,71 @@ def test_lazy_modules_that_the_forward_never_uses_leave_the_monitor_off_with_a_w
         t.fit(Unused(), train, val)
     assert monitor.anchors is None and not any(k.startswith("cm/") for k in t.callback_metrics)
     assert t.global_step == 2  # training went on
+
+
+class CountingBackend:
+    """A ``torch.compile`` backend that runs the captured graph as it is, counting compilations and calls."""
+
+    def __init__(self) -> None:
+        self.compiled, self.calls = 0, 0
+
+    def __call__(self, graph_module, example_inputs):
+        self.compiled += 1
+
+        def run(*args):
+            self.calls += 1
+            return graph_module.forward(*args)
+
+        return run
+
+
+@pytest.mark.parametrize("name", sorted(MEASURE))
+def test_a_compiled_model_is_measured_eagerly_and_stays_compiled(name):
+    # the elasticity's vmap of grad made Dynamo skip the module's forward for good (training then
+    # ran uncompiled: other weights in a fit); other measurements compiled graphs for their batch
+    # sizes and used up Dynamo's recompile limit
+    torch._dynamo.reset()
+    backend = CountingBackend()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 10))
+    compiled = torch.compile(net, backend=backend)
+    x, y = images()
+    batch = x[:8].requires_grad_()
+    compiled(batch).sum().backward()  # a training step: one graph
+    before = (backend.compiled, backend.calls)
+    eager = MEASURE[name](net, x, y)
+    measured = MEASURE[name](compiled, x, y)
+    assert (backend.compiled, backend.calls) == before  # nothing compiled or run compiled inside
+    for field in ("scores", "rf", "kernel"):  # measured as the plain module is
+        if hasattr(eager, field):
+            a, b = torch.as_tensor(getattr(eager, field)), torch.as_tensor(getattr(measured, field))
+            assert torch.equal(a.nan_to_num(-1), b.nan_to_num(-1)), field
+    compiled(batch).sum().backward()  # the next training step still runs the compiled graph
+    assert backend.calls == before[1] + 1 and backend.compiled == before[0]
+    torch._dynamo.reset()
+
+
+class CompiledNetModule(NetModule):
+    """The LightningModule's network is ``torch.compile(net)`` with a counting backend."""
+
+    def __init__(self, backend: CountingBackend):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 10))
+        super().__init__(torch.compile(net, backend=backend, dynamic=False), lr=3e-3)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_fit_with_a_compiled_network_runs_the_same_compiled_graphs_with_the_monitors(tmp_path):
+    import lightning
+    from test_callback import loaders, trainer
+
+    counts = []
+    for callbacks in ([], monitors()):
+        torch._dynamo.reset()
+        backend = CountingBackend()
+        lightning.seed_everything(0, verbose=False)
+        train, val = loaders(num_val=100)
+        trainer(tmp_path, callbacks, max_epochs=2, limit_train_batches=5).fit(CompiledNetModule(backend), train, val)
+        counts.append((backend.compiled, backend.calls))
+    torch._dynamo.reset()
+    assert counts[0] == counts[1]  # every training and validation step compiled and run as without them

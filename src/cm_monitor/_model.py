@@ -467,6 +467,13 @@ def measuring(members: list[nn.Module], grad: bool = True) -> Iterator[None]:
     autotuner (``torch.backends.cudnn.benchmark``, which ``Trainer(benchmark=True)`` sets): the work
     pool's passes change their number of rows as problems finish, and the autotuner would search
     the algorithms of every convolution again for each new size.
+
+    Compiled modules (``torch.compile``) run eagerly inside (``torch.compiler.set_stance("force_eager")``):
+    a measurement's new batch sizes, gradient modes and ``torch.func`` transforms would otherwise
+    compile new graphs, use up Dynamo's recompile limit (after which the training step's own new
+    shapes run uncompiled), and a transform that Dynamo cannot trace (the elasticity's ``vmap`` of
+    ``grad``) makes it skip the module's ``forward`` for good, so that training went on uncompiled,
+    with other numerics: the weights differed from a fit without the monitor.
     """
     guard = ModelGuard(members)
     devices = _cuda_devices(members)
@@ -477,7 +484,12 @@ def measuring(members: list[nn.Module], grad: bool = True) -> Iterator[None]:
 
     hooks = []
     try:
-        with saved_rng(devices), _no_autocast(devices), _no_cudnn_autotuning():
+        with (
+            saved_rng(devices),
+            _no_autocast(devices),
+            _no_cudnn_autotuning(),
+            torch.compiler.set_stance("force_eager"),
+        ):
             hooks = [m.register_forward_pre_hook(before_forward) for m in members]
             for m in members:
                 m.eval()
