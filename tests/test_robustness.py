@@ -402,35 +402,40 @@ def test_out_of_memory_retries_with_half_the_pass_that_ran_out(tmp_path, kind):
 
 
 class SqueezeMemory(Callback):
-    """After the monitor's start-of-fit estimate, the device's free memory holds ``rows`` of its rows
-    (as when training's gradients and optimizer state fill memory after it)."""
+    """Before the monitor's measurement (listed before it), the device's free memory holds
+    ``rows[epoch]`` of its rows (as when training's gradients and optimizer state fill memory after
+    the estimate at the start of fit); the forwards of each measurement are recorded."""
 
     def __init__(self, monitor, rows, monkeypatch):
-        self.monitor, self.rows, self.monkeypatch = monitor, rows, monkeypatch
+        self.monitor, self.rows, self.monkeypatch, self.passes = monitor, rows, monkeypatch, {}
+        self.hook = None
 
-    def on_train_start(self, trainer, pl_module):
-        free = 2 * self.rows * self.monitor._row_bytes + 1
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        free = 2 * self.rows[trainer.current_epoch] * self.monitor._row_bytes + 1
         self.monkeypatch.setattr("cm_monitor.callbacks.cm.available_bytes", lambda device: free)
+        sizes = self.passes.setdefault(trainer.current_epoch, [])
+        self.hook = pl_module.net.register_forward_pre_hook(lambda _, args: sizes.append(args[0].shape[0]))
+
+    def on_validation_end(self, trainer, pl_module):
+        if self.hook is not None:
+            self.hook.remove()
+            self.hook = None
 
 
-def test_the_pass_is_scaled_to_the_memory_free_at_the_measurement(tmp_path, monkeypatch):
-    sizes = []
-    monitor = CMDimensionMonitor(**FAST, get_model=lambda m: m.net)
-    t, model = fit(tmp_path, [monitor, SqueezeMemory(monitor, 5, monkeypatch)], max_epochs=2)
-    assert monitor.cost_estimate.rows_per_pass > 5  # planned at the start of fit
-    assert monitor._pass_rows == 5  # what fits when it measures, kept
-    hook = model.net.register_forward_pre_hook(lambda _, args: sizes.append(args[0].shape[0]))
-    monitor._measure_part(t, model, model.net, (0, 1))
-    hook.remove()
-    assert max(sizes[1:]) == 5  # every pass of the work pool (the first forward is the calibration)
+def test_each_pass_fits_the_memory_free_at_its_measurement(tmp_path, monkeypatch):
+    monitor = CMDimensionMonitor(**FAST, get_model=lambda m: m.net, warm_start=False)
+    squeeze = SqueezeMemory(monitor, {0: 5, 1: 10**6, 2: 7}, monkeypatch)
+    with pytest.warns(UserWarning, match=r"holds 5 plane points per pass, fewer than the \d+ this") as record:
+        t, _ = fit(tmp_path, [squeeze, monitor], max_epochs=3)
+    monitor._memory_rows = None  # (the last measurement's)
+    planned = monitor._pass_size((0, 1))
+    assert monitor.cost_estimate.rows_per_pass > 7 and planned > 7  # what the start of fit planned
+    largest = {epoch: max(sizes[1:]) for epoch, sizes in squeeze.passes.items()}  # after the calibration's
+    assert largest == {0: 5, 1: planned, 2: 7}  # back to the plan when memory is free again
+    assert sum("plane points per pass, fewer than" in str(w.message) for w in record) == 1  # once per fit
     assert t.callback_metrics["cm/measured"] == 1.0 and t.callback_metrics["cm/failed"] == 0.0
-
-
-def test_the_pass_scaled_to_the_free_memory_is_said_once(tmp_path, monkeypatch):
-    monitor = CMDimensionMonitor(**FAST)
-    with pytest.warns(UserWarning, match=r"holds 5 plane points per pass, fewer than the \d+ planned") as record:
-        fit(tmp_path, [monitor, SqueezeMemory(monitor, 5, monkeypatch)], max_epochs=3)
-    assert sum("plane points per pass, fewer than" in str(w.message) for w in record) == 1
 
 
 def test_out_of_memory_at_the_start_of_fit_scales_the_pass_down(tmp_path):
@@ -546,35 +551,51 @@ def test_an_error_subclass_at_the_start_keeps_its_type(tmp_path):
         t.fit(NetModule(BatchOfTwoFails(torch.OutOfMemoryError("simulated")), lr=1e-3), train, val)
 
 
+def with_ranks(cls, n, **attributes):
+    """A subclass of the strategy ``cls`` that reports ``n`` ranks (as after Lightning's set-up)."""
+    return type(f"My{cls.__name__}", (cls,), {"world_size": property(lambda self: n), **attributes})
+
+
 def test_strategies_that_shard_the_parameters_are_refused_before_training():
-    from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
+    from lightning.pytorch import strategies
 
     from cm_monitor.callbacks.base import check_strategy
 
-    with pytest.raises(
-        MisconfigurationException, match=r"CMDimensionMonitor: `FSDPStrategy` shards .* `cm-monitor analyze`"
-    ):
-        check_strategy(FSDPStrategy(), "CMDimensionMonitor")
+    refused = [with_ranks(strategies.FSDPStrategy, 2)(), with_ranks(strategies.ModelParallelStrategy, 2)()]
 
-    class DeepSpeedStrategy(SingleDeviceStrategy):  # what the check reads of Lightning's (deepspeed absent here)
-        def __init__(self, stage):
-            super().__init__(device="cpu")
-            self.zero_stage_3 = stage == 3
+    def no_deepspeed_needed(self, stage):  # Lightning's __init__ needs deepspeed; the check reads these
+        self.stage = stage
 
-    with pytest.raises(MisconfigurationException, match="`DeepSpeedStrategy` shards"):
-        check_strategy(DeepSpeedStrategy(3), "ElasticityMonitor")
-    check_strategy(DeepSpeedStrategy(2), "ElasticityMonitor")  # stage 2 shards the optimizer state only
-    check_strategy(DDPStrategy(), "CMDimensionMonitor")
-    check_strategy(SingleDeviceStrategy(device="cpu"), "CMDimensionMonitor")
+    deepspeed = with_ranks(
+        strategies.DeepSpeedStrategy, 2, __init__=no_deepspeed_needed, zero_stage_3=property(lambda s: s.stage == 3)
+    )
+    refused.append(deepspeed(3))  # a subclass, found by isinstance
+    for strategy in refused:
+        name = type(strategy).__name__
+        with pytest.raises(
+            MisconfigurationException, match=rf"CMDimensionMonitor: `{name}` shards .* `cm-monitor analyze`"
+        ):
+            check_strategy(strategy, "CMDimensionMonitor")
+    accepted = [
+        deepspeed(2),  # stage 2 shards the optimizer state only
+        with_ranks(strategies.FSDPStrategy, 2)(sharding_strategy="NO_SHARD"),
+        with_ranks(strategies.FSDPStrategy, 1)(),  # one rank: nothing to gather from others
+        with_ranks(DDPStrategy, 2)(),
+        strategies.SingleDeviceStrategy(device="cpu"),
+    ]
+    for strategy in accepted:
+        check_strategy(strategy, "CMDimensionMonitor")
 
 
-def test_a_sharding_strategy_stops_the_fit_at_setup(tmp_path, monkeypatch):
+def test_a_sharding_strategy_stops_the_fit_at_setup_but_not_validate(tmp_path, monkeypatch):
     from cm_monitor.callbacks import base
 
-    monkeypatch.setattr(base, "FSDPStrategy", type(pl.Trainer(accelerator="cpu", logger=False).strategy))
+    monkeypatch.setattr(base, "_shards_parameters", lambda strategy: True)
     steps = []
     model = DigitsCNN()
     model.on_train_batch_start = lambda *a: steps.append(1)
     with pytest.raises(MisconfigurationException, match="shards the model's parameters"):
         fit(tmp_path, [CMDimensionMonitor(**FAST)], model=model, max_epochs=1)
     assert steps == []  # before any training
+    t = trainer(tmp_path, [CMDimensionMonitor(**FAST)])
+    t.validate(model, loaders()[1], verbose=False)  # the monitor does nothing there: not refused

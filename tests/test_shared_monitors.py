@@ -17,13 +17,13 @@ from cm_monitor.callbacks import base
 
 
 class TrainClock(Callback):
-    """Every training batch takes one (fake) second."""
+    """Every training batch takes one (fake) second, or ``seconds``."""
 
-    def __init__(self, clock: list[float]) -> None:
-        self.clock = clock
+    def __init__(self, clock: list[float], seconds: float = 1.0) -> None:
+        self.clock, self.seconds = clock, seconds
 
     def on_train_batch_end(self, *args) -> None:
-        self.clock[0] += 1.0
+        self.clock[0] += self.seconds
 
 
 def test_each_monitors_cost_frac_is_its_own_share(tmp_path, monkeypatch):
@@ -50,27 +50,29 @@ def test_a_lone_monitors_cost_frac_is_its_share_of_the_epoch(tmp_path, monkeypat
 
 
 def costly_warnings(record) -> list[str]:
-    return [str(w.message) for w in record if "makes the fit about" in str(w.message)]
+    return [str(w.message) for w in record if "To spend less" in str(w.message)]
 
 
 @pytest.mark.parametrize(
-    ("seconds", "kwargs", "expected"),
+    ("seconds", "batch", "kwargs", "expected"),
     [
-        (6.0, {}, "about 300% slower"),  # 6 s against 2 s of training: 6 / 8 of each epoch
-        (6.0, {"every_n_epochs": 3}, "about 100% slower"),
-        (0.4, {}, None),  # 0.4 / 2.4 = 0.17 of the epoch: under COSTLY_FRACTION
-        (0.6, {}, "about 30% slower"),  # 0.6 / 2.6 = 0.23
-        (6.0, {"max_cost_frac": 1.0}, None),  # a budget was chosen: no advice
+        (6.0, 1.0, {}, "took 6.0 s, 3.0 times the 2.0 s of training"),  # 2 batches of 1 s per epoch
+        (6.0, 1.0, {"every_n_epochs": 3}, "3.0 times the 2.0 s"),
+        (4.0, 10.0, {}, None),  # 4 / 24 = 0.17 of the epoch: under COSTLY_FRACTION
+        (6.0, 10.0, {}, "took 6.0 s, 0.3 times the 20.0 s"),  # 6 / 26 = 0.23
+        (0.9, 0.1, {}, None),  # a costly share, but under COSTLY_SECONDS
+        (6.0, 1.0, {"max_cost_frac": 1.0}, None),  # a budget was chosen: no advice
     ],
 )
-def test_a_costly_measurement_is_warned_about_once_per_fit(tmp_path, monkeypatch, seconds, kwargs, expected):
+def test_a_costly_measurement_is_warned_about_once_per_fit(tmp_path, monkeypatch, seconds, batch, kwargs, expected):
     clock = [0.0]
     monkeypatch.setattr(base.time, "perf_counter", lambda: clock[0])
     monitor = FakeMonitor(seconds=seconds, clock=clock, **kwargs)
     for _fit in range(2):  # said once per fit, again in the next fit
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
-            tiny_trainer(tmp_path, [TrainClock(clock), monitor], max_epochs=4).fit(tiny_module(), *tiny_loaders())
+            trainer = tiny_trainer(tmp_path, [TrainClock(clock, batch), monitor], max_epochs=4)
+            trainer.fit(tiny_module(), *tiny_loaders())
         said = costly_warnings(record)
         if expected is None:
             assert said == []

@@ -488,7 +488,7 @@ def measuring(members: list[nn.Module], grad: bool = True) -> Iterator[None]:
             saved_rng(devices),
             _no_autocast(devices),
             _no_cudnn_autotuning(),
-            torch.compiler.set_stance("force_eager"),
+            _no_compilation(),
         ):
             hooks = [m.register_forward_pre_hook(before_forward) for m in members]
             for m in members:
@@ -503,6 +503,12 @@ def measuring(members: list[nn.Module], grad: bool = True) -> Iterator[None]:
         for h in hooks:
             h.remove()
         guard.restore()
+
+
+def _no_compilation() -> contextlib.AbstractContextManager[Any]:
+    """Compiled modules run eagerly inside (``torch.compiler.set_stance``, torch >= 2.6)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return contextlib.nullcontext() if set_stance is None else set_stance("force_eager")
 
 
 @contextlib.contextmanager

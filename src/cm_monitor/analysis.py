@@ -286,6 +286,8 @@ def measure(
     start = time.perf_counter()
     part, error, retried = monitor._attempt(clock, module)  # type: ignore[arg-type]  # out of memory: retried
     if error is not None:
+        if retried and hasattr(error, "add_note"):  # Python >= 3.11
+            error.add_note(" ".join(retried))
         raise error
     result = monitor._finish(clock, module, [part])  # type: ignore[arg-type]
     seconds = time.perf_counter() - start

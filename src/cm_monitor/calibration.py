@@ -62,10 +62,8 @@ def calibrate_temperature(
         >>> round(calibrate_temperature(30 * logits, labels) / calibrate_temperature(logits, labels), 3)
         30.0
     """
-    # on the CPU: the search reads a number hundreds of times (a wait for the device each time on a
-    # GPU), and T then does not depend on the device beyond the logits themselves
-    members = [z.detach().cpu() for z in ([logits] if isinstance(logits, Tensor) else logits)]
-    labels = labels.detach().cpu().long()
+    members = [logits] if isinstance(logits, Tensor) else list(logits)
+    labels = labels.to(members[0].device, torch.long)
     if not all(bool(torch.isfinite(z).all()) for z in members):
         return math.nan  # the model is broken: the measurement reports NaN rather than a made-up T
     sigma = float(torch.stack([z.detach().double().std() for z in members]).mean()) if members[0].numel() > 1 else 0.0

@@ -72,9 +72,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import lightning.pytorch as pl
+import lightning.pytorch.strategies as strategies
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -110,9 +110,11 @@ _STATE_VERSION = 1
 #: The values of ``on_nonfinite``.
 NONFINITE_POLICIES = ("log_nan", "keep_last", "raise")
 
-#: Without a budget, a measurement that takes at least this share of its interval (a fit about a
-#: quarter slower when measuring every epoch) is warned about once per fit, with what makes it cheaper.
+#: Without a budget, a measurement that takes at least this share of its interval (a quarter of the
+#: interval's own time, or more) and at least :data:`COSTLY_SECONDS` is warned about once per fit,
+#: with what makes it cheaper.
 COSTLY_FRACTION = 0.2
+COSTLY_SECONDS = 1.0
 
 
 #: CUDA out of memory (``torch.cuda.OutOfMemoryError`` before torch 2.5).
@@ -212,12 +214,25 @@ def logging_off(pl_module: pl.LightningModule) -> Iterator[None]:
                 object.__delattr__(pl_module, n)
 
 
-def check_strategy(strategy: Strategy, name: str) -> None:
+def _shards_parameters(strategy: strategies.Strategy) -> bool:
+    """Whether ``strategy`` splits the parameters across several ranks: FSDP (but ``NO_SHARD``),
+    model parallelism (Lightning >= 2.3), DeepSpeed ZeRO stage 3."""
+    if getattr(strategy, "world_size", 1) <= 1:
+        return False
+    if isinstance(strategy, strategies.FSDPStrategy):
+        return getattr(strategy.sharding_strategy, "name", None) != "NO_SHARD"
+    model_parallel = getattr(strategies, "ModelParallelStrategy", ())
+    deepspeed = getattr(strategies, "DeepSpeedStrategy", ())
+    return isinstance(strategy, model_parallel) or (
+        isinstance(strategy, deepspeed) and bool(getattr(strategy, "zero_stage_3", False))
+    )
+
+
+def check_strategy(strategy: strategies.Strategy, name: str) -> None:
     """Refuse strategies that shard the parameters across ranks (FSDP, model parallelism, DeepSpeed
     ZeRO stage 3): each forward of such a model gathers its parameters from every rank, but the
     ranks measure different shares of the work, so their forwards would not match (a hang)."""
-    deepspeed_3 = type(strategy).__name__ == "DeepSpeedStrategy" and bool(getattr(strategy, "zero_stage_3", False))
-    if isinstance(strategy, FSDPStrategy | ModelParallelStrategy) or deepspeed_3:
+    if _shards_parameters(strategy):
         raise MisconfigurationException(
             f"{name}: `{type(strategy).__name__}` shards the model's parameters across ranks, and the monitors "
             "measure with unsharded forwards split across ranks (single device or DDP). Train without the "
@@ -492,7 +507,8 @@ class GeometryMonitor(Callback):
         # runs before Lightning restores a checkpoint's callback states: only a restore after
         # this point (this fit's `ckpt_path`) continues a series
         self._restored = False
-        check_strategy(trainer.strategy, type(self).__name__)
+        if stage == "fit":
+            check_strategy(trainer.strategy, type(self).__name__)
         for other in trainer.callbacks:
             if other is not self and isinstance(other, GeometryMonitor) and other.prefix == self.prefix:
                 raise MisconfigurationException(
@@ -870,19 +886,21 @@ class GeometryMonitor(Callback):
         return outcome
 
     def _warn_if_costly(self, epoch: int, seconds: float, fraction: float) -> None:
-        """Once per fit, without a budget: a measurement that took at least :data:`COSTLY_FRACTION` of
-        its interval (the time since the epoch or the previous validation started, itself included)
-        says how much it slows the fit and what makes it cheaper."""
-        if self._cost_warned or self.max_cost_frac is not None or not COSTLY_FRACTION <= fraction < 1:
+        """Once per fit, without a budget: a measurement of at least :data:`COSTLY_SECONDS` that took at
+        least :data:`COSTLY_FRACTION` of its interval (the time since the epoch or the previous
+        validation started, itself included) says how it compares with that interval and what makes
+        it cheaper."""
+        costly = seconds >= COSTLY_SECONDS and COSTLY_FRACTION <= fraction < 1
+        if self._cost_warned or self.max_cost_frac is not None or not costly:
             return
         self._cost_warned = True
-        slower = fraction / (1 - fraction) / self.every_n_epochs
+        rest = seconds * (1 - fraction) / fraction  # the interval's training and validation
         cheaper = ", ".join(f"`{a}`" for a in ("every_n_epochs", *self._cost_arguments))
         rank_zero_warn(
-            f"{type(self).__name__} (epoch {epoch}): the measurement took {seconds:.1f} s, {fraction:.0%} of the "
-            f"time since the epoch (or the previous validation) started; measuring every {self.every_n_epochs} "
-            f"epoch(s) at this cost makes the fit about {slower:.0%} slower (later measurements may cost less). "
-            f"To spend less: {cheaper}, or a budget such as `max_cost_frac=0.1`. (Said once per fit.)",
+            f"{type(self).__name__} (epoch {epoch}): the measurement took {seconds:.1f} s, {seconds / rest:.1f} times "
+            f"the {rest:.1f} s of training and validation since the epoch (or the previous validation) started "
+            f"(later measurements may cost less). To spend less: {cheaper}, or a budget such as "
+            "`max_cost_frac=0.1`. (Said once per fit.)",
             category=UserWarning,
         )
 

@@ -51,8 +51,9 @@ class CMDimensionMonitor(GeometryMonitor):
     spent measuring above that fraction of the fit's wall time (postponed validations also repeat
     the last values, so leave room for them in the patience).
 
-    Anchors: ``num_anchors`` per class, a uniform random sample of each class of the whole
-    validation dataloader (``limit_val_batches`` does not shrink it; ``max_scan_batches`` does), drawn once at the start of fit from the whole
+    Anchors: ``num_anchors`` per class, a uniform random sample of each class of the validation
+    dataloader (read to its end when it has a length, whatever ``limit_val_batches``;
+    ``max_scan_batches`` limits it), drawn once at the start of fit from the whole
     validation set (under DDP too: each rank samples its shard, the samples merge, see
     ``docs/callback.md``); they, the random planes (same ``seed``) and the chosen boundary
     pairs stay fixed for the run and are saved in checkpoints (common random numbers: a change in
@@ -304,6 +305,8 @@ class CMDimensionMonitor(GeometryMonitor):
         self.cost_estimate: CostEstimate | None = None
         self._pass_rows = self.chunk_size
         self._row_bytes: float | None = None  # memory of one row of a pass, measured at fit start
+        self._memory_rows: int | None = None  # rows that the free memory holds at this measurement
+        self._memory_warned = False  # the passes were made smaller for memory in this fit (warned)
         self.num_bootstrap = check_int(num_bootstrap, "num_bootstrap", minimum=0)
         if not isinstance(warm_start, bool):
             raise TypeError(f"`warm_start` must be a bool, got {warm_start!r}.")
@@ -418,7 +421,7 @@ class CMDimensionMonitor(GeometryMonitor):
         assert self.anchors is not None
         with isolate_rng():
             rows, per_row = self._rows_within_memory(model)
-            self._row_bytes = per_row
+            self._row_bytes, self._memory_rows, self._memory_warned = per_row, None, False
             local = self._probe_cost(model, trainer.world_size, rows, per_row)
         self.cost_estimate = est = trainer.strategy.broadcast(local, src=0)  # every rank decides alike
         self._pass_rows = max(1, est.rows_per_pass)  # chunk_size, or less where memory says so
@@ -513,24 +516,32 @@ class CMDimensionMonitor(GeometryMonitor):
     def _plan_passes(self, model: nn.Module | list[nn.Module]) -> None:
         self._pass_rows, self._row_bytes = self._rows_within_memory(model)
 
-    def _rows_fitting_now(self, model: nn.Module | list[nn.Module]) -> int:
-        """The rows per pass (:attr:`_pass_rows`), fewer if half the device's free memory now holds
-        fewer, at the bytes per row measured at fit start: training allocates gradients and optimizer
-        state after the fit-start estimate (Adam's moments at its first step). Fewer from then on,
-        with a warning (the answers do not depend on it)."""
+    def _fit_to_free_memory(self, model: nn.Module | list[nn.Module], part: tuple[int, int]) -> None:
+        """Before a measurement: :attr:`_memory_rows`, the rows that half the device's free memory
+        holds now at the bytes per row measured at fit start (training allocates gradients and
+        optimizer state after that estimate: Adam's moments at its first step), or None if unknown.
+        This measurement's passes hold no more; the next one looks again. Warned once per fit when
+        it makes the passes smaller (on the rank where it does: each rank has its own memory)."""
+        self._memory_rows = None
         if self._row_bytes is None or self.anchors is None:
-            return self._pass_rows
+            return
         device = model_device(as_members(model), self.anchors.device)
         free = available_bytes(device)
-        fit = None if free is None else max(1, int(free / 2 // self._row_bytes))
-        if fit is not None and fit < self._pass_rows:
-            rank_zero_warn(
-                f"{type(self).__name__}: half the {free / 2**30:.1f} GiB now free on {device} holds {fit} plane points per "
-                f"pass, fewer than the {self._pass_rows} planned at the start of fit (training's gradients and "
-                f"optimizer state came after it): measuring with {fit} per pass (the answers do not depend on it)."
+        if free is None:
+            return
+        planned = self._pass_size(part)
+        self._memory_rows = max(1, int(free / 2 // self._row_bytes))
+        if self._memory_rows < planned and not self._memory_warned:
+            self._memory_warned = True
+            rank = f" (rank {part[0]})" if part[1] > 1 else ""
+            warnings.warn(
+                f"{type(self).__name__}{rank}: half the {free / 2**30:.1f} GiB now free on {device} holds "
+                f"{self._memory_rows} plane points per pass, fewer than the {planned} this measurement would run "
+                "(training's gradients and optimizer state came after the estimate at the start of fit): "
+                "measuring with smaller passes while memory is short (the answers do not depend on it).",
+                UserWarning,
+                stacklevel=2,
             )
-            self._pass_rows = fit
-        return self._pass_rows
 
     def _check_targets(self, num_classes: int) -> None:
         name = type(self).__name__
@@ -592,7 +603,7 @@ class CMDimensionMonitor(GeometryMonitor):
             if self.pairs:
                 starts.append(self._start(self.last_boundary, self.pairs, self.boundary_threshold))
             flight += sum(math.ceil(_hinted(start) / part[1]) for start in starts if start is not None)
-        return max(1, min(self._pass_rows, self.chunk_size, flight))
+        return max(1, min(self._pass_rows, self.chunk_size, flight, self._memory_rows or flight))
 
     def _start(self, last: DimensionEstimate | None, targets: list, threshold: float) -> DimensionEstimate | None:
         """The previous measurement as the warm start of this one, if it measured the same targets on
@@ -612,11 +623,13 @@ class CMDimensionMonitor(GeometryMonitor):
     ) -> tuple[DimensionEstimate, DimensionEstimate | None]:
         """This rank's share of the (target, anchor) groups, classes and pairs (partial estimates)."""
         assert self.anchors is not None and self.anchor_labels is not None and self.targets is not None
+        self._fit_to_free_memory(model, part)
         common = {
             "dims": self.grid(),
             "generator": self.seed,  # an int: the same planes and anchor subsets at every evaluation
             "anchors_per_target": self.anchors_per_target,
-            "chunk_size": min(self._rows_fitting_now(model), self.chunk_size),  # an out-of-memory retry halves it
+            # an out-of-memory retry halves chunk_size; the free memory may hold fewer rows
+            "chunk_size": min(self._pass_rows, self.chunk_size, self._memory_rows or self.chunk_size),
             "num_bootstrap": self.num_bootstrap,
             "settings": self.settings,
             "part": part,
