@@ -84,3 +84,16 @@ class ClipsWeights(nn.Module):
 
 #: name -> factory of the models whose forward updates buffers or draws random numbers
 ODD = {"counter": Counter, "qat": qat, "noise": Noise, "mc_dropout": MCDropout}
+
+
+class OOMAbove(nn.Module):
+    """``net``, but raises CUDA's out-of-memory error for batches larger than ``limit`` (on any device)."""
+
+    def __init__(self, net: nn.Module, limit: int) -> None:
+        super().__init__()
+        self.net, self.limit = net, limit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated, batch of {x.shape[0]})")
+        return self.net(x)

@@ -19,6 +19,7 @@ import pytest
 import torch
 from analyze_fixtures import DigitsData, DigitsModule, val_loader
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from odd_models import OOMAbove
 
 from cm_monitor import (
     CMDimensionMonitor,
@@ -286,19 +287,6 @@ def test_argument_errors(run):
         analyze(ckpts, model_class=DigitsModule, data=vectors, measurements=["cm", "diffeo"])
     with pytest.raises(ValueError, match="no attribute 'Nope'"):
         analyze(ckpts, model_class=f"{FIXTURES}:Nope", data=val_loader)
-
-
-class OOMAbove(torch.nn.Module):
-    """Raises CUDA's out-of-memory error for batches larger than ``limit`` (on any device)."""
-
-    def __init__(self, net, limit):
-        super().__init__()
-        self.net, self.limit = net, limit
-
-    def forward(self, x):
-        if x.shape[0] > self.limit:
-            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated, batch of {x.shape[0]})")
-        return self.net(x)
 
 
 def test_analyze_retries_out_of_memory_with_half_the_pass_as_a_fit_does(run):

@@ -14,12 +14,17 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("estimator_bench", ROOT / "benchmarks" / "estimator.py")
+def load_benchmark(name: str):
+    """The script ``benchmarks/{name}.py`` as a module."""
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_benchmark("estimator")
 
 
 def _tiny():
@@ -54,10 +59,7 @@ def test_efficiency_counts_rows_and_passes(bench):
 
 @pytest.fixture(scope="module")
 def speculation():
-    spec = importlib.util.spec_from_file_location("speculation_bench", ROOT / "benchmarks" / "speculation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("speculation")
 
 
 def test_speculation_replay_of_depth_0_is_the_bisection(speculation):

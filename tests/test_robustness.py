@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from odd_models import OOMAbove
 from test_callback import FAST, DigitsCNN, digits, loaders, trainer
 from test_monitors import DIFFEO_FAST, ELASTIC_FAST
 from torch import nn
@@ -165,19 +166,6 @@ def test_interrupts_are_not_swallowed(tmp_path, monkeypatch):
     # and through a fit: SystemExit ends it
     with pytest.raises(SystemExit):
         fit(tmp_path, [FailingDiffeo(fail_epochs={0}, error=SystemExit, **DIFFEO_FAST)], max_epochs=1)
-
-
-class OOMAbove(nn.Module):
-    """Raises CUDA's out-of-memory error for batches larger than ``limit`` (on any device)."""
-
-    def __init__(self, net, limit):
-        super().__init__()
-        self.net, self.limit = net, limit
-
-    def forward(self, x):
-        if x.shape[0] > self.limit:
-            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated, batch of {x.shape[0]})")
-        return self.net(x)
 
 
 @pytest.mark.parametrize("limit", [8, 4])
