@@ -1,6 +1,7 @@
 """Would speculative probes shorten a bisection enough to pay? Counted on a real outcome table.
 
-    python benchmarks/speculation.py          # about half a minute on a 2-core CPU
+    python benchmarks/speculation.py                  # about half a minute on a 2-core CPU
+    python benchmarks/speculation.py --device cuda    # the costs of a GPU (benchmarks/gpu_check.sh)
 
 The case of ``speedup_vs_sequential`` in ``benchmarks/estimator.py``: the digits CNN trained for one
 epoch, 5 classes × 4 anchors, the reference optimizer, threshold 0.5, the package's bisection. A
@@ -20,6 +21,7 @@ pass and cost per row), and the rest of the real run's time per pass (the pool's
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from dataclasses import replace
@@ -32,6 +34,7 @@ from estimator import digits_cnn, load_digits_data, per_class, train_one_epoch
 
 import cm_monitor.cutting as cutting
 from cm_monitor import REFERENCE_SETTINGS, cm_dimension, default_dims, search
+from cm_monitor._model import synchronize
 from cm_monitor.cost import time_pass
 
 
@@ -44,8 +47,10 @@ class EveryPointStopAtLevel(search.GridSearch):
 def counted_run(model, anchors, labels, **kw) -> tuple[float, int, int, object]:
     sizes: list[int] = []
     hook = model.register_forward_pre_hook(lambda _, args: sizes.append(args[0].shape[0]))
+    synchronize(anchors.device)
     start = time.perf_counter()
     est = cm_dimension(model, anchors, labels, **kw)
+    synchronize(anchors.device)
     seconds = time.perf_counter() - start
     hook.remove()
     return seconds, len(sizes) - 1, sum(sizes[1:]), est  # the first forward is the calibration's
@@ -97,12 +102,17 @@ def replay(passes: list[int], success: list[bool], depth: int) -> tuple[int, int
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="where the package's runs and the timed passes run")
+    device = torch.device(parser.parse_args().device)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = digits_cnn()
     X, y, Xv, yv = load_digits_data()
     train_one_epoch(model, X, y, torch.device("cpu"))
     anchors, labels = per_class(Xv, yv, 10)
+    model, anchors = model.to(device), anchors.to(device)
+    print(f"device {device}")
     dims = default_dims(64)
     kw = dict(classes=[0, 1, 2, 3, 4], anchors_per_target=4, dims=dims, threshold=0.5, num_bootstrap=0)
     bisect = replace(REFERENCE_SETTINGS, readoff="fraction", search="bisect")
