@@ -7,6 +7,7 @@ Fits are tiny (digits, a few batches); the measurements use the fast settings of
 from __future__ import annotations
 
 import math
+import warnings
 from datetime import timedelta
 from types import SimpleNamespace
 
@@ -587,3 +588,32 @@ def test_a_sharding_strategy_stops_the_fit_at_setup_but_not_validate(tmp_path, m
     assert steps == []  # before any training
     t = trainer(tmp_path, [CMDimensionMonitor(**FAST)])
     t.validate(model, loaders()[1], verbose=False)  # the monitor does nothing there: not refused
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """An endless stream of digits batches (no length)."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(0)
+        while True:
+            idx = torch.randint(0, len(self.y), (32,), generator=g)
+            yield self.x[idx], self.y[idx]
+
+
+@pytest.mark.parametrize("endless", [True, False])
+def test_an_endless_training_epoch_is_said_at_the_start(tmp_path, endless):
+    # validation by steps on a stream: one epoch for the whole fit, so one measurement
+    (xt, yt), (xv, yv) = digits()
+    train = DataLoader(Stream(xt, yt), batch_size=None) if endless else loaders()[0]
+    monitor = DiffeoStabilityMonitor(**DIFFEO_FAST)
+    t = trainer(tmp_path, [monitor], max_steps=12, max_epochs=None, val_check_interval=4, check_val_every_n_epoch=None)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        t.fit(DigitsCNN(), train, DataLoader(TensorDataset(xv, yv), batch_size=100))
+    said = [str(w.message) for w in record if "the training epoch has no end" in str(w.message)]
+    assert len(said) == (1 if endless else 0)
+    if endless:
+        assert monitor.num_measurements == 1 and "EarlyStopping" in said[0]

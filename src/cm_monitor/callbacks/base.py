@@ -86,6 +86,7 @@ from cm_monitor._model import (
     OutputTransform,
     as_members,
     check_logits,
+    global_rng_state,
     lazy_modules,
     logits_models,
     measuring,
@@ -608,6 +609,21 @@ class GeometryMonitor(Callback):
         self._check_watched_keys(trainer)
         self._preflight(trainer, model)
         self._warn_budget_with_watchers(trainer)
+        self._warn_endless_epoch(trainer)
+
+    def _warn_endless_epoch(self, trainer: pl.Trainer) -> None:
+        """A training epoch without an end (a dataloader without a length, validation by steps):
+        at most one measurement per epoch is one per fit, which must not go unsaid."""
+        if not math.isinf(trainer.num_training_batches):
+            return
+        rank_zero_warn(
+            f"{type(self).__name__}: the training epoch has no end (its dataloader has no length), and a monitor "
+            "measures at most once per epoch: it will measure at the first validation only and log those values "
+            f"again at every later one (`{self.prefix}/measured = 0`), so an `EarlyStopping` watching them would "
+            "stop the run. Give the training dataloader a length (epochs), or measure saved checkpoints with "
+            "`cm-monitor analyze`.",
+            category=UserWarning,
+        )
 
     def _warn_budget_with_watchers(self, trainer: pl.Trainer) -> None:
         if self.max_cost_frac is None:
@@ -1181,7 +1197,7 @@ class GeometryMonitor(Callback):
         name = type(self).__name__
         loaders = trainer.val_dataloaders
         val_loop = trainer.fit_loop.epoch_loop.val_loop
-        set_up_here = loaders is None
+        set_up_here, drew = loaders is None, False
         if set_up_here:
             # Lightning sets the validation data up before `on_train_start` only when the first
             # epoch validates (or after the sanity check); do it the way its fit loop does, with
@@ -1191,7 +1207,9 @@ class GeometryMonitor(Callback):
             trainer.validating = True
             try:
                 with isolate_rng():
+                    before = global_rng_state()
                     val_loop.setup_data()
+                    drew = global_rng_state() != before
             except Exception as err:  # e.g. the module's default `val_dataloader()` hook
                 raise MisconfigurationException(
                     f"{name} measures on validation data, but the validation dataloader could not "
@@ -1230,9 +1248,16 @@ class GeometryMonitor(Callback):
                         "drawn from all of it; pass `max_scan_batches=` (batches to read)."
                     ) from None
                 max_batches = int(n)
-        if set_up_here and hasattr(val_loop, "_combined_loader"):
-            # hand the set-up back: Lightning sets the validation data up at its usual time, with
-            # the random state it would have had without the monitor (the hook runs twice)
+        if (
+            set_up_here
+            and (drew or trainer.reload_dataloaders_every_n_epochs)
+            and hasattr(val_loop, "_combined_loader")
+        ):
+            # a hook that draws random numbers, or data reloaded on a schedule: hand the set-up
+            # back, so that Lightning sets the validation data up at its usual time, with the random
+            # state (and reload epoch) it would have had without the monitor; the hook runs twice.
+            # Otherwise the set-up is kept, as after a sanity check: the hook runs once, as without
+            # the monitor (a hook that returns other data at each call sees no extra call)
             val_loop._combined_loader = None
             if reload_epoch is not None:
                 val_loop._last_val_dl_reload_epoch = reload_epoch
