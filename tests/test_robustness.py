@@ -296,7 +296,6 @@ class RankFailingDiffeo(DiffeoStabilityMonitor):
         return super()._measure_part(trainer, pl_module, model, part)
 
     def on_validation_epoch_end(self, trainer, pl_module):
-        import warnings
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -603,17 +602,15 @@ class Stream(torch.utils.data.IterableDataset):
             yield self.x[idx], self.y[idx]
 
 
-@pytest.mark.parametrize("endless", [True, False])
-def test_an_endless_training_epoch_is_said_at_the_start(tmp_path, endless):
-    # validation by steps on a stream: one epoch for the whole fit, so one measurement
+@pytest.mark.parametrize(("every", "expected"), [(1, [1, 1, 1]), (2, [1, 0, 1])])
+def test_a_training_epoch_without_an_end_is_measured_every_n_validation_intervals(tmp_path, every, expected):
+    # a stream validated every 4 steps: one epoch for the whole fit (once per epoch was once per fit)
     (xt, yt), (xv, yv) = digits()
-    train = DataLoader(Stream(xt, yt), batch_size=None) if endless else loaders()[0]
-    monitor = DiffeoStabilityMonitor(**DIFFEO_FAST)
-    t = trainer(tmp_path, [monitor], max_steps=12, max_epochs=None, val_check_interval=4, check_val_every_n_epoch=None)
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        t.fit(DigitsCNN(), train, DataLoader(TensorDataset(xv, yv), batch_size=100))
-    said = [str(w.message) for w in record if "the training epoch has no end" in str(w.message)]
-    assert len(said) == (1 if endless else 0)
-    if endless:
-        assert monitor.num_measurements == 1 and "EarlyStopping" in said[0]
+    monitor = DiffeoStabilityMonitor(**DIFFEO_FAST, every_n_epochs=every)
+    record = Record(monitor.prefix)
+    t = trainer(
+        tmp_path, [monitor, record], max_steps=12, max_epochs=None, val_check_interval=4, check_val_every_n_epoch=None
+    )
+    t.fit(DigitsCNN(), DataLoader(Stream(xt, yt), batch_size=None), DataLoader(TensorDataset(xv, yv), batch_size=100))
+    assert [row["diffeo/measured"] for row in record.rows] == expected
+    assert monitor.last_measured_step == 12 and monitor.state_dict()["last_measured_step"] == 12

@@ -241,6 +241,13 @@ def check_strategy(strategy: strategies.Strategy, name: str) -> None:
         )
 
 
+def _endless_epoch(trainer: pl.Trainer) -> bool:
+    """A training epoch without an end, validated every ``val_check_batch`` steps (a stream)."""
+    steps = getattr(trainer, "val_check_batch", None)
+    endless = math.isinf(getattr(trainer, "num_training_batches", 0))
+    return endless and isinstance(steps, int | float) and math.isfinite(steps) and steps > 0
+
+
 def _ignore(*args: Any, **kwargs: Any) -> None:
     """What ``self.log`` does during the monitor's forwards."""
 
@@ -256,6 +263,8 @@ class GeometryMonitor(Callback):
     Args:
         every_n_epochs: measure at most once every this many epochs (the first validation of a
             run is always measured); validations in between log the last measured values again.
+            A training epoch without an end (a stream validated every ``val_check_interval``
+            steps) counts validation intervals instead: every this many of them.
         num_anchors: anchors drawn per class from the validation data.
         max_cost_frac: a budget: at most this fraction of the fit's wall time (since its start, this
             process; the time other monitors spend measuring is not counted) is spent measuring. A due measurement is postponed to a later validation
@@ -397,6 +406,8 @@ class GeometryMonitor(Callback):
         self.num_classes: int | None = None
         self.last_values: dict[str, float] = {}
         self.last_measured_epoch: int | None = None
+        #: ``global_step`` of the last measurement (the schedule of a training epoch without an end)
+        self.last_measured_step: int | None = None
         self.num_measurements = 0
         # run-time only
         #: total seconds spent measuring in this process (not saved in checkpoints)
@@ -609,21 +620,6 @@ class GeometryMonitor(Callback):
         self._check_watched_keys(trainer)
         self._preflight(trainer, model)
         self._warn_budget_with_watchers(trainer)
-        self._warn_endless_epoch(trainer)
-
-    def _warn_endless_epoch(self, trainer: pl.Trainer) -> None:
-        """A training epoch without an end (a dataloader without a length, validation by steps):
-        at most one measurement per epoch is one per fit, which must not go unsaid."""
-        if not math.isinf(trainer.num_training_batches):
-            return
-        rank_zero_warn(
-            f"{type(self).__name__}: the training epoch has no end (its dataloader has no length), and a monitor "
-            "measures at most once per epoch: it will measure at the first validation only and log those values "
-            f"again at every later one (`{self.prefix}/measured = 0`), so an `EarlyStopping` watching them would "
-            "stop the run. Give the training dataloader a length (epochs), or measure saved checkpoints with "
-            "`cm-monitor analyze`.",
-            category=UserWarning,
-        )
 
     def _warn_budget_with_watchers(self, trainer: pl.Trainer) -> None:
         if self.max_cost_frac is None:
@@ -653,7 +649,7 @@ class GeometryMonitor(Callback):
             return
         epoch = trainer.current_epoch
         outcome = _Outcome()
-        if self._due(epoch) and self._within_budget(trainer, epoch):
+        if self._due(trainer) and self._within_budget(trainer, epoch):
             with logging_off(pl_module):  # the monitor's own values are logged below
                 outcome = self._run_measurement(trainer, pl_module, epoch)
         values = dict(self.last_values)
@@ -682,6 +678,7 @@ class GeometryMonitor(Callback):
             "num_classes": self.num_classes,
             "last_values": dict(self.last_values),
             "last_measured_epoch": self.last_measured_epoch,
+            "last_measured_step": self.last_measured_step,
             "num_measurements": self.num_measurements,
             **self._extra_state(),
         }
@@ -701,6 +698,7 @@ class GeometryMonitor(Callback):
         self.num_classes = state_dict["num_classes"]
         self.last_values = dict(state_dict["last_values"])
         self.last_measured_epoch = state_dict["last_measured_epoch"]
+        self.last_measured_step = state_dict.get("last_measured_step")  # absent before 2026-12-06
         self.num_measurements = state_dict["num_measurements"]
         self._load_extra_state(state_dict)
         self._forget_estimates()  # a resumed series starts its next measurement afresh
@@ -711,14 +709,21 @@ class GeometryMonitor(Callback):
         self._forget_estimates()
         self.anchors = self.anchor_labels = self.num_classes = None
         self.last_values = {}
-        self.last_measured_epoch = None
+        self.last_measured_epoch = self.last_measured_step = None
         self.num_measurements = 0
 
     # ------------------------------------------------------------------ internals
 
-    def _due(self, epoch: int) -> bool:
-        last = self.last_measured_epoch
-        return last is None or epoch - last >= self.every_n_epochs
+    def _due(self, trainer: pl.Trainer) -> bool:
+        """At least ``every_n_epochs`` epochs after the last measurement; in a training epoch without
+        an end (a stream validated every ``val_check_interval`` steps), at least ``every_n_epochs``
+        validation intervals after it."""
+        if self.last_measured_epoch is None:
+            return True
+        if _endless_epoch(trainer) and self.last_measured_step is not None:
+            every = self.every_n_epochs * trainer.val_check_batch
+            return trainer.global_step - self.last_measured_step >= every
+        return trainer.current_epoch - self.last_measured_epoch >= self.every_n_epochs
 
     def _within_budget(self, trainer: pl.Trainer, epoch: int) -> bool:
         """Whether one more measurement, as long as the last one, keeps within ``max_cost_frac``."""
@@ -853,7 +858,8 @@ class GeometryMonitor(Callback):
         seconds, fraction = shared["seconds"], shared["fraction"]
         self._fit_seconds += seconds
         self._last_seconds = seconds
-        self.last_measured_epoch = epoch  # a failed attempt counts for the schedule (its cost is paid)
+        # a failed attempt counts for the schedule (its cost is paid)
+        self.last_measured_epoch, self.last_measured_step = epoch, trainer.global_step
         outcome = _Outcome(seconds=max(seconds, 1e-9), fraction=fraction)
         notes = list(shared["notes"])
         values: dict[str, float] = shared["values"]
