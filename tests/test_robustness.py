@@ -602,15 +602,31 @@ class Stream(torch.utils.data.IterableDataset):
             yield self.x[idx], self.y[idx]
 
 
-@pytest.mark.parametrize(("every", "expected"), [(1, [1, 1, 1]), (2, [1, 0, 1])])
-def test_a_training_epoch_without_an_end_is_measured_every_n_validation_intervals(tmp_path, every, expected):
-    # a stream validated every 4 steps: one epoch for the whole fit (once per epoch was once per fit)
+@pytest.mark.parametrize(
+    ("every", "kwargs", "expected"),
+    [(1, {}, [1, 1, 1]), (2, {}, [1, 0, 1]), (1, {"accumulate_grad_batches": 2}, [1] * 6)],
+)
+def test_a_training_epoch_without_an_end_is_measured_every_n_validations(tmp_path, every, kwargs, expected):
+    # a stream validated every 4 batches: one epoch for the whole fit (once per epoch was once per fit)
     (xt, yt), (xv, yv) = digits()
     monitor = DiffeoStabilityMonitor(**DIFFEO_FAST, every_n_epochs=every)
     record = Record(monitor.prefix)
-    t = trainer(
-        tmp_path, [monitor, record], max_steps=12, max_epochs=None, val_check_interval=4, check_val_every_n_epoch=None
-    )
+    kw = dict(max_steps=12, max_epochs=None, val_check_interval=4, check_val_every_n_epoch=None, **kwargs)
+    t = trainer(tmp_path, [monitor, record], **kw)
     t.fit(DigitsCNN(), DataLoader(Stream(xt, yt), batch_size=None), DataLoader(TensorDataset(xv, yv), batch_size=100))
     assert [row["diffeo/measured"] for row in record.rows] == expected
-    assert monitor.last_measured_step == 12 and monitor.state_dict()["last_measured_step"] == 12
+    state = monitor.state_dict()
+    assert state["num_validations"] == len(expected) and state["last_measured_validation"] == len(expected)
+
+
+def test_a_stream_resumed_from_a_checkpoint_without_the_validation_count_measures_next():
+    monitor = DiffeoStabilityMonitor(**DIFFEO_FAST)
+    monitor.last_measured_epoch, monitor.num_validations, monitor.last_measured_validation = 0, 5, 5
+    state = monitor.state_dict()
+    del state["num_validations"], state["last_measured_validation"]  # as written before 2026-12-06
+    monitor.load_state_dict(state)
+    stream, epochs = (
+        SimpleNamespace(num_training_batches=math.inf),
+        SimpleNamespace(num_training_batches=10, current_epoch=0),
+    )
+    assert monitor._due(stream) and not monitor._due(epochs)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import pickle
 import random
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -437,19 +436,6 @@ def saved_rng(devices: Sequence[int]) -> Iterator[None]:
         random.setstate(py_state)
         if np_random is not None:
             np_random.set_state(np_state)
-
-
-def global_rng_state() -> bytes:
-    """The global random states (torch's CPU and initialized CUDA generators, Python's, NumPy's)
-    as bytes, to tell whether some code drew random numbers from them."""
-    parts = [torch.get_rng_state().numpy().tobytes(), pickle.dumps(random.getstate())]
-    np_random = _numpy_random()
-    if np_random is not None:
-        kind, keys, *rest = np_random.get_state()
-        parts += [keys.tobytes(), pickle.dumps((kind, *rest))]
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        parts += [s.numpy().tobytes() for s in torch.cuda.get_rng_state_all()]
-    return b"".join(parts)
 
 
 def _numpy_random() -> Any:

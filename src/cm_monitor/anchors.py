@@ -14,6 +14,7 @@ Pure PyTorch; no Lightning import (the callbacks in :mod:`cm_monitor.callbacks` 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -464,6 +465,26 @@ def sample_anchors(
         reservoir.add(inputs, labels)
         n += 1
     return reservoir.sample(num_batches=n) if allow_empty else reservoir.result(num_batches=n)
+
+
+@contextlib.contextmanager
+def generators_kept(loader: Any) -> Iterator[None]:
+    """The states of the random generators that ``loader`` reads when it is iterated (its own
+    ``generator``, its sampler's and its batch sampler's sampler's: a shuffle, the workers' base
+    seed) are restored on exit, so that reading it leaves its next iteration as it was."""
+    found: list[torch.Generator] = []
+    sampler = getattr(loader, "sampler", None)
+    inner = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
+    for owner in (loader, sampler, inner):
+        g = getattr(owner, "generator", None)
+        if isinstance(g, torch.Generator) and all(g is not f for f in found):
+            found.append(g)
+    states = [g.get_state() for g in found]
+    try:
+        yield
+    finally:
+        for g, state in zip(found, states, strict=True):
+            g.set_state(state)
 
 
 class OwnIterator:

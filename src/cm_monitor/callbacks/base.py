@@ -86,7 +86,6 @@ from cm_monitor._model import (
     OutputTransform,
     as_members,
     check_logits,
-    global_rng_state,
     lazy_modules,
     logits_models,
     measuring,
@@ -99,6 +98,7 @@ from cm_monitor.anchors import (
     AnchorSample,
     BatchReader,
     OwnIterator,
+    generators_kept,
     make_batch_reader,
     merge_samples,
     sample_anchors,
@@ -241,13 +241,6 @@ def check_strategy(strategy: strategies.Strategy, name: str) -> None:
         )
 
 
-def _endless_epoch(trainer: pl.Trainer) -> bool:
-    """A training epoch without an end, validated every ``val_check_batch`` steps (a stream)."""
-    steps = getattr(trainer, "val_check_batch", None)
-    endless = math.isinf(getattr(trainer, "num_training_batches", 0))
-    return endless and isinstance(steps, int | float) and math.isfinite(steps) and steps > 0
-
-
 def _ignore(*args: Any, **kwargs: Any) -> None:
     """What ``self.log`` does during the monitor's forwards."""
 
@@ -263,8 +256,8 @@ class GeometryMonitor(Callback):
     Args:
         every_n_epochs: measure at most once every this many epochs (the first validation of a
             run is always measured); validations in between log the last measured values again.
-            A training epoch without an end (a stream validated every ``val_check_interval``
-            steps) counts validation intervals instead: every this many of them.
+            A training epoch without an end (a stream validated every ``val_check_interval``)
+            counts validations instead: every this many of them.
         num_anchors: anchors drawn per class from the validation data.
         max_cost_frac: a budget: at most this fraction of the fit's wall time (since its start, this
             process; the time other monitors spend measuring is not counted) is spent measuring. A due measurement is postponed to a later validation
@@ -406,8 +399,10 @@ class GeometryMonitor(Callback):
         self.num_classes: int | None = None
         self.last_values: dict[str, float] = {}
         self.last_measured_epoch: int | None = None
-        #: ``global_step`` of the last measurement (the schedule of a training epoch without an end)
-        self.last_measured_step: int | None = None
+        #: validations of the run so far (the sanity check's not counted), and the one of the last
+        #: measurement: the schedule of a training epoch without an end
+        self.num_validations = 0
+        self.last_measured_validation: int | None = None
         self.num_measurements = 0
         # run-time only
         #: total seconds spent measuring in this process (not saved in checkpoints)
@@ -648,6 +643,7 @@ class GeometryMonitor(Callback):
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or self.anchors is None:
             return
         epoch = trainer.current_epoch
+        self.num_validations += 1
         outcome = _Outcome()
         if self._due(trainer) and self._within_budget(trainer, epoch):
             with logging_off(pl_module):  # the monitor's own values are logged below
@@ -678,7 +674,8 @@ class GeometryMonitor(Callback):
             "num_classes": self.num_classes,
             "last_values": dict(self.last_values),
             "last_measured_epoch": self.last_measured_epoch,
-            "last_measured_step": self.last_measured_step,
+            "num_validations": self.num_validations,
+            "last_measured_validation": self.last_measured_validation,
             "num_measurements": self.num_measurements,
             **self._extra_state(),
         }
@@ -698,7 +695,9 @@ class GeometryMonitor(Callback):
         self.num_classes = state_dict["num_classes"]
         self.last_values = dict(state_dict["last_values"])
         self.last_measured_epoch = state_dict["last_measured_epoch"]
-        self.last_measured_step = state_dict.get("last_measured_step")  # absent before 2026-12-06
+        # absent from checkpoints written before 2026-12-06
+        self.num_validations = state_dict.get("num_validations", 0)
+        self.last_measured_validation = state_dict.get("last_measured_validation")
         self.num_measurements = state_dict["num_measurements"]
         self._load_extra_state(state_dict)
         self._forget_estimates()  # a resumed series starts its next measurement afresh
@@ -709,20 +708,21 @@ class GeometryMonitor(Callback):
         self._forget_estimates()
         self.anchors = self.anchor_labels = self.num_classes = None
         self.last_values = {}
-        self.last_measured_epoch = self.last_measured_step = None
-        self.num_measurements = 0
+        self.last_measured_epoch = self.last_measured_validation = None
+        self.num_measurements = self.num_validations = 0
 
     # ------------------------------------------------------------------ internals
 
     def _due(self, trainer: pl.Trainer) -> bool:
         """At least ``every_n_epochs`` epochs after the last measurement; in a training epoch without
-        an end (a stream validated every ``val_check_interval`` steps), at least ``every_n_epochs``
-        validation intervals after it."""
+        an end (a stream, validated by steps or by time), at least ``every_n_epochs`` validations
+        after it (and at the first validation after a resume from a checkpoint that does not count
+        them)."""
         if self.last_measured_epoch is None:
             return True
-        if _endless_epoch(trainer) and self.last_measured_step is not None:
-            every = self.every_n_epochs * trainer.val_check_batch
-            return trainer.global_step - self.last_measured_step >= every
+        if math.isinf(trainer.num_training_batches):
+            last = self.last_measured_validation
+            return last is None or self.num_validations - last >= self.every_n_epochs
         return trainer.current_epoch - self.last_measured_epoch >= self.every_n_epochs
 
     def _within_budget(self, trainer: pl.Trainer, epoch: int) -> bool:
@@ -859,7 +859,7 @@ class GeometryMonitor(Callback):
         self._fit_seconds += seconds
         self._last_seconds = seconds
         # a failed attempt counts for the schedule (its cost is paid)
-        self.last_measured_epoch, self.last_measured_step = epoch, trainer.global_step
+        self.last_measured_epoch, self.last_measured_validation = epoch, self.num_validations
         outcome = _Outcome(seconds=max(seconds, 1e-9), fraction=fraction)
         notes = list(shared["notes"])
         values: dict[str, float] = shared["values"]
@@ -1203,7 +1203,7 @@ class GeometryMonitor(Callback):
         name = type(self).__name__
         loaders = trainer.val_dataloaders
         val_loop = trainer.fit_loop.epoch_loop.val_loop
-        set_up_here, drew = loaders is None, False
+        set_up_here = loaders is None
         if set_up_here:
             # Lightning sets the validation data up before `on_train_start` only when the first
             # epoch validates (or after the sanity check); do it the way its fit loop does, with
@@ -1213,9 +1213,7 @@ class GeometryMonitor(Callback):
             trainer.validating = True
             try:
                 with isolate_rng():
-                    before = global_rng_state()
                     val_loop.setup_data()
-                    drew = global_rng_state() != before
             except Exception as err:  # e.g. the module's default `val_dataloader()` hook
                 raise MisconfigurationException(
                     f"{name} measures on validation data, but the validation dataloader could not "
@@ -1254,16 +1252,10 @@ class GeometryMonitor(Callback):
                         "drawn from all of it; pass `max_scan_batches=` (batches to read)."
                     ) from None
                 max_batches = int(n)
-        if (
-            set_up_here
-            and (drew or trainer.reload_dataloaders_every_n_epochs)
-            and hasattr(val_loop, "_combined_loader")
-        ):
-            # a hook that draws random numbers, or data reloaded on a schedule: hand the set-up
-            # back, so that Lightning sets the validation data up at its usual time, with the random
-            # state (and reload epoch) it would have had without the monitor; the hook runs twice.
-            # Otherwise the set-up is kept, as after a sanity check: the hook runs once, as without
-            # the monitor (a hook that returns other data at each call sees no extra call)
+        if set_up_here and hasattr(val_loop, "_combined_loader"):
+            # hand the set-up back: Lightning sets the validation data up at its usual time (the
+            # first validation), with the random state, epoch and model it would have had without
+            # the monitor; the hook runs once more (see docs/callback.md)
             val_loop._combined_loader = None
             if reload_epoch is not None:
                 val_loop._last_val_dl_reload_epoch = reload_epoch
@@ -1288,7 +1280,8 @@ class GeometryMonitor(Callback):
             # creating a DataLoader iterator draws from the global RNG (and shuffling or workers
             # more): isolate it so that training sees exactly the random numbers it would without us
             # a loader with persistent workers is read through an iterator of our own (OwnIterator)
-            with isolate_rng(), torch.no_grad():
+            # (and so do the loader's own generators: a seeded shuffle must not be advanced)
+            with isolate_rng(), generators_kept(loader), torch.no_grad():
                 return self._sample_from(
                     batches, max_batches, transfer, allow_empty=True, **kw
                 )  # a rank may have no data
