@@ -260,13 +260,17 @@ def fingerprint(tensors: Sequence[Tensor]) -> Tensor:
     return torch.stack([s.cpu() for s in sums]) if len({s.device for s in sums}) > 1 else torch.stack(sums).cpu()
 
 
+def _submodules(members: list[nn.Module]) -> list[nn.Module]:
+    """Every submodule of the members, each once (members may share submodules)."""
+    return list({id(sub): sub for m in members for sub in m.modules()}.values())
+
+
 def lazy_modules(members: list[nn.Module]) -> list[str]:
     """The class names of the submodules whose parameters or buffers are not initialized yet (e.g.
     :class:`torch.nn.LazyLinear` before its first forward pass)."""
-    subs = {id(sub): sub for m in members for sub in m.modules()}.values()
     return [
         type(sub).__name__
-        for sub in subs
+        for sub in _submodules(members)
         if any(nn.parameter.is_lazy(t) for t in (*sub._parameters.values(), *sub._buffers.values()) if t is not None)
     ]
 
@@ -298,7 +302,7 @@ class ModelGuard:
 
     def __init__(self, members: list[nn.Module]) -> None:
         check_initialized(members)
-        modules = list({id(sub): sub for m in members for sub in m.modules()}.values())
+        modules = _submodules(members)
         self.modes = [(sub, sub.training) for sub in modules]
         self.buffer_dicts = [(sub, dict(sub._buffers)) for sub in modules]
         self.param_dicts = [(sub, dict(sub._parameters)) for sub in modules]

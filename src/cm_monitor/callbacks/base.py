@@ -539,7 +539,7 @@ class GeometryMonitor(Callback):
                     category=UserWarning,
                 )
             self._reset_series()
-        lazy = lazy_modules(model if isinstance(model, list) else [model])
+        lazy = lazy_modules(as_members(model))
         self._set_up_pending = bool(lazy)
         if lazy:  # a forward now would initialize them, with random numbers training did not draw
             if self.verbose:
@@ -558,7 +558,7 @@ class GeometryMonitor(Callback):
         if not self._set_up_pending:
             return
         model = self._model(pl_module)
-        lazy = lazy_modules(model if isinstance(model, list) else [model])
+        lazy = lazy_modules(as_members(model))
         self._set_up_pending = False
         if not lazy:
             self._set_up_at_start(trainer, pl_module, model, after_batch=True)
@@ -1279,8 +1279,8 @@ class GeometryMonitor(Callback):
         try:
             # creating a DataLoader iterator draws from the global RNG (and shuffling or workers
             # more): isolate it so that training sees exactly the random numbers it would without us
-            # a loader with persistent workers is read through an iterator of our own (OwnIterator)
-            # (and so do the loader's own generators: a seeded shuffle must not be advanced)
+            # a loader with persistent workers is read through an iterator of our own (OwnIterator),
+            # and the loader's own generators are restored after (a seeded shuffle must not move)
             with isolate_rng(), generators_kept(loader), torch.no_grad():
                 return self._sample_from(
                     batches, max_batches, transfer, allow_empty=True, **kw
@@ -1312,7 +1312,7 @@ class GeometryMonitor(Callback):
 
     def _num_classes(self, model: nn.Module | list[nn.Module], anchors: Tensor) -> int:
         """Number of classes: one forward pass on two anchors, in eval mode, modes restored."""
-        members = model if isinstance(model, list) else [model]
+        members = as_members(model)
         device = model_device(members, anchors.device)
         x = anchors[:2].to(device, model_float_dtype(members, anchors.dtype))
         # eval mode, every submodule's mode restored after; a model that draws random numbers in

@@ -495,11 +495,10 @@ class CMDimensionMonitor(GeometryMonitor):
         rows = rows_per_pass(D, grid, self.settings, self.chunk_size)
         state = pool_bytes(D, grid[-1], choose_planes(self.settings.planes, D, grid[-1]) == "dense", 1)
         per_row = activation_bytes_per_row(model, self.anchors) + state
-        device = model_device(as_members(model), self.anchors.device)
-        free = available_bytes(device)
+        device, free = self._free_memory(model)
         if free is None or rows * per_row <= free / 2:
             return rows, per_row
-        fit = int(free / 2 // per_row)
+        fit = _rows_in_half(free, per_row)
         name = type(self).__name__
         if fit < 1:
             raise MisconfigurationException(
@@ -513,6 +512,12 @@ class CMDimensionMonitor(GeometryMonitor):
         )
         return fit, per_row
 
+    def _free_memory(self, model: nn.Module | list[nn.Module]) -> tuple[torch.device, int | None]:
+        """The model's device and the bytes free on it now (None: unknown)."""
+        assert self.anchors is not None
+        device = model_device(as_members(model), self.anchors.device)
+        return device, available_bytes(device)
+
     def _plan_passes(self, model: nn.Module | list[nn.Module]) -> None:
         self._pass_rows, self._row_bytes = self._rows_within_memory(model)
 
@@ -525,12 +530,11 @@ class CMDimensionMonitor(GeometryMonitor):
         self._memory_rows = None
         if self._row_bytes is None or self.anchors is None:
             return
-        device = model_device(as_members(model), self.anchors.device)
-        free = available_bytes(device)
+        device, free = self._free_memory(model)
         if free is None:
             return
         planned = self._pass_size(part)
-        self._memory_rows = max(1, int(free / 2 // self._row_bytes))
+        self._memory_rows = max(1, _rows_in_half(free, self._row_bytes))
         if self._memory_rows < planned and not self._memory_warned:
             self._memory_warned = True
             rank = f" (rank {part[0]})" if part[1] > 1 else ""
@@ -829,6 +833,11 @@ def _check_dims(dims: int | Sequence[int]) -> int | list[int]:
             raise ValueError(f"`dims` must hold positive integers, got {d!r}.")
         out.append(d)
     return sorted(set(out))
+
+
+def _rows_in_half(free: int, per_row: float) -> int:
+    """Rows of ``per_row`` bytes that half of ``free`` bytes holds (a pass may take half the free memory)."""
+    return int(free / 2 // per_row)
 
 
 def _hinted(est: DimensionEstimate) -> int:
