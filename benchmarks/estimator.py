@@ -31,18 +31,20 @@ offline CIFAR or ImageNet). It prints a table and ends with one JSON line:
   ``search_same_answer`` says whether every class's ``d*`` agrees within one grid step.
 * ``monitor_overhead``: one measurement at ``CMDimensionMonitor``'s defaults on the LeNet, in
   training examples of that LeNet's own training step, divided by a CIFAR-10 epoch (50,000) and
-  the default ``every_n_epochs`` (1). The ImageNet-size figure (1.28 M) is printed too. With
-  ``--quick`` the measurement runs on 3 classes and 1 pair and its time is scaled by the number of
-  problems (printed).
-  ``monitor_overhead_warm``: the monitor's next measurement, after one more training epoch,
-  started at the previous answers (``warm_start``); ``warm_start_same_answer`` says whether its
-  ``d*`` equals a cold start's for every target.
+  the default ``every_n_epochs`` (read from the signature: 10). ``monitor_overhead_per_measurement``
+  is the same without the division (what ``every_n_epochs=1`` costs). The ImageNet-size figure
+  (1.28 M, one measurement) is printed too. With ``--quick`` the measurement runs on 3 classes and
+  1 pair and its time is scaled by the number of targets (printed).
+  ``monitor_overhead_warm``: the monitor's next measurement, after ``every_n_epochs`` more
+  training epochs, started at the previous answers (``warm_start``), divided likewise;
+  ``warm_start_same_answer`` says whether its ``d*`` equals a cold start's for every target.
 * ``peak_memory_mb``: the process's peak resident memory (CPU) or the peak CUDA allocation.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import resource
@@ -56,6 +58,7 @@ from torch import nn
 
 from cm_monitor import (
     REFERENCE_SETTINGS,
+    CMDimensionMonitor,
     OptimizerSettings,
     cm_and_boundary_dimension,
     cm_dimension,
@@ -381,24 +384,27 @@ def main() -> None:
     lenet_anchors = per_class(Xmv, ymv, 10)
     meas_seconds, ran, full, first = monitor_measurement(lenet_model, *lenet_anchors, args.quick, device)
     examples = meas_seconds / sec_per_example
-    overhead = examples / 50_000 / 1
+    every = inspect.signature(CMDimensionMonitor).parameters["every_n_epochs"].default
+    overhead = examples / 50_000 / every
     print(
         f"\nmonitor defaults on the LeNet: {meas_seconds:.1f} s per measurement"
         f"{f' (scaled from {ran} of {full} targets)' if ran < full else ''}; a training example takes "
         f"{sec_per_example * 1e3:.3f} ms, so one measurement = {examples:.0f} training examples = "
-        f"{overhead:.3f} of a CIFAR-10-size epoch (50,000) and {examples / 1.28e6:.4f} of an ImageNet-size one (1.28 M)"
+        f"{examples / 50_000:.3f} of a CIFAR-10-size epoch (50,000) and {examples / 1.28e6:.4f} of an ImageNet-size "
+        f"one (1.28 M); at the default every_n_epochs={every}: {overhead:.4f} of each CIFAR-10-size epoch"
     )
-    # the monitor's next measurement, one training epoch later, starts at the previous answers
-    train_one_epoch(lenet_model, Xm, ym, device)
+    # the monitor's next measurement, every_n_epochs training epochs later, starts at the previous answers
+    for _ in range(every):
+        train_one_epoch(lenet_model, Xm, ym, device)
     lenet_model.eval()
     cold_seconds, *_, cold = monitor_measurement(lenet_model, *lenet_anchors, args.quick, device)
     warm_seconds, *_, warm = monitor_measurement(lenet_model, *lenet_anchors, args.quick, device, start=first)
     same = all(torch.allclose(c.cutting_dim, w.cutting_dim, equal_nan=True) for c, w in zip(cold, warm, strict=True))
-    warm_overhead = warm_seconds / sec_per_example / 50_000
+    warm_overhead = warm_seconds / sec_per_example / 50_000 / every
     print(
-        f"one epoch later: cold {cold_seconds:.1f} s, warm start from the previous measurement {warm_seconds:.1f} s "
+        f"{every} epochs later: cold {cold_seconds:.1f} s, warm start from the previous measurement {warm_seconds:.1f} s "
         f"({cold_seconds / warm_seconds:.2f}x), the same d* for every target: {same}; warm overhead "
-        f"{warm_overhead:.3f} of a CIFAR-10-size epoch"
+        f"{warm_overhead:.4f} of each CIFAR-10-size epoch at every_n_epochs={every}"
     )
     summary = {
         "device": str(device),
@@ -411,6 +417,8 @@ def main() -> None:
         "search_step_ratio": round(max(r["ratio"] for r in ratios.values()), 3),
         "search_same_answer": all(r["same_answer"] for r in ratios.values()),
         "monitor_overhead": round(overhead, 4),
+        "monitor_overhead_per_measurement": round(examples / 50_000, 4),
+        "default_every_n_epochs": every,
         "monitor_overhead_warm": round(warm_overhead, 4),
         "warm_start_same_answer": same,
         "monitor_overhead_imagenet": round(examples / 1.28e6, 5),

@@ -797,7 +797,7 @@ def section_early_stopping(cfg: Config) -> dict:
             val_dl = DataLoader(TensorDataset(data.Xva, yva), batch_size=500)
             rec = Recorder(ytr)
             monitors = [
-                CMDimensionMonitor(num_anchors=cfg.es_cm_anchors, anchors_per_target=cfg.es_cm_anchors,
+                CMDimensionMonitor(every_n_epochs=1, num_anchors=cfg.es_cm_anchors, anchors_per_target=cfg.es_cm_anchors,
                                    num_pairs=cfg.es_cm_pairs, dims=cfg.cm_grid, num_bootstrap=cfg.num_bootstrap,
                                    log_figures=False, verbose=False),
                 DiffeoStabilityMonitor(num_anchors=cfg.es_diffeo_per_class, log_figures=False, verbose=False),
@@ -1606,7 +1606,7 @@ def report(cfg: Config, R: dict, meta: dict, figs: dict[str, str], out: Path) ->
         P(f"{r['dataset']}, {r['arch']} trained with Lightning for {r['epochs']} epochs (Adam {cfg.lr}, batches of {cfg.batch_size}) on "
           "labels with symmetric noise (a fraction replaced by another class uniformly) in the training and validation "
           "splits; the test split is clean. The three monitors measure at every epoch "
-          f"(`CMDimensionMonitor(num_anchors={cfg.es_cm_anchors}, anchors_per_target={cfg.es_cm_anchors}, num_pairs={cfg.es_cm_pairs}, dims={cfg.cm_grid})`, "
+          f"(`CMDimensionMonitor(every_n_epochs=1, num_anchors={cfg.es_cm_anchors}, anchors_per_target={cfg.es_cm_anchors}, num_pairs={cfg.es_cm_pairs}, dims={cfg.cm_grid})`, "
           f"`DiffeoStabilityMonitor(num_anchors={cfg.es_diffeo_per_class})`, `ElasticityMonitor(num_anchors={cfg.es_elasticity_per_class})`, all else default). "
           "Each selector picks the epoch that is best on its key over the whole run (what `ModelCheckpoint(monitor=key, mode=...)` keeps), "
           "in the direction the published claims call better (CM dimension: higher; `cm/cutting_dim` = D − `cm/dim`: lower, so it picks the same epoch; "

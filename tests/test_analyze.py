@@ -45,6 +45,7 @@ STEPS_PER_EPOCH = 24  # 1497 training digits in batches of 64
 #: Settings that measure in a fraction of a second (as in test_callback.py: the mean read-off, a
 #: wider radius and lower levels, so that two anchors per class give values between 0 and D).
 CM = {
+    "every_n_epochs": 1,
     "settings": OptimizerSettings(readoff="mean", max_radius=1.0),
     "threshold": 0.7,
     "boundary_threshold": 0.5,

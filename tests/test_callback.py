@@ -31,6 +31,7 @@ D = 64
 #: anchors the fraction read-off takes only the values 0, 1/2 and 1, so they read the mean score,
 #: and a CNN trained for two short epochs at lower levels within a wider radius.
 FAST = {
+    "every_n_epochs": 1,  # the monitor's default is 10; these tests follow measurements epoch by epoch
     "settings": OptimizerSettings(readoff="mean", max_radius=1.0),
     "threshold": 0.7,
     "boundary_threshold": 0.5,
@@ -367,7 +368,7 @@ def test_reading_the_anchors_leaves_the_val_loaders_own_generator_alone(tmp_path
 
 def test_every_n_epochs_relogs_and_strict_early_stopping_works(tmp_path):
     pl.seed_everything(0)
-    monitor = CMDimensionMonitor(every_n_epochs=2, **FAST)
+    monitor = CMDimensionMonitor(**{**FAST, "every_n_epochs": 2})
     stopper = EarlyStopping(monitor="cm/dim", mode="max", patience=10)  # strict=True by default
     logger = TensorBoardLogger(tmp_path, name="tb", version=0)
     train, val = loaders()
@@ -455,7 +456,7 @@ def test_numerical_failure_at_the_first_measurement(tmp_path):
 
 
 def test_a_second_fit_starts_a_new_series(tmp_path):
-    monitor = CMDimensionMonitor(every_n_epochs=2, **FAST)
+    monitor = CMDimensionMonitor(**{**FAST, "every_n_epochs": 2})
     train, val = loaders()
     trainer(tmp_path, [monitor], max_epochs=1).fit(DigitsCNN(), train, val)
     first_anchors, first_value = monitor.anchors, monitor.last_values["cm/dim"]
@@ -576,8 +577,10 @@ def test_validate_from_a_checkpoint_then_fit_starts_a_new_series(tmp_path):
     # next fit (without ckpt_path) into a continuation of the checkpoint's series
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
     train, val = loaders()
-    trainer(tmp_path, [CMDimensionMonitor(every_n_epochs=2, **FAST), ckpt], max_epochs=3).fit(DigitsCNN(), train, val)
-    monitor = CMDimensionMonitor(every_n_epochs=2, **FAST)
+    trainer(tmp_path, [CMDimensionMonitor(**{**FAST, "every_n_epochs": 2}), ckpt], max_epochs=3).fit(
+        DigitsCNN(), train, val
+    )
+    monitor = CMDimensionMonitor(**{**FAST, "every_n_epochs": 2})
     trainer(tmp_path, [monitor]).validate(DigitsCNN(), val, ckpt_path=tmp_path / "ckpt" / "last.ckpt", verbose=False)
     assert monitor.last_measured_epoch == 2  # the checkpoint's state was loaded ...
     t = trainer(tmp_path, [monitor], max_epochs=1)

@@ -161,7 +161,7 @@ def test_logged_keys_and_keys_of_others_pass(tmp_path):
     ],
 )
 def test_cm_keys_are_checked_at_fit_start(tmp_path, config, key):
-    monitor = CMDimensionMonitor(num_anchors=2, dims=[1, 2, 4], max_steps=5, verbose=False, **config)
+    monitor = CMDimensionMonitor(num_anchors=2, dims=[1, 2, 4], max_steps=5, verbose=False, every_n_epochs=1, **config)
     counting = Counting()
     t = tiny_trainer(tmp_path, [monitor, EarlyStopping(monitor=key), counting])
     with pytest.raises(MisconfigurationException, match=rf"monitor='{key}'\) watches a key this monitor never logs"):
@@ -181,3 +181,63 @@ def test_every_key_the_cm_monitor_logs_is_one_it_lists(tmp_path):
     listed = monitor._loggable_keys() | {k[3:] for k in monitor._always_logged()}
     assert logged <= listed
     assert {"dim", "dim_class_0", "dim_class_1", "dim_p80", "boundary_dim"} <= logged
+
+
+class NoPatienceCheck(FakeMonitor):
+    """A monitor without the start-of-fit check, to show what the check prevents."""
+
+    def _check_patience(self, trainer) -> None:
+        pass
+
+
+def test_the_cm_monitor_measures_every_10_epochs_by_default():
+    assert CMDimensionMonitor().every_n_epochs == 10
+    assert inspect.signature(CMDimensionMonitor).parameters["every_n_epochs"].default == 10
+
+
+def test_an_early_stopping_that_the_repeats_would_trip_is_what_the_check_refuses(tmp_path):
+    # control: without the check, patience 2 against a monitor measured every 3 epochs ends the run at
+    # epoch 2, before the second measurement, on repeated values alone
+    monitor = NoPatienceCheck(every_n_epochs=3)
+    t = tiny_trainer(tmp_path, [monitor, EarlyStopping(monitor="fake/value", patience=2, mode="max")], max_epochs=6)
+    t.fit(tiny_module(), *tiny_loaders())
+    assert t.current_epoch == 3 and monitor.num_measurements == 1  # stopped after epochs 0, 1, 2
+    # the check refuses it at the start of fit, before any training step
+    counting = Counting()
+    monitor = FakeMonitor(every_n_epochs=3)
+    t = tiny_trainer(tmp_path, [monitor, EarlyStopping(monitor="fake/value", patience=2), counting], max_epochs=6)
+    with pytest.raises(MisconfigurationException, match=r"patience=2\).*every 3 epochs.*the 2 validations.*>= 3 \* m"):
+        t.fit(tiny_module(), *tiny_loaders())
+    assert counting.steps == 0 and monitor.num_measurements == 0
+
+
+@pytest.mark.parametrize(
+    ("every", "patience", "check_val", "refused"),
+    [
+        (3, 3, 1, False),  # the smallest patience that reaches the next measurement
+        (3, 2, 1, True),
+        (6, 1, 3, True),  # validation every 3 epochs: one repeat between measurements
+        (6, 2, 3, False),
+        (3, 1, 3, False),  # no repeat at all: every validation is measured
+        (1, 1, 1, False),
+    ],
+)
+def test_the_patience_check_counts_validations_between_measurements(tmp_path, every, patience, check_val, refused):
+    watcher = EarlyStopping(monitor="fake/value", patience=patience, mode="max")
+    monitor = FakeMonitor(every_n_epochs=every)
+    t = tiny_trainer(tmp_path, [monitor, watcher], max_epochs=2 * every, check_val_every_n_epoch=check_val)
+    if refused:
+        with pytest.raises(MisconfigurationException, match="would stop the run before"):
+            t.fit(tiny_module(), *tiny_loaders())
+        return
+    t.fit(tiny_module(), *tiny_loaders())
+    assert monitor.num_measurements == 2  # it reached the second measurement
+
+
+def test_the_patience_check_leaves_other_keys_and_prefixes_alone(tmp_path):
+    callbacks = [
+        FakeMonitor(every_n_epochs=5),
+        EarlyStopping(monitor="val_loss", patience=1),
+        EarlyStopping(monitor="fake2/value", patience=1, strict=False),
+    ]
+    tiny_trainer(tmp_path, callbacks, max_epochs=1).fit(tiny_module(), *tiny_loaders())

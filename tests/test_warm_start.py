@@ -97,8 +97,9 @@ def _fit(tmp_path, warm_start: bool, monitor=None, shift: float = 0.0, net=None)
     net = net if net is not None else nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
     if monitor is None:
         monitor = _Counting(
-            num_anchors=4, anchors_per_target=4, num_pairs=1, num_bootstrap=0, verbose=False, warm_start=warm_start
-        )
+            num_anchors=4, anchors_per_target=4, num_pairs=1, num_bootstrap=0, verbose=False, warm_start=warm_start,
+            every_n_epochs=1,
+        )  # fmt: skip
     trainer = pl.Trainer(
         max_epochs=3, callbacks=[monitor], logger=False, enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,

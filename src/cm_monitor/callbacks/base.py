@@ -29,7 +29,9 @@
   neither this monitor's time nor training time, so each monitor's share is its own;
 * **keys known at fit start**: a key under this monitor's prefix that ``EarlyStopping`` or
   ``ModelCheckpoint`` watches and that this configuration never logs (a typo, ``cm/boundary_dim``
-  with ``num_pairs=0``) is an error at the start of fit, before any training;
+  with ``num_pairs=0``) is an error at the start of fit, before any training; so is an
+  ``EarlyStopping`` on a key of the monitor whose patience the repeated values between two
+  measurements would use up (it would certainly stop the run before the next measurement);
 * **work split across ranks**: rank ``r`` of ``n`` measures share ``(r, n)`` of the work
   (:meth:`_measure_part`: every ``n``-th (target, anchor) group, probe image or SGD step), the
   shares are gathered (one collective, which carries the failures too) and every rank merges them
@@ -74,7 +76,7 @@ from typing import Any
 import lightning.pytorch as pl
 import lightning.pytorch.strategies as strategies
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, EarlyStopping
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -516,6 +518,7 @@ class GeometryMonitor(Callback):
         self._restored = False
         if stage == "fit":
             check_strategy(trainer.strategy, type(self).__name__)
+            self._check_patience(trainer)
         for other in trainer.callbacks:
             if other is not self and isinstance(other, GeometryMonitor) and other.prefix == self.prefix:
                 raise MisconfigurationException(
@@ -615,6 +618,28 @@ class GeometryMonitor(Callback):
         self._check_watched_keys(trainer)
         self._preflight(trainer, model)
         self._warn_budget_with_watchers(trainer)
+
+    def _repeats_between_measurements(self, trainer: pl.Trainer) -> int:
+        """The fewest validations that log the last values again between two measurements: with
+        validation every ``v`` epochs, ``ceil(every_n_epochs / v) - 1`` (more with several validations
+        an epoch or a budget); 0 when validation is scheduled by steps only (no certain bound)."""
+        every = trainer.check_val_every_n_epoch
+        return -(-self.every_n_epochs // every) - 1 if every else 0
+
+    def _check_patience(self, trainer: pl.Trainer) -> None:
+        """At the start of fit: an ``EarlyStopping`` on a key of this monitor whose patience is used
+        up by the repeated values before the next measurement would certainly end the run there."""
+        repeats = self._repeats_between_measurements(trainer)
+        for cb in trainer.callbacks:
+            watched = isinstance(cb, EarlyStopping) and cb.monitor.startswith(f"{self.prefix}/")
+            if watched and cb.patience <= repeats:
+                raise MisconfigurationException(
+                    f"EarlyStopping(monitor={cb.monitor!r}, patience={cb.patience}) would stop the run before "
+                    f"{type(self).__name__}'s second measurement: it measures every {self.every_n_epochs} epochs "
+                    f"and logs its last values again at the {repeats} validations in between, which count as "
+                    f"no improvement. Use patience >= {repeats + 1} * m to wait m measurements without "
+                    f"improvement, or a smaller `every_n_epochs`."
+                )
 
     def _warn_budget_with_watchers(self, trainer: pl.Trainer) -> None:
         if self.max_cost_frac is None:

@@ -46,7 +46,9 @@ class CMDimensionMonitor(GeometryMonitor):
     ``trainer.validate``). **Validations without a measurement log the last measured values
     again** (and ``cm/measured = 0``), so ``EarlyStopping(monitor="cm/dim", mode="max")`` with
     ``strict=True`` always finds the key. Such repeats count as "no improvement" for the
-    early-stopping patience: to wait ``k`` measurements, use ``patience >= k * every_n_epochs``.
+    early-stopping patience: to wait ``k`` measurements, use ``patience >= k * every_n_epochs``
+    (an ``EarlyStopping`` on a ``cm/`` key whose patience the repeats alone would use up before the
+    next measurement is refused at the start of fit, before any training).
     ``max_cost_frac`` caps the cost: a due measurement is postponed while it would push the time
     spent measuring above that fraction of the fit's wall time (postponed validations also repeat
     the last values, so leave room for them in the patience).
@@ -60,7 +62,10 @@ class CMDimensionMonitor(GeometryMonitor):
     the curves is a change in the model).
 
     Args:
-        every_n_epochs: measure every this many epochs (see above).
+        every_n_epochs: measure every this many epochs (see above). 10 by default: one measurement
+            costs about as much forward + backward work as a CIFAR-size training epoch
+            (``docs/performance.md``), so every 10 epochs keeps it near a tenth of such a run; pass
+            1 to follow the dimension epoch by epoch on small data.
         num_anchors: anchors drawn per class. A class with fewer validation examples is left out
             (with a warning; an error at the start of fit if ``classes`` or ``pairs`` names it). All
             of them calibrate the temperature; ``anchors_per_target`` of them per class anchor the planes.
@@ -207,7 +212,7 @@ class CMDimensionMonitor(GeometryMonitor):
 
     def __init__(
         self,
-        every_n_epochs: int = 1,
+        every_n_epochs: int = 10,
         num_anchors: int = 10,
         *,
         classes: Sequence[int] | None = None,
