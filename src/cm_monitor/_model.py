@@ -46,6 +46,11 @@ PARAMETER_COPY_BYTES = 2**30
 #: Seed of the random numbers a model draws in its forward during a measurement.
 MODEL_SEED = 0
 
+HALF_PRECISION = (torch.float16, torch.bfloat16)
+"""The half-precision floating dtypes, which some measurements compute in float32 instead
+(:data:`cm_monitor.elasticity.HALF_PRECISION` says why for local elasticity; diffeomorphisms
+interpolate half images in float32)."""
+
 
 def as_members(model: ModelLike, name: str = "model") -> list[nn.Module]:
     """Return the ensemble members of ``model`` (a module or a non-empty sequence of modules)."""

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cm_monitor._model import (
+    HALF_PRECISION,
     ModelLike,
     OutputTransform,
     as_members,
@@ -233,7 +234,7 @@ def deform(images: Tensor, coefficients: Tensor) -> Tensor:
     if coefficients.shape[0] != n:
         raise ValueError(f"`coefficients` holds {coefficients.shape[0]} deformations for {n} images.")
     dtype = images.dtype
-    if dtype in (torch.float16, torch.bfloat16):
+    if dtype in HALF_PRECISION:
         return deform(images.float(), coefficients).to(dtype)
     tau = displacement_field(coefficients.to(device=images.device, dtype=torch.float64), h, w)
     rows = torch.arange(h, dtype=torch.float64, device=images.device)[:, None] + tau[:, 0]
