@@ -30,8 +30,9 @@
 * **keys known at fit start**: a key under this monitor's prefix that ``EarlyStopping`` or
   ``ModelCheckpoint`` watches and that this configuration never logs (a typo, ``cm/boundary_dim``
   with ``num_pairs=0``) is an error at the start of fit, before any training; so is an
-  ``EarlyStopping`` on a key of the monitor whose patience the repeated values between two
-  measurements would use up (it would certainly stop the run before the next measurement);
+  ``EarlyStopping`` on a key of the monitor that the repeated values alone would make end the fit
+  early, even if every measurement improved (:mod:`cm_monitor.callbacks.patience` replays the
+  schedule);
 * **work split across ranks**: rank ``r`` of ``n`` measures share ``(r, n)`` of the work
   (:meth:`_measure_part`: every ``n``-th (target, anchor) group, probe image or SGD step), the
   shares are gathered (one collective, which carries the failures too) and every rank merges them
@@ -106,6 +107,7 @@ from cm_monitor.anchors import (
     sample_anchors,
 )
 from cm_monitor.callbacks.figures import FigureWriter
+from cm_monitor.callbacks.patience import Schedule, Stop, forced_stop
 from cm_monitor.callbacks.progress import MeasurementProgress
 
 _STATE_VERSION = 1
@@ -250,6 +252,13 @@ def _ignore(*args: Any, **kwargs: Any) -> None:
 def _part(trainer: pl.Trainer) -> tuple[int, int]:
     """This rank's share of a measurement's work: ``(global rank, world size)``."""
     return (trainer.global_rank, trainer.world_size) if trainer.world_size > 1 else (0, 1)
+
+
+def _epochs_of(steps: int | None, batches: float, per_step: int) -> int | None:
+    """The epochs a fit of ``steps`` optimizer steps reaches (the last one maybe in part)."""
+    if steps is None:
+        return None
+    return math.ceil(steps / math.ceil(batches / per_step))
 
 
 class GeometryMonitor(Callback):
@@ -518,7 +527,6 @@ class GeometryMonitor(Callback):
         self._restored = False
         if stage == "fit":
             check_strategy(trainer.strategy, type(self).__name__)
-            self._check_patience(trainer)
         for other in trainer.callbacks:
             if other is not self and isinstance(other, GeometryMonitor) and other.prefix == self.prefix:
                 raise MisconfigurationException(
@@ -616,30 +624,68 @@ class GeometryMonitor(Callback):
             self.num_classes = num_classes
         self._check_targets(self.num_classes)
         self._check_watched_keys(trainer)
+        self._check_patience(trainer)
         self._preflight(trainer, model)
         self._warn_budget_with_watchers(trainer)
 
-    def _repeats_between_measurements(self, trainer: pl.Trainer) -> int:
-        """The fewest validations that log the last values again between two measurements: with
-        validation every ``v`` epochs, ``ceil(every_n_epochs / v) - 1`` (more with several validations
-        an epoch or a budget); 0 when validation is scheduled by steps only (no certain bound)."""
-        every = trainer.check_val_every_n_epoch
-        return -(-self.every_n_epochs // every) - 1 if every else 0
+    def _schedule(self, trainer: pl.Trainer) -> Schedule | None:
+        """This fit's validation schedule as Lightning resolved it, or None where it is not known
+        ahead (validation by time, ``fast_dev_run``, ``min_steps``)."""
+        every_batches = trainer.val_check_batch
+        if every_batches is None or trainer.fast_dev_run or trainer.min_steps or self._time_validated(trainer):
+            return None
+        batches = trainer.num_training_batches
+        steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        per_step = max(1, trainer.accumulate_grad_batches)
+        if math.isinf(batches):  # a stream: the monitor counts validations
+            if math.isinf(every_batches):
+                return None
+            last = self.last_measured_validation
+            return Schedule(
+                self.every_n_epochs, batches, every_batches, None,
+                last_measured=None if last is None else last - self.num_validations,
+                max_validations=None if steps is None else steps * per_step // int(every_batches),
+            )  # fmt: skip
+        ends = [e for e in (trainer.max_epochs, _epochs_of(steps, batches, per_step)) if e is not None and e >= 0]
+        return Schedule(
+            self.every_n_epochs, batches, every_batches, trainer.check_val_every_n_epoch,
+            first_epoch=trainer.current_epoch, end_epoch=min(ends) if ends else None,
+            min_epochs=trainer.min_epochs or 0, last_measured=self.last_measured_epoch,
+        )  # fmt: skip
+
+    @staticmethod
+    def _time_validated(trainer: pl.Trainer) -> bool:
+        return getattr(trainer, "_val_check_time_interval", None) is not None
 
     def _check_patience(self, trainer: pl.Trainer) -> None:
-        """At the start of fit: an ``EarlyStopping`` on a key of this monitor whose patience is used
-        up by the repeated values before the next measurement would certainly end the run there."""
-        repeats = self._repeats_between_measurements(trainer)
+        """At the start of fit: an ``EarlyStopping`` on a key of this monitor that would end the fit
+        on the repeated values alone, even if every measurement improved, is an error."""
+        schedule = self._schedule(trainer)
+        if schedule is None:
+            return
         for cb in trainer.callbacks:
-            watched = isinstance(cb, EarlyStopping) and cb.monitor.startswith(f"{self.prefix}/")
-            if watched and cb.patience <= repeats:
-                raise MisconfigurationException(
-                    f"EarlyStopping(monitor={cb.monitor!r}, patience={cb.patience}) would stop the run before "
-                    f"{type(self).__name__}'s second measurement: it measures every {self.every_n_epochs} epochs "
-                    f"and logs its last values again at the {repeats} validations in between, which count as "
-                    f"no improvement. Use patience >= {repeats + 1} * m to wait m measurements without "
-                    f"improvement, or a smaller `every_n_epochs`."
-                )
+            if not (isinstance(cb, EarlyStopping) and cb.monitor.startswith(f"{self.prefix}/")):
+                continue
+            zero = torch.zeros(())
+            if cb.monitor_op(zero - cb.min_delta, zero):  # a negative min_delta: a repeat improves
+                continue
+            on_epoch_end = getattr(cb, "_check_on_train_epoch_end", None)
+            stop = forced_stop(schedule, cb.patience, bool(on_epoch_end))
+            if stop is not None:
+                raise MisconfigurationException(self._patience_message(cb, stop))
+
+    def _patience_message(self, cb: EarlyStopping, stop: Stop) -> str:
+        when = f"at epoch {stop.epoch}" if stop.epoch is not None else f"after {stop.validations} validations"
+        unit = "validations" if stop.epoch is None else "epochs"
+        need = stop.repeats + 1
+        return (
+            f"EarlyStopping(monitor={cb.monitor!r}, patience={cb.patience}) would stop this fit {when}, on "
+            f"repeated values alone, even if every measurement improved: {type(self).__name__} measures every "
+            f"{self.every_n_epochs} {unit} and logs its last values again at the checks in between ({stop.repeats} "
+            f"in a row here), which count as no improvement. Give it patience={need} to compare each measurement "
+            f"with the best one ({3 * need} to wait three measurements), measure more often (`every_n_epochs`), "
+            "or stop on a validation loss instead (docs/callback.md)."
+        )
 
     def _warn_budget_with_watchers(self, trainer: pl.Trainer) -> None:
         if self.max_cost_frac is None:

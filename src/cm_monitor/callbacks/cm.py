@@ -47,8 +47,8 @@ class CMDimensionMonitor(GeometryMonitor):
     again** (and ``cm/measured = 0``), so ``EarlyStopping(monitor="cm/dim", mode="max")`` with
     ``strict=True`` always finds the key. Such repeats count as "no improvement" for the
     early-stopping patience: to wait ``k`` measurements, use ``patience >= k * every_n_epochs``
-    (an ``EarlyStopping`` on a ``cm/`` key whose patience the repeats alone would use up before the
-    next measurement is refused at the start of fit, before any training).
+    (an ``EarlyStopping`` on a ``cm/`` key that the repeats alone would make end the fit early,
+    even if every measurement improved, is refused at the start of fit, before any training).
     ``max_cost_frac`` caps the cost: a due measurement is postponed while it would push the time
     spent measuring above that fraction of the fit's wall time (postponed validations also repeat
     the last values, so leave room for them in the patience).

@@ -1,0 +1,159 @@
+"""An EarlyStopping on a monitor key that the repeated values alone would end the fit with is
+refused at the start of fit: the replay of the schedule (``callbacks.patience``) against what
+Lightning does, on real fits where every measurement improves (the best case the check assumes)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from fakes import FakeMonitor, tiny_loaders, tiny_module, tiny_trainer
+from lightning.pytorch.callbacks import Callback, EarlyStopping
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.utils.data import DataLoader, IterableDataset
+
+from cm_monitor import CMDimensionMonitor
+from cm_monitor.callbacks.patience import Schedule, forced_stop
+
+
+class Rising(FakeMonitor):
+    """Every measurement improves (its value is its count). ``check=False``: no start-of-fit
+    check, but its prediction is kept (``predicted``) to compare with what the fit does."""
+
+    def __init__(self, check: bool = True, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.check, self.predicted = check, "not set"
+
+    def _check_patience(self, trainer) -> None:
+        if self.check:
+            return super()._check_patience(trainer)
+        (watcher,) = [cb for cb in trainer.callbacks if isinstance(cb, EarlyStopping)]
+        schedule = self._schedule(trainer)
+        self.predicted = None if schedule is None else forced_stop(
+            schedule, watcher.patience, watcher._check_on_train_epoch_end
+        )  # fmt: skip
+
+    def _measure_part(self, trainer, pl_module, model, part):
+        out = super()._measure_part(trainer, pl_module, model, part)
+        return replace(out, values={"value": float(self.num_measurements + 1)})
+
+
+class Counting(Callback):
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_train_batch_start(self, *args) -> None:
+        self.steps += 1
+
+
+# (monitor every_n_epochs, EarlyStopping kwargs, Trainer kwargs, epoch the fit is stopped at or None);
+# the tiny loaders have 2 training batches per epoch
+CASES = [
+    (3, {"patience": 2}, {"max_epochs": 6}, 2),
+    (3, {"patience": 3}, {"max_epochs": 6}, None),
+    (1, {"patience": 1}, {"max_epochs": 3, "val_check_interval": 0.5}, 0),  # 2 validations an epoch
+    (3, {"patience": 3}, {"max_epochs": 6, "val_check_interval": 0.5}, 1),
+    (3, {"patience": 6}, {"max_epochs": 6, "val_check_interval": 0.5}, None),
+    (10, {"patience": 3}, {"max_epochs": 15, "check_val_every_n_epoch": 3}, 11),
+    (10, {"patience": 4}, {"max_epochs": 15, "check_val_every_n_epoch": 3}, None),
+    (2, {"patience": 1}, {"max_epochs": 8, "val_check_interval": 3, "check_val_every_n_epoch": None}, 2),
+    (4, {"patience": 2, "check_on_train_epoch_end": True}, {"max_epochs": 8, "check_val_every_n_epoch": 2}, 3),
+    (1, {"patience": 0}, {"max_epochs": 3}, None),
+    (10, {"patience": 3}, {"max_epochs": 4}, None),  # it stops at the last epoch: the fit ends there anyway
+    (10, {"patience": 3}, {"max_epochs": 6}, 3),  # only one measurement in the fit, but it would lose epochs
+    (3, {"patience": 2}, {"max_epochs": 8, "min_epochs": 5}, 4),  # the stop waits for min_epochs
+    (10, {"patience": 3}, {"max_steps": 9, "max_epochs": -1}, 3),  # 9 steps: 5 epochs
+]
+
+
+@pytest.mark.parametrize(("every", "stopper", "kwargs", "stopped_at"), CASES)
+def test_the_replay_predicts_what_the_fit_does(tmp_path, every, stopper, kwargs, stopped_at):
+    monitor = Rising(check=False, every_n_epochs=every)
+    watcher = EarlyStopping(monitor="fake/value", mode="max", strict=False, **stopper)
+    t = tiny_trainer(tmp_path, [monitor, watcher], **kwargs)
+    t.fit(tiny_module(), *tiny_loaders())
+    end = kwargs["max_epochs"] if kwargs.get("max_epochs", -1) > 0 else math.ceil(kwargs["max_steps"] / 2)
+    if stopped_at is None:
+        assert monitor.predicted is None and t.current_epoch == end  # it ran to its end
+    else:
+        assert monitor.predicted.epoch == stopped_at
+        assert t.current_epoch == stopped_at + 1 < end  # it ended after that epoch, early
+
+
+@pytest.mark.parametrize(("every", "stopper", "kwargs", "stopped_at"), CASES)
+def test_the_check_refuses_exactly_the_fits_it_would_end(tmp_path, every, stopper, kwargs, stopped_at):
+    counting = Counting()
+    monitor = Rising(every_n_epochs=every)
+    watcher = EarlyStopping(monitor="fake/value", mode="max", strict=False, **stopper)
+    t = tiny_trainer(tmp_path, [monitor, watcher, counting], **kwargs)
+    if stopped_at is None:
+        t.fit(tiny_module(), *tiny_loaders())
+        return
+    with pytest.raises(MisconfigurationException, match=rf"would stop this fit at epoch {stopped_at}, on repeated"):
+        t.fit(tiny_module(), *tiny_loaders())
+    assert counting.steps == 0 and monitor.num_measurements == 0  # before any training
+
+
+def test_the_message_names_the_patience_that_reaches_the_next_measurement(tmp_path):
+    t = tiny_trainer(tmp_path, [CMDimensionMonitor(), EarlyStopping(monitor="cm/dim", mode="max")], max_epochs=30)
+    with pytest.raises(
+        MisconfigurationException, match=r"patience=3\) would stop this fit at epoch 3.*every 10 epochs"
+    ):
+        t.fit(tiny_module(), *tiny_loaders())
+    t = tiny_trainer(tmp_path, [Rising(every_n_epochs=10), EarlyStopping(monitor="fake/value")], max_epochs=30)
+    with pytest.raises(MisconfigurationException, match=r"\(9 in a row here\).*patience=10 to compare.*\(30 to wait"):
+        t.fit(tiny_module(), *tiny_loaders())
+    ok = [Rising(every_n_epochs=10), EarlyStopping(monitor="fake/value", mode="max", patience=10)]
+    tiny_trainer(tmp_path, ok, max_epochs=12).fit(tiny_module(), *tiny_loaders())
+
+
+def test_what_the_check_leaves_alone(tmp_path):
+    loaders = tiny_loaders()
+    # a negative min_delta counts the repeats as improvements; other keys and prefixes are not the monitor's
+    for watcher in (
+        EarlyStopping(monitor="fake/value", mode="max", patience=1, min_delta=-0.5),
+        EarlyStopping(monitor="val_loss", patience=1),
+        EarlyStopping(monitor="fake2/value", patience=1, strict=False),
+    ):
+        tiny_trainer(tmp_path, [Rising(every_n_epochs=5), watcher], max_epochs=6).fit(tiny_module(), *loaders)
+    # fast_dev_run turns EarlyStopping off
+    stopper = EarlyStopping(monitor="fake/value", patience=1)
+    tiny_trainer(tmp_path, [Rising(every_n_epochs=5), stopper], fast_dev_run=True).fit(tiny_module(), *loaders)
+
+
+class Stream(IterableDataset):
+    def __iter__(self):
+        g = torch.Generator().manual_seed(0)
+        while True:
+            x = torch.randn(16, 4, generator=g)
+            yield x, (x[:, 0] > 0).long()
+
+
+@pytest.mark.parametrize(("every", "patience", "stops"), [(3, 2, True), (3, 3, False), (1, 1, False)])
+def test_a_stream_counts_validations(tmp_path, every, patience, stops):
+    # an endless epoch validated every 2 batches: the monitor measures every `every` validations
+    monitor = Rising(check=False, every_n_epochs=every)
+    watcher = EarlyStopping(monitor="fake/value", mode="max", patience=patience)
+    kw = dict(max_steps=16, max_epochs=None, val_check_interval=2, check_val_every_n_epoch=None)
+    t = tiny_trainer(tmp_path, [monitor, watcher], **kw)
+    t.fit(tiny_module(), DataLoader(Stream(), batch_size=None), tiny_loaders()[1])
+    assert (monitor.predicted is not None) == stops == (t.global_step < 16)
+    if stops:
+        assert monitor.predicted.validations * 2 == t.global_step  # stopped at that validation
+
+
+def test_known_answers_of_the_replay():
+    every_epoch = Schedule(10, batches_per_epoch=100, val_check_batch=100, check_val_every_n_epoch=1)
+    assert forced_stop(every_epoch, patience=3).epoch == 3 and forced_stop(every_epoch, patience=3).repeats == 9
+    assert forced_stop(every_epoch, patience=10) is None
+    assert forced_stop(replace(every_epoch, end_epoch=4), patience=3) is None
+    # resumed at epoch 20, last measured at 18: 8 repeats (epochs 20-27) before the measurement at 28
+    resumed = replace(every_epoch, first_epoch=20, last_measured=18)
+    assert forced_stop(resumed, patience=3).epoch == 22 and forced_stop(resumed, patience=8).epoch == 27
+    assert forced_stop(resumed, patience=9).epoch == 37  # the next window has 9 repeats again
+    assert forced_stop(resumed, patience=10) is None
+    stream = Schedule(4, batches_per_epoch=math.inf, val_check_batch=50, check_val_every_n_epoch=None)
+    assert forced_stop(stream, patience=3).validations == 4 and forced_stop(stream, patience=4) is None
+    assert forced_stop(replace(stream, max_validations=4), patience=3) is None  # the fit ends there
