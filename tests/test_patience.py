@@ -15,7 +15,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, IterableDataset
 
 from cm_monitor import CMDimensionMonitor
-from cm_monitor.callbacks.patience import Schedule, forced_stop
+from cm_monitor.callbacks.patience import Schedule, checks, forced_stop
 
 
 class Rising(FakeMonitor):
@@ -157,3 +157,12 @@ def test_known_answers_of_the_replay():
     stream = Schedule(4, batches_per_epoch=math.inf, val_check_batch=50, check_val_every_n_epoch=None)
     assert forced_stop(stream, patience=3).validations == 4 and forced_stop(stream, patience=4) is None
     assert forced_stop(replace(stream, max_validations=4), patience=3) is None  # the fit ends there
+
+
+def test_the_replay_is_quick_whatever_the_length_of_the_fit():
+    # a long fit, many validations an epoch and a huge patience: a bounded replay, not one per check
+    long = Schedule(7, batches_per_epoch=10**6, val_check_batch=1, check_val_every_n_epoch=1, end_epoch=10**6)
+    assert forced_stop(long, patience=3).epoch == 0 and forced_stop(long, patience=10**9) is None
+    assert len(list(checks(long, on_train_epoch_end=False))) < 100
+    stream = Schedule(5, batches_per_epoch=math.inf, val_check_batch=1, check_val_every_n_epoch=None)
+    assert len(list(checks(replace(stream, max_validations=10**9), on_train_epoch_end=False))) < 100

@@ -635,6 +635,8 @@ class GeometryMonitor(Callback):
         if every_batches is None or trainer.fast_dev_run or trainer.min_steps or self._time_validated(trainer):
             return None
         batches = trainer.num_training_batches
+        if not batches:
+            return None
         steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
         per_step = max(1, trainer.accumulate_grad_batches)
         if math.isinf(batches):  # a stream: the monitor counts validations
@@ -664,7 +666,8 @@ class GeometryMonitor(Callback):
         if schedule is None:
             return
         for cb in trainer.callbacks:
-            if not (isinstance(cb, EarlyStopping) and cb.monitor.startswith(f"{self.prefix}/")):
+            key = getattr(cb, "monitor", None)
+            if not (isinstance(cb, EarlyStopping) and isinstance(key, str) and key.startswith(f"{self.prefix}/")):
                 continue
             zero = torch.zeros(())
             if cb.monitor_op(zero - cb.min_delta, zero):  # a negative min_delta: a repeat improves

@@ -75,57 +75,68 @@ def _validations_in(schedule: Schedule, epoch: int) -> int:
     return batches // step
 
 
-def _horizon(schedule: Schedule, patience: int) -> int:
-    """How far to replay when the fit has no known end: past ``min_epochs`` and a few windows."""
-    per = schedule.check_val_every_n_epoch or 1
-    return schedule.first_epoch + schedule.min_epochs + 4 * (schedule.every_n_epochs + per) + patience + 2
+def _horizon(schedule: Schedule) -> int:
+    """The epoch to replay to when the fit ends later or never: the first window (maybe shortened
+    by a resume) and a few whole ones, which then repeat."""
+    per = schedule.check_val_every_n_epoch
+    if per is None:  # validation by batches across epochs: epochs between two validations
+        per = (
+            1
+            if math.isinf(schedule.val_check_batch)
+            else math.ceil(schedule.val_check_batch / schedule.batches_per_epoch)
+        )
+    return schedule.first_epoch + 4 * (schedule.every_n_epochs + per) + 2
 
 
-def checks(schedule: Schedule, on_train_epoch_end: bool, patience: int) -> Iterator[tuple[int, bool]]:
-    """``(epoch, measured)`` for each check an ``EarlyStopping`` makes after the monitor's first
-    value exists: at each validation, or with ``on_train_epoch_end`` at each epoch's end (measured
-    when a validation of that epoch was). A stream yields validation indices as epochs."""
+def checks(schedule: Schedule, on_train_epoch_end: bool) -> Iterator[tuple[int, bool, int]]:
+    """The checks an ``EarlyStopping`` makes once the monitor has a value, as ``(epoch, measured,
+    repeats)``: a check that may see a new measurement, then ``repeats`` checks that cannot (the
+    other validations of that epoch: only an epoch's first validation can be measured). Checks are
+    at validations, or with ``on_train_epoch_end`` at each epoch's end (measured when a validation
+    of that epoch was). A stream yields one check per validation, its index as the epoch."""
     last = schedule.last_measured
     if schedule.stream:
-        count = schedule.max_validations or schedule.every_n_epochs * (patience + 4)
+        replay = 2 * schedule.every_n_epochs + 2  # the first window, then whole ones
+        count = replay if schedule.max_validations is None else min(schedule.max_validations, replay)
         for k in range(count):
             measured = last is None or k - last >= schedule.every_n_epochs
             last = k if measured else last
-            yield k, measured
+            yield k, measured, 0
         return
-    end = schedule.end_epoch if schedule.end_epoch is not None else _horizon(schedule, patience)
+    end = _horizon(schedule)
+    if schedule.end_epoch is not None:
+        end = min(end, schedule.end_epoch)
     for epoch in range(schedule.first_epoch, end):
-        measured_here = False
-        for _ in range(_validations_in(schedule, epoch)):
-            measured = last is None or epoch - last >= schedule.every_n_epochs
-            last = epoch if measured else last
-            measured_here |= measured
-            if not on_train_epoch_end:
-                yield epoch, measured
+        validations = _validations_in(schedule, epoch)
+        measured = validations > 0 and (last is None or epoch - last >= schedule.every_n_epochs)
+        last = epoch if measured else last
         if on_train_epoch_end and last is not None:
-            yield epoch, measured_here
+            yield epoch, measured, 0
+        elif not on_train_epoch_end and validations:
+            yield epoch, measured, validations - 1
 
 
 def forced_stop(schedule: Schedule, patience: int, on_train_epoch_end: bool = False) -> Stop | None:
     """The stop an ``EarlyStopping(patience=patience)`` makes before the fit's end even if every
     measurement improves, or ``None``. Its ``repeats`` is the longest run of checks without a
-    measurement seen; ``patience > repeats`` lets every measurement be compared."""
-    wait = longest = run = 0
-    stop = None
-    events = list(checks(schedule, on_train_epoch_end, patience))
-    for k, (epoch, measured) in enumerate(events):
-        run = 0 if measured else run + 1
-        longest = max(longest, run)
+    measurement in the replay; ``patience > repeats`` lets every measurement be compared."""
+    patience = max(patience, 1)  # patience 0 stops at the first check without improvement, as 1 does
+    wait = longest = seen = 0
+    stop: tuple[int, int] | None = None
+    for epoch, measured, repeats in checks(schedule, on_train_epoch_end):
         wait = 0 if measured else wait + 1
-        if stop is None and wait >= max(patience, 1):
-            stop = (k, epoch)
+        if stop is None and wait + repeats >= patience:
+            stop = (seen + 1 + max(0, patience - wait), epoch)
+        wait += repeats
+        seen += 1 + repeats
+        longest = max(longest, wait)
     if stop is None:
         return None
-    k, epoch = stop
+    validations, epoch = stop
     if schedule.stream:
         ends = schedule.max_validations
-        return Stop(None, k + 1, longest) if ends is None or k + 1 < ends else None
+        return Stop(None, validations, longest) if ends is None or validations < ends else None
     effective = max(epoch, schedule.min_epochs - 1)
     if schedule.end_epoch is not None and effective >= schedule.end_epoch - 1:
         return None  # the fit ends there anyway
-    return Stop(effective, k + 1, longest)
+    return Stop(effective, validations, longest)
