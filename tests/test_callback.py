@@ -1024,7 +1024,9 @@ def example():
 
 def test_example_arguments(example):
     args = example.parse_args(["--monitors", "cm"])
-    assert args.monitors == ["cm"] and args.max_epochs == 30 and args.patience == 5
+    assert args.monitors == ["cm"] and args.max_epochs == 30 and args.patience == 5 and args.every_n_epochs == 2
+    assert example.parse_args(["--dataset", "cifar10"]).every_n_epochs == 10  # a measurement costs about an epoch
+    assert example.parse_args(["--dataset", "cifar10", "--every-n-epochs", "1"]).every_n_epochs == 1
     with pytest.raises(SystemExit):
         example.parse_args(["--monitors", "cm,bogus"])
     with pytest.raises(example.argparse.ArgumentTypeError, match=r"unknown monitor.*bogus.*choose"):
