@@ -10,8 +10,9 @@ from dataclasses import replace
 import pytest
 import torch
 from fakes import FakeMonitor, tiny_loaders, tiny_module, tiny_trainer
-from lightning.pytorch.callbacks import Callback, EarlyStopping
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from modules import NetModule
 from torch.utils.data import DataLoader, IterableDataset
 
 from cm_monitor import CMDimensionMonitor
@@ -149,11 +150,6 @@ def test_known_answers_of_the_replay():
     assert forced_stop(every_epoch, patience=3).epoch == 3 and forced_stop(every_epoch, patience=3).repeats == 9
     assert forced_stop(every_epoch, patience=10) is None
     assert forced_stop(replace(every_epoch, end_epoch=4), patience=3) is None
-    # resumed at epoch 20, last measured at 18: 8 repeats (epochs 20-27) before the measurement at 28
-    resumed = replace(every_epoch, first_epoch=20, last_measured=18)
-    assert forced_stop(resumed, patience=3).epoch == 22 and forced_stop(resumed, patience=8).epoch == 27
-    assert forced_stop(resumed, patience=9).epoch == 37  # the next window has 9 repeats again
-    assert forced_stop(resumed, patience=10) is None
     stream = Schedule(4, batches_per_epoch=math.inf, val_check_batch=50, check_val_every_n_epoch=None)
     assert forced_stop(stream, patience=3).validations == 4 and forced_stop(stream, patience=4) is None
     assert forced_stop(replace(stream, max_validations=4), patience=3) is None  # the fit ends there
@@ -166,3 +162,59 @@ def test_the_replay_is_quick_whatever_the_length_of_the_fit():
     assert len(list(checks(long, on_train_epoch_end=False))) < 100
     stream = Schedule(5, batches_per_epoch=math.inf, val_check_batch=1, check_val_every_n_epoch=None)
     assert len(list(checks(replace(stream, max_validations=10**9), on_train_epoch_end=False))) < 100
+
+
+def test_the_options_the_message_gives_fit_the_schedule(tmp_path):
+    # measured at every epoch, validated twice an epoch: the second validation repeats
+    callbacks = [Rising(every_n_epochs=1), EarlyStopping(monitor="fake/value", patience=1, mode="max")]
+    t = tiny_trainer(tmp_path, callbacks, max_epochs=3, val_check_interval=0.5)
+    with pytest.raises(MisconfigurationException, match="check_on_train_epoch_end=True") as caught:
+        t.fit(tiny_module(), *tiny_loaders())
+    assert "every_n_epochs`)" not in str(caught.value)  # it cannot measure more often than every epoch
+    callbacks = [
+        Rising(every_n_epochs=1),
+        EarlyStopping(monitor="fake/value", mode="max", check_on_train_epoch_end=True),
+    ]
+    tiny_trainer(tmp_path, callbacks, max_epochs=3, val_check_interval=0.5).fit(tiny_module(), *tiny_loaders())
+
+
+def test_a_resumed_fit_is_not_checked(tmp_path):
+    # a fit resumed at epoch 12 of 14 (from a checkpoint written without an EarlyStopping), measured
+    # every 4 epochs, with patience 3: a new fit with these settings would stop at epoch 3 (refused),
+    # but the rest of this one measures at 12 and ends at 14.
+    # A resumed fit may also restart inside an epoch, after some of its validations, with the
+    # EarlyStopping's count restored: its start was checked when the fit began, not again here
+    def callbacks(watched: bool):
+        watcher = [EarlyStopping(monitor="fake/value", mode="max", patience=3)] if watched else []
+        return [Rising(every_n_epochs=4), *watcher, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)]
+
+    tiny_trainer(tmp_path, callbacks(False), max_epochs=12).fit(tiny_module(), *tiny_loaders())
+    resumed = tiny_trainer(tmp_path, callbacks(True), max_epochs=14)
+    resumed.fit(tiny_module(), *tiny_loaders(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert resumed.current_epoch == 14
+    with pytest.raises(MisconfigurationException, match="would stop this fit at epoch 3"):
+        tiny_trainer(tmp_path, callbacks(True), max_epochs=14).fit(tiny_module(), *tiny_loaders())
+
+
+class TwoSteps(NetModule):
+    """Manual optimization with two optimizer steps per batch: global_step counts both."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        super().__init__(torch.nn.Linear(4, 2), lr=0.1)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        for _ in range(2):
+            opt.zero_grad()
+            self.manual_backward(torch.nn.functional.cross_entropy(self(batch[0]), batch[1]))
+            opt.step()
+
+
+def test_max_steps_with_manual_optimization_is_not_checked(tmp_path):
+    # 20 steps are 5 epochs here, not 10 as with one step a batch: a check would refuse a fit that ends first
+    callbacks = [Rising(every_n_epochs=6), EarlyStopping(monitor="fake/value", mode="max", patience=5)]
+    t = tiny_trainer(tmp_path, callbacks, max_steps=20, max_epochs=-1)
+    t.fit(TwoSteps(), *tiny_loaders())
+    assert t.global_step == 20 and t.current_epoch == 5

@@ -629,30 +629,30 @@ class GeometryMonitor(Callback):
         self._warn_budget_with_watchers(trainer)
 
     def _schedule(self, trainer: pl.Trainer) -> Schedule | None:
-        """This fit's validation schedule as Lightning resolved it, or None where it is not known
-        ahead (validation by time, ``fast_dev_run``, ``min_steps``)."""
+        """A new fit's validation schedule as Lightning resolved it, or None where it is not known
+        ahead: validation by time, ``fast_dev_run``, ``min_steps``, ``max_steps`` with manual
+        optimization (its optimizer steps per batch are the module's), and a resumed fit (it may
+        resume inside an epoch, after some of its validations, and ``EarlyStopping`` brings back its
+        count; the fit was checked when it started)."""
         every_batches = trainer.val_check_batch
         if every_batches is None or trainer.fast_dev_run or trainer.min_steps or self._time_validated(trainer):
             return None
         batches = trainer.num_training_batches
-        if not batches:
+        if not batches or trainer.current_epoch or trainer.global_step or self._restored:
             return None
         steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        if steps is not None and not trainer.lightning_module.automatic_optimization:
+            return None
         per_step = max(1, trainer.accumulate_grad_batches)
         if math.isinf(batches):  # a stream: the monitor counts validations
             if math.isinf(every_batches):
                 return None
-            last = self.last_measured_validation
-            return Schedule(
-                self.every_n_epochs, batches, every_batches, None,
-                last_measured=None if last is None else last - self.num_validations,
-                max_validations=None if steps is None else steps * per_step // int(every_batches),
-            )  # fmt: skip
+            validations = None if steps is None else steps * per_step // int(every_batches)
+            return Schedule(self.every_n_epochs, batches, every_batches, None, max_validations=validations)
         ends = [e for e in (trainer.max_epochs, _epochs_of(steps, batches, per_step)) if e is not None and e >= 0]
         return Schedule(
             self.every_n_epochs, batches, every_batches, trainer.check_val_every_n_epoch,
-            first_epoch=trainer.current_epoch, end_epoch=min(ends) if ends else None,
-            min_epochs=trainer.min_epochs or 0, last_measured=self.last_measured_epoch,
+            end_epoch=min(ends) if ends else None, min_epochs=trainer.min_epochs or 0,
         )  # fmt: skip
 
     @staticmethod
@@ -675,19 +675,27 @@ class GeometryMonitor(Callback):
             on_epoch_end = getattr(cb, "_check_on_train_epoch_end", None)
             stop = forced_stop(schedule, cb.patience, bool(on_epoch_end))
             if stop is not None:
-                raise MisconfigurationException(self._patience_message(cb, stop))
+                several = (
+                    not (on_epoch_end or schedule.stream) and schedule.val_check_batch < schedule.batches_per_epoch
+                )
+                raise MisconfigurationException(self._patience_message(cb, stop, several))
 
-    def _patience_message(self, cb: EarlyStopping, stop: Stop) -> str:
+    def _patience_message(self, cb: EarlyStopping, stop: Stop, several: bool) -> str:
+        """``several``: validations more than once an epoch, each one a check of ``cb``."""
         when = f"at epoch {stop.epoch}" if stop.epoch is not None else f"after {stop.validations} validations"
         unit = "validations" if stop.epoch is None else "epochs"
         need = stop.repeats + 1
+        options = [f"give it patience={need} to compare each measurement with the best one ({3 * need} to wait three)"]
+        if self.every_n_epochs > 1:
+            options.append("measure more often (`every_n_epochs`)")
+        if several:
+            options.append("let it check once an epoch (`EarlyStopping(check_on_train_epoch_end=True)`)")
+        options.append("stop on a validation loss instead (docs/callback.md)")
         return (
             f"EarlyStopping(monitor={cb.monitor!r}, patience={cb.patience}) would stop this fit {when}, on "
             f"repeated values alone, even if every measurement improved: {type(self).__name__} measures every "
             f"{self.every_n_epochs} {unit} and logs its last values again at the checks in between ({stop.repeats} "
-            f"in a row here), which count as no improvement. Give it patience={need} to compare each measurement "
-            f"with the best one ({3 * need} to wait three measurements), measure more often (`every_n_epochs`), "
-            "or stop on a validation loss instead (docs/callback.md)."
+            f"in a row here), which count as no improvement. To keep the fit: {'; '.join(options)}."
         )
 
     def _warn_budget_with_watchers(self, trainer: pl.Trainer) -> None:

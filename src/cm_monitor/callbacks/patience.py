@@ -2,7 +2,7 @@
 
 A monitor logs its last values again at the validations without a measurement, and
 ``EarlyStopping`` counts each of them as a check without improvement. :func:`forced_stop` replays
-the checks of a fit's schedule (which validations a monitor measures, when ``EarlyStopping``
+the checks of a new fit's schedule (which validations a monitor measures, when ``EarlyStopping``
 checks) assuming the best case, that every measurement improves: a stop it finds is certain and
 caused by the repeats alone. It is a pure function of the :class:`Schedule`, so it is tested
 against what Lightning does.
@@ -27,12 +27,9 @@ class Schedule:
             at the end of an epoch of a stream, never mid-epoch).
         check_val_every_n_epoch: validate only in every this many epochs; ``None``: every
             ``val_check_batch`` batches counted across epochs.
-        first_epoch: the epoch the fit starts at (``trainer.current_epoch``).
         end_epoch: the fit ends before this epoch (``max_epochs``, or from ``max_steps``); ``None``:
             no end known.
         min_epochs: ``EarlyStopping`` cannot end the fit before this many epochs.
-        last_measured: the epoch (stream: the validation) of the monitor's last measurement, when a
-            resumed fit has one.
         max_validations: a stream's validations in this fit (from ``max_steps``), if bounded.
     """
 
@@ -40,10 +37,8 @@ class Schedule:
     batches_per_epoch: float
     val_check_batch: float
     check_val_every_n_epoch: int | None
-    first_epoch: int = 0
     end_epoch: int | None = None
     min_epochs: int = 0
-    last_measured: int | None = None
     max_validations: int | None = None
 
     @property
@@ -76,8 +71,8 @@ def _validations_in(schedule: Schedule, epoch: int) -> int:
 
 
 def _horizon(schedule: Schedule) -> int:
-    """The epoch to replay to when the fit ends later or never: the first window (maybe shortened
-    by a resume) and a few whole ones, which then repeat."""
+    """The epoch to replay to when the fit ends later or never: a few windows between two
+    measurements, which then repeat."""
     per = schedule.check_val_every_n_epoch
     if per is None:  # validation by batches across epochs: epochs between two validations
         per = (
@@ -85,7 +80,7 @@ def _horizon(schedule: Schedule) -> int:
             if math.isinf(schedule.val_check_batch)
             else math.ceil(schedule.val_check_batch / schedule.batches_per_epoch)
         )
-    return schedule.first_epoch + 4 * (schedule.every_n_epochs + per) + 2
+    return 4 * (schedule.every_n_epochs + per) + 2
 
 
 def checks(schedule: Schedule, on_train_epoch_end: bool) -> Iterator[tuple[int, bool, int]]:
@@ -94,9 +89,9 @@ def checks(schedule: Schedule, on_train_epoch_end: bool) -> Iterator[tuple[int, 
     other validations of that epoch: only an epoch's first validation can be measured). Checks are
     at validations, or with ``on_train_epoch_end`` at each epoch's end (measured when a validation
     of that epoch was). A stream yields one check per validation, its index as the epoch."""
-    last = schedule.last_measured
+    last: int | None = None
     if schedule.stream:
-        replay = 2 * schedule.every_n_epochs + 2  # the first window, then whole ones
+        replay = 2 * schedule.every_n_epochs + 2  # two windows, which then repeat
         count = replay if schedule.max_validations is None else min(schedule.max_validations, replay)
         for k in range(count):
             measured = last is None or k - last >= schedule.every_n_epochs
@@ -106,7 +101,7 @@ def checks(schedule: Schedule, on_train_epoch_end: bool) -> Iterator[tuple[int, 
     end = _horizon(schedule)
     if schedule.end_epoch is not None:
         end = min(end, schedule.end_epoch)
-    for epoch in range(schedule.first_epoch, end):
+    for epoch in range(end):
         validations = _validations_in(schedule, epoch)
         measured = validations > 0 and (last is None or epoch - last >= schedule.every_n_epochs)
         last = epoch if measured else last
