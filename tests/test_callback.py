@@ -550,7 +550,7 @@ def test_the_budget_rule(monkeypatch):
     from cm_monitor.callbacks import base
 
     monitor = CMDimensionMonitor(**FAST, max_cost_frac=0.25, verbose=False)
-    fake = types.SimpleNamespace(strategy=types.SimpleNamespace(broadcast=lambda obj, src=0: obj))
+    fake = types.SimpleNamespace(strategy=types.SimpleNamespace(broadcast=lambda obj, src=0: obj), callbacks=[])
     monitor._fit_start, monitor._fit_seconds, monitor._last_seconds = 100.0, 2.0, 2.0
     for now, expected in ((110.0, False), (113.9, False), (114.0, True), (130.0, True)):
         monkeypatch.setattr(base.time, "perf_counter", lambda now=now: now)

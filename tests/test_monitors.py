@@ -128,9 +128,10 @@ def test_the_fold_check_runs_once_per_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(callback_module, "relative_stability", recording)
     monitor = DiffeoStabilityMonitor(num_anchors=3, delta=1.0, num_bootstrap=0)  # 1 pixel on 8 x 8 folds often
-    with pytest.warns(RuntimeWarning, match=r"fold over"):
+    with pytest.warns(RuntimeWarning, match=r"fold over") as said:
         trainer(tmp_path, [monitor], max_epochs=3).fit(Frozen(), *loaders())
     assert monitor.num_measurements == 3 and len(calls) == 1
+    assert len([w for w in said if "fold over" in str(w.message)]) == 1  # said at the first measurement only
     with pytest.warns(UserWarning, match=r"fold over"):  # a one-off call computes it itself
         one_off = core.relative_stability(
             nn.Flatten(), monitor.anchors, delta=1.0, generator=monitor.seed, num_bootstrap=0

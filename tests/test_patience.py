@@ -5,6 +5,7 @@ Lightning does, on real fits where every measurement improves (the best case the
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -13,9 +14,11 @@ from fakes import FakeMonitor, tiny_loaders, tiny_module, tiny_trainer
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from modules import NetModule
+from test_shared_monitors import TrainClock
 from torch.utils.data import DataLoader, IterableDataset
 
 from cm_monitor import CMDimensionMonitor
+from cm_monitor.callbacks import base
 from cm_monitor.callbacks.patience import Schedule, checks, forced_stop
 
 
@@ -218,3 +221,53 @@ def test_max_steps_with_manual_optimization_is_not_checked(tmp_path):
     t = tiny_trainer(tmp_path, callbacks, max_steps=20, max_epochs=-1)
     t.fit(TwoSteps(), *tiny_loaders())
     assert t.global_step == 20 and t.current_epoch == 5
+
+
+@pytest.mark.parametrize("guarded", [True, False])
+def test_a_postponement_never_brings_an_early_stopping_to_its_patience(tmp_path, monkeypatch, guarded):
+    # a measurement costs 6 s against 2 s of training an epoch: a 10 % budget postpones every one
+    clock = [0.0]
+    monkeypatch.setattr(base.time, "perf_counter", lambda: clock[0])
+    if not guarded:  # the control: what the budget alone does
+        monkeypatch.setattr(Rising, "_stopper_at_stake", lambda self, trainer: None)
+    monitor = Rising(every_n_epochs=1, max_cost_frac=0.1, seconds=6.0, clock=clock)
+    watcher = EarlyStopping(monitor="fake/value", mode="max", patience=2)
+    t = tiny_trainer(tmp_path, [TrainClock(clock), monitor, watcher], max_epochs=10)
+    with pytest.warns(UserWarning, match="a postponement never brings an EarlyStopping"):
+        t.fit(tiny_module(), *tiny_loaders())
+    if guarded:  # measured whenever one more repeat would stop it: every second epoch
+        assert t.current_epoch == 10 and monitor.num_measurements == 5 and not watcher.stopped_epoch
+    else:
+        assert t.current_epoch == 3 and monitor.num_measurements == 1
+
+
+@pytest.mark.parametrize(("every", "top_k", "warned"), [(2, 2, True), (2, 1, False), (2, -1, False), (1, 3, False)])
+def test_a_checkpoint_top_k_over_repeated_values_is_warned_about(tmp_path, every, top_k, warned):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor="fake/value", mode="max", save_top_k=top_k)
+    t = tiny_trainer(tmp_path, [Rising(every_n_epochs=every), checkpoint], max_epochs=1)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        t.fit(tiny_module(), *tiny_loaders())
+    said = [str(w.message) for w in record if "models that were never measured" in str(w.message)]
+    assert len(said) == int(warned)
+
+
+@pytest.mark.parametrize(("every", "epochs", "warned"), [(10, 5, True), (10, 11, False), (1, 5, False), (10, 1, False)])
+def test_a_fit_measured_only_once_is_warned_about(tmp_path, every, epochs, warned):
+    t = tiny_trainer(tmp_path, [Rising(every_n_epochs=every)], max_epochs=epochs)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        t.fit(tiny_module(), *tiny_loaders())
+    said = [str(w.message) for w in record if "is measured only once" in str(w.message)]
+    assert len(said) == int(warned)
+    if warned:
+        assert f"fit of {epochs} epochs is measured only once, at epoch 0" in said[0]
+        assert f"every_n_epochs <= {epochs - 1}" in said[0]
+
+
+def test_the_measured_epochs_are_announced(tmp_path, caplog):
+    monitor = Rising(every_n_epochs=3, verbose=True)
+    with caplog.at_level("INFO"):
+        tiny_trainer(tmp_path, [monitor], max_epochs=8, check_val_every_n_epoch=2).fit(tiny_module(), *tiny_loaders())
+    assert "measures the validations of epochs 1, 5 (the first validation, then every 3 epochs)" in caplog.text
+    assert monitor.num_measurements == 2  # validations at 1, 3, 5, 7: measured at 1 and 5

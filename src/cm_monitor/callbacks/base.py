@@ -77,7 +77,7 @@ from typing import Any
 import lightning.pytorch as pl
 import lightning.pytorch.strategies as strategies
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -107,7 +107,7 @@ from cm_monitor.anchors import (
     sample_anchors,
 )
 from cm_monitor.callbacks.figures import FigureWriter
-from cm_monitor.callbacks.patience import Schedule, Stop, forced_stop
+from cm_monitor.callbacks.patience import Schedule, Stop, forced_stop, measured_epochs
 from cm_monitor.callbacks.progress import MeasurementProgress
 
 _STATE_VERSION = 1
@@ -625,6 +625,7 @@ class GeometryMonitor(Callback):
         self._check_targets(self.num_classes)
         self._check_watched_keys(trainer)
         self._check_patience(trainer)
+        self._announce_schedule(trainer)
         self._preflight(trainer, model)
         self._warn_budget_with_watchers(trainer)
 
@@ -659,19 +660,35 @@ class GeometryMonitor(Callback):
     def _time_validated(trainer: pl.Trainer) -> bool:
         return getattr(trainer, "_val_check_time_interval", None) is not None
 
+    def _announce_schedule(self, trainer: pl.Trainer) -> None:
+        """At the start of a new fit: which epochs are measured (``verbose``); a warning when a fit
+        of several epochs is measured only once (the later values are the first one, repeated)."""
+        schedule = self._schedule(trainer)
+        measured, complete = ([], False) if schedule is None else measured_epochs(schedule)
+        if not measured:
+            return
+        name, end, every = type(self).__name__, schedule.end_epoch, self.every_n_epochs
+        if complete and len(measured) == 1 and every > 1 and end is not None and end - 1 > measured[0]:
+            rank_zero_warn(
+                f"{name}: with every_n_epochs = {every} this fit of {end} epochs is measured only once, at epoch "
+                f"{measured[0]}; later validations log that measurement again ({self.prefix}/measured = 0). Pass "
+                f"every_n_epochs <= {end - 1 - measured[0]} to measure it again.",
+                category=UserWarning,
+            )
+        elif self.verbose:
+            shown = ", ".join(str(e) for e in measured[:5]) + ("" if complete and len(measured) <= 5 else ", ...")
+            rank_zero_info(
+                f"{name}: measures the validations of epochs {shown} (the first validation, then every {every} "
+                f"epochs); the others log the last values again ({self.prefix}/measured = 0)."
+            )
+
     def _check_patience(self, trainer: pl.Trainer) -> None:
         """At the start of fit: an ``EarlyStopping`` on a key of this monitor that would end the fit
         on the repeated values alone, even if every measurement improved, is an error."""
         schedule = self._schedule(trainer)
         if schedule is None:
             return
-        for cb in trainer.callbacks:
-            key = getattr(cb, "monitor", None)
-            if not (isinstance(cb, EarlyStopping) and isinstance(key, str) and key.startswith(f"{self.prefix}/")):
-                continue
-            zero = torch.zeros(())
-            if cb.monitor_op(zero - cb.min_delta, zero):  # a negative min_delta: a repeat improves
-                continue
+        for cb in self._early_stoppings(trainer):
             on_epoch_end = getattr(cb, "_check_on_train_epoch_end", None)
             stop = forced_stop(schedule, cb.patience, bool(on_epoch_end))
             if stop is not None:
@@ -699,16 +716,28 @@ class GeometryMonitor(Callback):
         )
 
     def _warn_budget_with_watchers(self, trainer: pl.Trainer) -> None:
-        if self.max_cost_frac is None:
-            return
+        """Say how the repeated values at validations without a measurement meet the callbacks that
+        watch this monitor's keys: a budget's postponements, and a ``ModelCheckpoint`` top k."""
         watched = sorted(self._watched_keys(trainer))
-        if watched:
+        if self.max_cost_frac is not None and watched:
             rank_zero_warn(
                 f"{type(self).__name__}: with `max_cost_frac` measurements may be postponed, and the "
-                f"validations in between log the last values again; a callback watching {watched} (e.g. "
-                "EarlyStopping's patience) counts them as validations without improvement.",
+                f"validations in between log the last values again; a callback watching {watched} counts them "
+                "as validations without improvement (a postponement never brings an EarlyStopping on them to "
+                "its patience: the monitor then measures whatever the budget).",
                 category=UserWarning,
             )
+        repeats = self.every_n_epochs > 1 or self.max_cost_frac is not None
+        for cb in trainer.callbacks:
+            key, top = getattr(cb, "monitor", None), getattr(cb, "save_top_k", None)
+            if repeats and isinstance(cb, ModelCheckpoint) and key in watched and top not in (-1, 0, 1):
+                rank_zero_warn(
+                    f"{type(self).__name__}: ModelCheckpoint(monitor={key!r}, save_top_k={top}) ranks the "
+                    "validations without a measurement by the last measured value, so models that were never "
+                    "measured take places in its top k, tied with the measured one before them. Keep "
+                    "save_top_k=1 (a tie keeps the first, measured, checkpoint), or measure at every epoch.",
+                    category=UserWarning,
+                )
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._interval_start = time.perf_counter()
@@ -817,6 +846,14 @@ class GeometryMonitor(Callback):
         spent, next_cost = self._fit_seconds, self._last_seconds
         fits = spent + next_cost <= self.max_cost_frac * (elapsed + next_cost)
         fits = bool(trainer.strategy.broadcast(fits, src=0))  # rank 0's clock decides for all ranks
+        stopper = None if fits else self._stopper_at_stake(trainer)
+        if stopper is not None:  # the budget must not end the fit: measure anyway
+            rank_zero_info(
+                f"{type(self).__name__} epoch {epoch}: measured although it exceeds max_cost_frac = "
+                f"{self.max_cost_frac:g}: EarlyStopping(monitor={stopper.monitor!r}, patience={stopper.patience}) "
+                "would stop the fit at its next check if the last values were logged again."
+            )
+            return True
         if not fits and self.verbose:
             rank_zero_info(
                 f"{type(self).__name__} epoch {epoch}: measurement postponed (budget): {spent:.1f} s of "
@@ -824,6 +861,27 @@ class GeometryMonitor(Callback):
                 f"max_cost_frac = {self.max_cost_frac:g}; the last values are logged again."
             )
         return fits
+
+    def _stopper_at_stake(self, trainer: pl.Trainer) -> EarlyStopping | None:
+        """An ``EarlyStopping`` on a key of this monitor that one more repeat would make stop the fit
+        (its count of checks without improvement one short of its patience), if any."""
+        for cb in self._early_stoppings(trainer):
+            if cb.wait_count + 1 >= max(cb.patience, 1):
+                return cb
+        return None
+
+    def _early_stoppings(self, trainer: pl.Trainer) -> list[EarlyStopping]:
+        """The ``EarlyStopping`` callbacks on a key of this monitor that count a repeated value as no
+        improvement (all but those with a negative ``min_delta``)."""
+        found = []
+        for cb in trainer.callbacks:
+            key = getattr(cb, "monitor", None)
+            if not (isinstance(cb, EarlyStopping) and isinstance(key, str) and key.startswith(f"{self.prefix}/")):
+                continue
+            zero = torch.zeros(())
+            if not cb.monitor_op(zero - cb.min_delta, zero):  # a negative min_delta: a repeat improves
+                found.append(cb)
+        return found
 
     def _others_seconds(self, trainer: pl.Trainer) -> float:
         """Seconds the Trainer's other monitors have spent measuring (in this process)."""

@@ -28,7 +28,8 @@ class DiffeoStabilityMonitor(GeometryMonitor):
     The probe images are ``num_anchors`` validation images per class, drawn once at the start of
     fit (like :class:`~cm_monitor.CMDimensionMonitor`'s anchors), and the deformations and noise are
     drawn from ``seed``: both stay fixed for the run, so a change in the curve is a change in the
-    model (and the deformations' fold check runs once per run, at the first measurement). Scheduling, logging at validations without a measurement (the last values again),
+    model (and the deformations' fold check runs once per run, at the first measurement, which alone
+    warns when they fold). Scheduling, logging at validations without a measurement (the last values again),
     checkpointing and cost reporting are those of :class:`~cm_monitor.CMDimensionMonitor`. Under DDP
     the probe images are divided among the ranks (rank ``r`` of ``n`` runs the model on every
     ``n``-th image and its deformed and noisy versions) and the outputs merged on every rank
@@ -270,6 +271,8 @@ class DiffeoStabilityMonitor(GeometryMonitor):
             warnings.simplefilter("always")
             est = StabilityEstimate.merge([p[0] for p in parts])
         notes = sorted({note for _, part_notes in parts for note in part_notes} | {str(w.message) for w in caught})
+        if self._known_fold_fraction() is not None:  # said at the first measurement of these deformations
+            notes = [n for n in notes if "of the deformations fold over" not in n]
         self.last_estimate = est
         self._folds = (self._deformation_key(), est.fold_fraction)
         values = {

@@ -135,3 +135,12 @@ def forced_stop(schedule: Schedule, patience: int, on_train_epoch_end: bool = Fa
     if schedule.end_epoch is not None and effective >= schedule.end_epoch - 1:
         return None  # the fit ends there anyway
     return Stop(effective, validations, longest)
+
+
+def measured_epochs(schedule: Schedule) -> tuple[list[int], bool]:
+    """The epochs of a new fit whose validations a monitor measures, and whether that is all of
+    them (False: the fit goes on past the replay, which repeats)."""
+    if schedule.stream:
+        return [], False
+    measured = [epoch for epoch, m, _ in checks(schedule, on_train_epoch_end=False) if m]
+    return measured, schedule.end_epoch is not None and schedule.end_epoch <= _horizon(schedule)
