@@ -138,6 +138,9 @@ def test_the_fold_check_runs_once_per_run(tmp_path, monkeypatch):
         )
     assert len(calls) == 2 and one_off.fold_fraction > 0.1
     assert folds == [one_off.fold_fraction] * 3
+    with pytest.warns(RuntimeWarning, match=r"fold over") as said:  # a new fit says it again, once
+        trainer(tmp_path, [monitor], max_epochs=2).fit(Frozen(), *loaders())
+    assert len([w for w in said if "fold over" in str(w.message)]) == 1 and len(calls) == 2  # not computed again
     monitor.seed = 1  # other deformations: checked again
     with pytest.warns(RuntimeWarning, match=r"fold over"):
         trainer(tmp_path, [monitor], max_epochs=1).fit(Frozen(), *loaders())

@@ -5,6 +5,7 @@ Lightning does, on real fits where every measurement improves (the best case the
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from dataclasses import replace
 
@@ -68,7 +69,7 @@ CASES = [
     (10, {"patience": 3}, {"max_epochs": 4}, None),  # it stops at the last epoch: the fit ends there anyway
     (10, {"patience": 3}, {"max_epochs": 6}, 3),  # only one measurement in the fit, but it would lose epochs
     (3, {"patience": 2}, {"max_epochs": 8, "min_epochs": 5}, 4),  # the stop waits for min_epochs
-    (10, {"patience": 3}, {"max_steps": 9, "max_epochs": -1}, 3),  # 9 steps: 5 epochs
+    (10, {"patience": 3}, {"max_steps": 11, "max_epochs": -1}, 3),  # 11 steps: 5 whole epochs and a half
 ]
 
 
@@ -223,28 +224,63 @@ def test_max_steps_with_manual_optimization_is_not_checked(tmp_path):
     assert t.global_step == 20 and t.current_epoch == 5
 
 
+BUDGET_CASES = [  # (EarlyStopping kwargs, Trainer kwargs, measurements with the guard, epoch stopped without it)
+    ({"patience": 2}, {}, 5, 2),  # measured whenever one more repeat would stop it: every second epoch
+    # checks at every epoch's end, validations every second epoch: two checks before the next chance
+    ({"patience": 3, "check_on_train_epoch_end": True, "strict": False}, {"check_val_every_n_epoch": 2}, 5, 4),
+]
+
+
+@pytest.mark.parametrize(("stopper", "kwargs", "measurements", "stopped_at"), BUDGET_CASES)
 @pytest.mark.parametrize("guarded", [True, False])
-def test_a_postponement_never_brings_an_early_stopping_to_its_patience(tmp_path, monkeypatch, guarded):
+def test_a_postponement_never_brings_an_early_stopping_to_its_patience(
+    tmp_path, monkeypatch, guarded, stopper, kwargs, measurements, stopped_at
+):
     # a measurement costs 6 s against 2 s of training an epoch: a 10 % budget postpones every one
     clock = [0.0]
     monkeypatch.setattr(base.time, "perf_counter", lambda: clock[0])
     if not guarded:  # the control: what the budget alone does
         monkeypatch.setattr(Rising, "_stopper_at_stake", lambda self, trainer: None)
     monitor = Rising(every_n_epochs=1, max_cost_frac=0.1, seconds=6.0, clock=clock)
-    watcher = EarlyStopping(monitor="fake/value", mode="max", patience=2)
-    t = tiny_trainer(tmp_path, [TrainClock(clock), monitor, watcher], max_epochs=10)
+    watcher = EarlyStopping(monitor="fake/value", mode="max", **stopper)
+    t = tiny_trainer(tmp_path, [TrainClock(clock), monitor, watcher], max_epochs=10, **kwargs)
     with pytest.warns(UserWarning, match="a postponement never brings an EarlyStopping"):
         t.fit(tiny_module(), *tiny_loaders())
-    if guarded:  # measured whenever one more repeat would stop it: every second epoch
-        assert t.current_epoch == 10 and monitor.num_measurements == 5 and not watcher.stopped_epoch
+    if guarded:
+        assert t.current_epoch == 10 and monitor.num_measurements == measurements and not watcher.stopped_epoch
     else:
-        assert t.current_epoch == 3 and monitor.num_measurements == 1
+        assert watcher.stopped_epoch == stopped_at and monitor.num_measurements == 1
 
 
-@pytest.mark.parametrize(("every", "top_k", "warned"), [(2, 2, True), (2, 1, False), (2, -1, False), (1, 3, False)])
-def test_a_checkpoint_top_k_over_repeated_values_is_warned_about(tmp_path, every, top_k, warned):
+@pytest.mark.parametrize(("patience", "warned"), [(1, True), (2, False)])
+def test_a_budget_that_the_patience_leaves_no_room_is_warned_about(tmp_path, patience, warned):
+    monitor = Rising(every_n_epochs=1, max_cost_frac=0.1)
+    watcher = EarlyStopping(monitor="fake/value", mode="max", patience=patience)
+    t = tiny_trainer(tmp_path, [monitor, watcher], max_epochs=2)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        t.fit(tiny_module(), *tiny_loaders())
+    said = [str(w.message) for w in record if "cannot postpone any measurement" in str(w.message)]
+    assert len(said) == int(warned)
+    if warned:
+        assert "A patience of at least 2 leaves room" in said[0]
+
+
+@pytest.mark.parametrize(
+    ("every", "top_k", "kwargs", "warned"),
+    [
+        (2, 2, {}, True),
+        (2, 1, {}, False),
+        (2, -1, {}, False),
+        (1, 3, {}, False),
+        (1, 3, {"val_check_interval": 0.5}, True),  # the second validation of each epoch repeats
+        (2, 2, {"check_val_every_n_epoch": 2}, False),  # every validation is measured
+        (2, 2, {"max_epochs": 1}, False),  # one validation
+    ],
+)
+def test_a_checkpoint_top_k_over_repeated_values_is_warned_about(tmp_path, every, top_k, kwargs, warned):
     checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor="fake/value", mode="max", save_top_k=top_k)
-    t = tiny_trainer(tmp_path, [Rising(every_n_epochs=every), checkpoint], max_epochs=1)
+    t = tiny_trainer(tmp_path, [Rising(every_n_epochs=every), checkpoint], **{"max_epochs": 4, **kwargs})
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         t.fit(tiny_module(), *tiny_loaders())
@@ -252,22 +288,31 @@ def test_a_checkpoint_top_k_over_repeated_values_is_warned_about(tmp_path, every
     assert len(said) == int(warned)
 
 
-@pytest.mark.parametrize(("every", "epochs", "warned"), [(10, 5, True), (10, 11, False), (1, 5, False), (10, 1, False)])
-def test_a_fit_measured_only_once_is_warned_about(tmp_path, every, epochs, warned):
-    t = tiny_trainer(tmp_path, [Rising(every_n_epochs=every)], max_epochs=epochs)
+@pytest.mark.parametrize(
+    ("every", "kwargs", "warned"),
+    [
+        (10, {"max_epochs": 5}, "validated at epochs 0, 1, 2, 3, 4, is measured only once, at epoch 0; .* <= 4 "),
+        (10, {"max_epochs": 5, "check_val_every_n_epoch": 2}, "validated at epochs 1, 3, is .* <= 2 "),
+        (10, {"max_epochs": 11}, None),  # measured at 0 and 10
+        (1, {"max_epochs": 5}, None),
+        (10, {"max_epochs": 1}, None),  # one validation: nothing to measure again
+        (10, {"max_epochs": 3, "check_val_every_n_epoch": 2}, None),
+    ],
+)
+def test_a_fit_measured_only_once_is_warned_about(tmp_path, every, kwargs, warned):
+    t = tiny_trainer(tmp_path, [Rising(every_n_epochs=every)], **kwargs)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         t.fit(tiny_module(), *tiny_loaders())
     said = [str(w.message) for w in record if "is measured only once" in str(w.message)]
-    assert len(said) == int(warned)
+    assert len(said) == (warned is not None)
     if warned:
-        assert f"fit of {epochs} epochs is measured only once, at epoch 0" in said[0]
-        assert f"every_n_epochs <= {epochs - 1}" in said[0]
+        assert re.search(warned, said[0]), said[0]
 
 
 def test_the_measured_epochs_are_announced(tmp_path, caplog):
     monitor = Rising(every_n_epochs=3, verbose=True)
     with caplog.at_level("INFO"):
         tiny_trainer(tmp_path, [monitor], max_epochs=8, check_val_every_n_epoch=2).fit(tiny_module(), *tiny_loaders())
-    assert "measures the validations of epochs 1, 5 (the first validation, then every 3 epochs)" in caplog.text
+    assert "measures the first validation of epochs 1, 5 (the first validation of the fit, then every 3" in caplog.text
     assert monitor.num_measurements == 2  # validations at 1, 3, 5, 7: measured at 1 and 5

@@ -107,7 +107,7 @@ from cm_monitor.anchors import (
     sample_anchors,
 )
 from cm_monitor.callbacks.figures import FigureWriter
-from cm_monitor.callbacks.patience import Schedule, Stop, forced_stop, measured_epochs
+from cm_monitor.callbacks.patience import Schedule, Stop, checks, forced_stop, measured_epochs, repeats_in_a_row
 from cm_monitor.callbacks.progress import MeasurementProgress
 
 _STATE_VERSION = 1
@@ -255,10 +255,24 @@ def _part(trainer: pl.Trainer) -> tuple[int, int]:
 
 
 def _epochs_of(steps: int | None, batches: float, per_step: int) -> int | None:
-    """The epochs a fit of ``steps`` optimizer steps reaches (the last one maybe in part)."""
+    """The whole epochs a fit of ``steps`` optimizer steps runs (a last one in part is not counted:
+    its end-of-epoch validation does not run)."""
     if steps is None:
         return None
-    return math.ceil(steps / math.ceil(batches / per_step))
+    return steps // math.ceil(batches / per_step)
+
+
+def _checks_to_next_validation(trainer: pl.Trainer, cb: EarlyStopping) -> int:
+    """How many checks ``cb`` makes from this validation to the next one (included, not that one's):
+    one at validation ends, or one per epoch end until the next validating epoch."""
+    if not getattr(cb, "_check_on_train_epoch_end", False):
+        return 1
+    every = trainer.check_val_every_n_epoch
+    if every is None:  # validation every val_check_batch batches, counted across epochs
+        batches, every_batches = trainer.num_training_batches, trainer.val_check_batch
+        finite = every_batches and batches and not math.isinf(every_batches) and not math.isinf(batches)
+        return max(1, math.ceil(every_batches / batches)) if finite else 1
+    return every
 
 
 class GeometryMonitor(Callback):
@@ -662,25 +676,38 @@ class GeometryMonitor(Callback):
 
     def _announce_schedule(self, trainer: pl.Trainer) -> None:
         """At the start of a new fit: which epochs are measured (``verbose``); a warning when a fit
-        of several epochs is measured only once (the later values are the first one, repeated)."""
+        with validations in several epochs is measured only once (the later values are the first
+        one's, repeated)."""
         schedule = self._schedule(trainer)
         measured, complete = ([], False) if schedule is None else measured_epochs(schedule)
         if not measured:
             return
-        name, end, every = type(self).__name__, schedule.end_epoch, self.every_n_epochs
-        if complete and len(measured) == 1 and every > 1 and end is not None and end - 1 > measured[0]:
+        name, every = type(self).__name__, self.every_n_epochs
+        validated = [epoch for epoch, _, _ in checks(schedule, on_train_epoch_end=False)]
+        if complete and len(measured) == 1 and len(validated) > 1:
             rank_zero_warn(
-                f"{name}: with every_n_epochs = {every} this fit of {end} epochs is measured only once, at epoch "
-                f"{measured[0]}; later validations log that measurement again ({self.prefix}/measured = 0). Pass "
-                f"every_n_epochs <= {end - 1 - measured[0]} to measure it again.",
+                f"{name}: with every_n_epochs = {every} this fit, validated at epochs "
+                f"{', '.join(map(str, validated[:6]))}{', ...' if len(validated) > 6 else ''}, is measured only once, "
+                f"at epoch {measured[0]}; later validations log that measurement again ({self.prefix}/measured = 0). "
+                f"Pass every_n_epochs <= {validated[-1] - measured[0]} to measure it again.",
                 category=UserWarning,
             )
         elif self.verbose:
             shown = ", ".join(str(e) for e in measured[:5]) + ("" if complete and len(measured) <= 5 else ", ...")
+            budget = ", unless the budget postpones it" if self.max_cost_frac is not None else ""
             rank_zero_info(
-                f"{name}: measures the validations of epochs {shown} (the first validation, then every {every} "
-                f"epochs); the others log the last values again ({self.prefix}/measured = 0)."
+                f"{name}: measures the first validation of epochs {shown} (the first validation of the fit, then "
+                f"every {every} epochs{budget}); the others log the last values again ({self.prefix}/measured = 0)."
             )
+
+    def _values_repeat(self, trainer: pl.Trainer) -> bool:
+        """Whether some validations of this fit log the last values again (a budget may make them)."""
+        if self.max_cost_frac is not None:
+            return True
+        schedule = self._schedule(trainer)
+        if schedule is None:
+            return self.every_n_epochs > 1 or trainer.val_check_batch != trainer.num_training_batches
+        return any(not measured or repeats for _, measured, repeats in checks(schedule, on_train_epoch_end=False))
 
     def _check_patience(self, trainer: pl.Trainer) -> None:
         """At the start of fit: an ``EarlyStopping`` on a key of this monitor that would end the fit
@@ -727,7 +754,8 @@ class GeometryMonitor(Callback):
                 "its patience: the monitor then measures whatever the budget).",
                 category=UserWarning,
             )
-        repeats = self.every_n_epochs > 1 or self.max_cost_frac is not None
+            self._warn_budget_without_effect(trainer)
+        repeats = self._values_repeat(trainer)
         for cb in trainer.callbacks:
             key, top = getattr(cb, "monitor", None), getattr(cb, "save_top_k", None)
             if repeats and isinstance(cb, ModelCheckpoint) and key in watched and top not in (-1, 0, 1):
@@ -735,9 +763,27 @@ class GeometryMonitor(Callback):
                     f"{type(self).__name__}: ModelCheckpoint(monitor={key!r}, save_top_k={top}) ranks the "
                     "validations without a measurement by the last measured value, so models that were never "
                     "measured take places in its top k, tied with the measured one before them. Keep "
-                    "save_top_k=1 (a tie keeps the first, measured, checkpoint), or measure at every epoch.",
+                    "save_top_k=1 (a tie keeps the first, measured, checkpoint).",
                     category=UserWarning,
                 )
+
+    def _warn_budget_without_effect(self, trainer: pl.Trainer) -> None:
+        """A budget that an ``EarlyStopping``'s patience leaves no room to postpone anything."""
+        schedule = self._schedule(trainer)
+        if schedule is None:
+            return
+        for cb in self._early_stoppings(trainer):
+            on_epoch_end = bool(getattr(cb, "_check_on_train_epoch_end", False))
+            needed = repeats_in_a_row(schedule, on_epoch_end) + _checks_to_next_validation(trainer, cb)
+            if max(cb.patience, 1) <= needed:
+                rank_zero_warn(
+                    f"{type(self).__name__}: `max_cost_frac` cannot postpone any measurement in this fit: one "
+                    f"postponement would bring EarlyStopping(monitor={cb.monitor!r}, patience={cb.patience}) to "
+                    f"its patience, so the monitor measures whatever the budget. A patience of at least "
+                    f"{needed + 1} leaves room for one postponement at a time.",
+                    category=UserWarning,
+                )
+                return
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._interval_start = time.perf_counter()
@@ -845,14 +891,16 @@ class GeometryMonitor(Callback):
         elapsed = time.perf_counter() - self._fit_start - others
         spent, next_cost = self._fit_seconds, self._last_seconds
         fits = spent + next_cost <= self.max_cost_frac * (elapsed + next_cost)
-        fits = bool(trainer.strategy.broadcast(fits, src=0))  # rank 0's clock decides for all ranks
         stopper = None if fits else self._stopper_at_stake(trainer)
-        if stopper is not None:  # the budget must not end the fit: measure anyway
-            rank_zero_info(
-                f"{type(self).__name__} epoch {epoch}: measured although it exceeds max_cost_frac = "
-                f"{self.max_cost_frac:g}: EarlyStopping(monitor={stopper.monitor!r}, patience={stopper.patience}) "
-                "would stop the fit at its next check if the last values were logged again."
-            )
+        # rank 0's clock and its EarlyStopping counts decide for all ranks
+        fits, forced = trainer.strategy.broadcast((fits, stopper is not None), src=0)
+        if forced:  # the budget must not end the fit: measure anyway
+            if self.verbose and stopper is not None:
+                rank_zero_info(
+                    f"{type(self).__name__} epoch {epoch}: measured although it exceeds max_cost_frac = "
+                    f"{self.max_cost_frac:g}: EarlyStopping(monitor={stopper.monitor!r}, patience={stopper.patience}) "
+                    "would stop the fit before the next validation if the last values were logged again."
+                )
             return True
         if not fits and self.verbose:
             rank_zero_info(
@@ -860,13 +908,13 @@ class GeometryMonitor(Callback):
                 f"{elapsed:.1f} s measured so far, another {next_cost:.1f} s would exceed "
                 f"max_cost_frac = {self.max_cost_frac:g}; the last values are logged again."
             )
-        return fits
+        return bool(fits)
 
     def _stopper_at_stake(self, trainer: pl.Trainer) -> EarlyStopping | None:
-        """An ``EarlyStopping`` on a key of this monitor that one more repeat would make stop the fit
-        (its count of checks without improvement one short of its patience), if any."""
+        """An ``EarlyStopping`` on a key of this monitor that the repeats before the next validation
+        (the next chance to measure) would make stop the fit, if any."""
         for cb in self._early_stoppings(trainer):
-            if cb.wait_count + 1 >= max(cb.patience, 1):
+            if cb.wait_count + _checks_to_next_validation(trainer, cb) >= max(cb.patience, 1):
                 return cb
         return None
 

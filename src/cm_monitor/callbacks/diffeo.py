@@ -28,8 +28,8 @@ class DiffeoStabilityMonitor(GeometryMonitor):
     The probe images are ``num_anchors`` validation images per class, drawn once at the start of
     fit (like :class:`~cm_monitor.CMDimensionMonitor`'s anchors), and the deformations and noise are
     drawn from ``seed``: both stay fixed for the run, so a change in the curve is a change in the
-    model (and the deformations' fold check runs once per run, at the first measurement, which alone
-    warns when they fold). Scheduling, logging at validations without a measurement (the last values again),
+    model (and the deformations' fold check runs once per run, at the first measurement; each fit
+    warns once when they fold). Scheduling, logging at validations without a measurement (the last values again),
     checkpointing and cost reporting are those of :class:`~cm_monitor.CMDimensionMonitor`. Under DDP
     the probe images are divided among the ranks (rank ``r`` of ``n`` runs the model on every
     ``n``-th image and its deformed and noisy versions) and the outputs merged on every rank
@@ -174,6 +174,7 @@ class DiffeoStabilityMonitor(GeometryMonitor):
         # (what the deformations depend on, their fold fraction), from the first measurement of a
         # run: the deformations are the same at every measurement (common random numbers)
         self._folds: tuple[tuple[Any, ...], float] | None = None
+        self._folds_said = False  # whether this series warned about folding deformations already
 
     def _deformation_key(self) -> tuple[Any, ...]:
         """Everything the deformations, so their fold fraction, depend on (not the anchors' values)."""
@@ -190,6 +191,9 @@ class DiffeoStabilityMonitor(GeometryMonitor):
             self.cutoff,
             self.clip,
         )
+
+    def _forget_estimates(self) -> None:
+        self._folds_said = False  # a new series (or a resumed one) says it again
 
     def _known_fold_fraction(self) -> float | None:
         if self._folds is not None and self._folds[0] == self._deformation_key():
@@ -271,8 +275,9 @@ class DiffeoStabilityMonitor(GeometryMonitor):
             warnings.simplefilter("always")
             est = StabilityEstimate.merge([p[0] for p in parts])
         notes = sorted({note for _, part_notes in parts for note in part_notes} | {str(w.message) for w in caught})
-        if self._known_fold_fraction() is not None:  # said at the first measurement of these deformations
+        if self._folds_said and self._known_fold_fraction() is not None:  # said once per series
             notes = [n for n in notes if "of the deformations fold over" not in n]
+        self._folds_said = True
         self.last_estimate = est
         self._folds = (self._deformation_key(), est.fold_fraction)
         values = {

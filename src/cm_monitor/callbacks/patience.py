@@ -144,3 +144,12 @@ def measured_epochs(schedule: Schedule) -> tuple[list[int], bool]:
         return [], False
     measured = [epoch for epoch, m, _ in checks(schedule, on_train_epoch_end=False) if m]
     return measured, schedule.end_epoch is not None and schedule.end_epoch <= _horizon(schedule)
+
+
+def repeats_in_a_row(schedule: Schedule, on_train_epoch_end: bool = False) -> int:
+    """The most checks without a measurement in a row in a new fit (0: every check sees one)."""
+    wait = longest = 0
+    for _, measured, repeats in checks(schedule, on_train_epoch_end):
+        wait = (0 if measured else wait + 1) + repeats
+        longest = max(longest, wait)
+    return longest
