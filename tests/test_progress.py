@@ -63,15 +63,38 @@ def test_cm_dimension_reports_every_problem_on_the_grid():
     assert_counts_up_to_total(rec.calls, usable * 3)  # every grid point of every group
 
 
-def test_cm_dimension_bisection_total_is_the_most_it_runs():
+def test_cm_dimension_bisection_total_falls_to_what_it_ran():
+    # the total is an upper bound that falls as brackets close, from at most the worst case of
+    # every group to the problems actually run
     model = HalfSpace(16)
     anchors = torch.randn(6, 16, generator=torch.Generator().manual_seed(0))
     labels = model(anchors).argmax(1)
     rec = Recorder()
     est = cm_dimension(model, anchors, labels, dims=[1, 2, 4, 8, 16, 16 - 1, 12], max_steps=20, progress=rec)
     groups = (est.anchor_index >= 0).sum().item()
+    ran = int(est.probed.sum())
     assert est.search == "bisect"
-    assert_counts_up_to_total(rec.calls, groups * max_probes(len(est.dims)))
+    done, totals = [d for d, _ in rec.calls], [t for _, t in rec.calls]
+    assert done == sorted(done) and done[0] > 0 and done[-1] == totals[-1] == ran
+    assert totals == sorted(totals, reverse=True) and totals[0] <= groups * max_probes(len(est.dims))
+    assert all(d <= t for d, t in rec.calls) and totals[len(totals) // 2] < totals[0]  # it does fall
+
+
+def test_the_bisections_remaining_bound_holds_at_every_step():
+    from cm_monitor.search import BisectionSearch
+
+    g = torch.Generator().manual_seed(0)
+    for hints in (None, [3, 0, 9, None, 5, 7]):
+        answers = torch.randint(0, 10, (6,), generator=g).tolist()  # 9 = never reached on 9 points
+        search, finished, bounds = BisectionSearch(6, 9, hints), 0, []
+        while batch := search.take(4):
+            for group, j in batch:
+                search.report(group, j, j >= answers[group])
+                finished += 1
+                bounds.append((finished, search.remaining()))
+        assert search.remaining() == 0
+        for k, bound in bounds:  # what was still to come after k problems never exceeded the bound
+            assert finished - k <= bound
 
 
 def test_relative_stability_reports_each_forward_pass():

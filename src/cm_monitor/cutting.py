@@ -274,9 +274,10 @@ def optimize_planes(
         chunk_size: at most this many problems per forward pass; with dense planes also at most
             :data:`MAX_BASIS_ELEMENTS` basis elements, with structured ones at most
             :data:`MAX_PROBLEM_ELEMENTS` input elements (problems × D) per pass (at least one).
-        progress: called as ``progress(done, total)`` when problems finish: problems done, and the
-            most the search runs (``G · K`` on the grid, ``G ·`` :func:`problems_per_group` by bisection); the
-            last call is ``(total, total)``.
+        progress: called as ``progress(done, total)`` when problems finish: problems done, and
+            ``done`` plus the most the search may still run (exact on the grid; by bisection an
+            upper bound that falls as brackets close, at most ``G ·`` :func:`problems_per_group`);
+            the last call is ``(done, done)``.
         hints: per group, a grid index to start its bisection at (a warm start, see
             :class:`~cm_monitor.search.BisectionSearch`), or None; ignored by the grid.
         group_k, group_level: groups of different kinds in one pool (class manifolds and
@@ -297,7 +298,7 @@ def optimize_planes(
         pool.mix(group_k, group_level)
     out = _Outcomes(G, K, device)
     free, finished = list(range(rows)), []  # free slots; rows whose problem finished in the last pass
-    done, total = 0, G * problems_per_group(settings, K, warm=any(h is not None for h in hints or ()))
+    done, most = 0, G * problems_per_group(settings, K, warm=any(h is not None for h in hints or ()))
     while True:
         started = search.take(len(free))
         pool.refill(finished, free[: len(started)], started)
@@ -310,13 +311,13 @@ def optimize_planes(
         if finished:
             out.record([pool.problem[r] for r in finished], finished, pool, [ok is None for ok in success])
             done += len(finished)
-            if progress is not None:
-                progress(min(done, total), total)
         for r, ok in zip(finished, success, strict=True):
             search.report(*pool.problem[r], ok)
             free.append(pool.slot[r])
+        if finished and progress is not None:
+            progress(done, min(most, done + search.remaining()))
     if progress is not None:
-        progress(total, total)
+        progress(done, done)
     return out.result()
 
 

@@ -359,8 +359,9 @@ def cm_dimension(
             ``out["logits"]`` or ``out.logits``). A single logit ``[N, 1]`` is read as two classes
             ``[0, z]`` (class 1 has probability ``sigmoid(z)``).
         progress: called as ``progress(done, total)`` each time cutting-plane problems finish, with
-            the problems done and their total (with a bisection, the most it may run; the last call
-            is ``(total, total)``). For a progress display; it must not raise.
+            the problems done and their total (with a bisection, ``done`` plus the most it may still
+            run, which falls as brackets close; the last call is ``(total, total)``). For a progress
+            display; it must not raise.
         part: ``(index, count)``: optimize only share ``index`` of ``count`` of the (target,
             anchor) groups (every ``count``-th group; the anchor subsets, planes and seeds are
             those of the whole measurement) and return a partial estimate; merge the ``count``

@@ -136,6 +136,7 @@ class GridSearch:
         self._queue = deque((g, j) for g in range(groups) for j in range(num_dims))
         #: problems that can run at once: all of them
         self.in_flight = groups * num_dims
+        self._unfinished = groups * num_dims
 
     def take(self, n: int) -> list[tuple[int, int]]:
         """Up to ``n`` problems ``(group, grid index)`` to start now."""
@@ -143,6 +144,11 @@ class GridSearch:
 
     def report(self, group: int, index: int, success: bool | None) -> None:
         """A problem finished: reached the level (True), did not (False) or produced NaN/inf (None)."""
+        self._unfinished -= 1
+
+    def remaining(self) -> int:
+        """Problems that have not finished (running or waiting): exact for the grid."""
+        return self._unfinished
 
     @property
     def waiting(self) -> bool:
@@ -239,6 +245,15 @@ class BisectionSearch:
             if near:
                 return near
         return [split(lo, hi)]
+
+    def remaining(self) -> int:
+        """At most this many problems have yet to finish (running, waiting, or to come from the open
+        brackets): it only falls as problems finish, to 0 at the end."""
+        total = 0
+        for g in range(len(self.lo)):
+            if not self._stopped[g]:
+                total += self._running[g] + len(self._pending[g]) + _depth(self.hi[g] - self.lo[g])
+        return total
 
     def _stop(self, group: int) -> None:
         """A problem of ``group`` produced NaN/inf: no further problems for it."""
