@@ -31,14 +31,11 @@ class Rising(FakeMonitor):
         super().__init__(**kwargs)
         self.check, self.predicted = check, "not set"
 
-    def _check_patience(self, trainer) -> None:
+    def _check_patience(self, trainer, schedule) -> None:
         if self.check:
-            return super()._check_patience(trainer)
+            return super()._check_patience(trainer, schedule)
         (watcher,) = [cb for cb in trainer.callbacks if isinstance(cb, EarlyStopping)]
-        schedule = self._schedule(trainer)
-        self.predicted = None if schedule is None else forced_stop(
-            schedule, watcher.patience, watcher._check_on_train_epoch_end
-        )  # fmt: skip
+        self.predicted = forced_stop(schedule, watcher.patience, watcher._check_on_train_epoch_end)
 
     def _measure_part(self, trainer, pl_module, model, part):
         out = super()._measure_part(trainer, pl_module, model, part)
@@ -314,5 +311,24 @@ def test_the_measured_epochs_are_announced(tmp_path, caplog):
     monitor = Rising(every_n_epochs=3, verbose=True)
     with caplog.at_level("INFO"):
         tiny_trainer(tmp_path, [monitor], max_epochs=8, check_val_every_n_epoch=2).fit(tiny_module(), *tiny_loaders())
-    assert "measures the first validation of epochs 1, 5 (the first validation of the fit, then every 3" in caplog.text
+    expected = (
+        "measures the first validation of epochs 1, 5 (the first validation of the fit, then the first at least 3"
+    )
+    assert expected in caplog.text
     assert monitor.num_measurements == 2  # validations at 1, 3, 5, 7: measured at 1 and 5
+
+
+def test_a_model_with_lazy_modules_is_checked_after_its_first_batch(tmp_path):
+    # its set-up waits for the first training batch (which initializes the lazy modules): still a new fit
+    counting = Counting()
+    module = NetModule(torch.nn.LazyLinear(2), lr=0.1)
+    callbacks = [Rising(every_n_epochs=10), EarlyStopping(monitor="fake/value", mode="max"), counting]
+    with pytest.raises(MisconfigurationException, match="would stop this fit at epoch 3"):
+        tiny_trainer(tmp_path, callbacks, max_epochs=30).fit(module, *tiny_loaders())
+    assert counting.steps == 1
+
+
+def test_keys_logged_afresh_at_every_validation_are_not_refused(tmp_path):
+    # {prefix}/seconds, /measured, ... are logged anew at every validation: they do not repeat
+    watcher = EarlyStopping(monitor="fake/seconds", mode="min", patience=3)
+    tiny_trainer(tmp_path, [Rising(every_n_epochs=10), watcher], max_epochs=5).fit(tiny_module(), *tiny_loaders())

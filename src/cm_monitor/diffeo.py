@@ -371,10 +371,14 @@ def _check_fold_fraction(value: float | None) -> None:
         raise ValueError(f"`fold_fraction` must be None or a fraction in [0, 1], got {value!r}.")
 
 
+#: The words of the warning that the deformations fold (the monitor says it once per fit).
+FOLD_WARNING = "of the deformations fold over"
+
+
 def _warn_folds(fold_fraction: float, temperature: float, cutoff: float, h: int, w: int, stacklevel: int = 3) -> None:
     if fold_fraction > MAX_FOLD_FRACTION:
         warnings.warn(
-            f"{fold_fraction:.0%} of the deformations fold over at {displacement_for_temperature(temperature, cutoff):.2g} "
+            f"{fold_fraction:.0%} {FOLD_WARNING} at {displacement_for_temperature(temperature, cutoff):.2g} "
             f"pixels on {h} × {w} images: they are not diffeomorphisms. Use a smaller `delta`.",
             UserWarning,
             stacklevel=stacklevel,

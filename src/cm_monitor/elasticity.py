@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from cm_monitor import _model
 from cm_monitor._model import (
-    HALF_PRECISION,
     OutputTransform,
     check_initialized,
     check_logits,
@@ -48,13 +48,14 @@ steps take as many of a chunk's stepped parameter sets as fit, each on all ``N``
 one); the per-example gradients take ``chunk_size`` inputs, the logits before the steps the ``N``
 probes. Splitting a chunk's steps is what a smaller ``chunk_size`` does: the answers are the same."""
 
-# HALF_PRECISION (imported above): A model whose floating-point parameters are in one of these dtypes (``precision="16-true"``,
-# ``"bf16-true"``) is measured in float32, on float32 copies of its half parameters and buffers, with
-# float32 inputs: the default step (``relative_step=1e-3`` of the weights' norm) is below bfloat16's
-# resolution (8 bits of mantissa, steps of 2⁻⁸ = 0.4 % of a weight), so in the model's own dtype most
-# weights would not move at all and the similarities would measure round-off (a small bfloat16 MLP:
-# kernel off by 16 % of its largest entry, ``linearity_error`` 0.31 instead of 1e-4). The answer is
-# that of the half weights themselves: what a float32 model with those weights gets, bit for bit.
+HALF_PRECISION = _model.HALF_PRECISION
+"""A model whose floating-point parameters are in one of these dtypes (``precision="16-true"``,
+``"bf16-true"``) is measured in float32, on float32 copies of its half parameters and buffers, with
+float32 inputs: the default step (``relative_step=1e-3`` of the weights' norm) is below bfloat16's
+resolution (8 bits of mantissa, steps of 2⁻⁸ = 0.4 % of a weight), so in the model's own dtype most
+weights would not move at all and the similarities would measure round-off (a small bfloat16 MLP:
+kernel off by 16 % of its largest entry, ``linearity_error`` 0.31 instead of 1e-4). The answer is
+that of the half weights themselves: what a float32 model with those weights gets, bit for bit."""
 
 
 @dataclass(frozen=True)

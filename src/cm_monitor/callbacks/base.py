@@ -259,8 +259,10 @@ class GeometryMonitor(Watchers, Callback):
             process; the time other monitors spend measuring is not counted) is spent measuring. A due measurement is postponed to a later validation
             (the last values are logged again, ``{prefix}/measured = 0``) while the previous
             measurement's duration says it would exceed the budget; the first measurement of
-            each ``trainer.fit`` (a resumed one included) always runs. ``None``: no budget. The
-            schedule then depends on the machine's speed.
+            each ``trainer.fit`` (a resumed one included) always runs, and so does one that an
+            ``EarlyStopping`` on a key of the monitor would otherwise stop the fit for (the repeats
+            before the next validation would bring it to its patience): the budget yields then.
+            ``None``: no budget. The schedule then depends on the machine's speed.
         seed: seeds the anchor sample and the measurement's random numbers, which stay fixed for
             the run (common random numbers).
         batch_to_inputs: a function mapping a validation batch (after the module's batch-transfer
@@ -405,6 +407,7 @@ class GeometryMonitor(Watchers, Callback):
         self.total_seconds = 0.0
         self._interval_start: float | None = None
         self._restored = False  # load_state_dict ran after this fit's `setup` (which clears the flag)
+        self._fresh_fit = False  # set at on_train_start: a new fit (not resumed) at epoch 0, step 0
         self._set_up_pending = False  # lazy modules at fit start: set up after the first training batch
         self._target_generator: torch.Generator | None = None  # set by a second anchor pass
         self._trained = "nothing was trained yet"  # what fit-start errors say about training so far
@@ -525,6 +528,7 @@ class GeometryMonitor(Watchers, Callback):
         self._interval_start = self._fit_start = time.perf_counter()
         self._others_at_fit_start = self._others_at_interval_start = self._others_seconds(trainer)
         self._fit_seconds, self._last_seconds, self._cost_warned = 0.0, None, False
+        self._fresh_fit = not self._restored and trainer.current_epoch == 0 and trainer.global_step == 0
         model = self._model(pl_module)
         if not self._restored:  # a new series, also when this monitor served an earlier fit
             if self.anchors is not None and trainer.current_epoch > 0:
@@ -608,11 +612,8 @@ class GeometryMonitor(Watchers, Callback):
                 )
             self.num_classes = num_classes
         self._check_targets(self.num_classes)
-        self._check_watched_keys(trainer)
-        self._check_patience(trainer)
-        self._announce_schedule(trainer)
+        self._check_watchers(trainer)
         self._preflight(trainer, model)
-        self._warn_budget_with_watchers(trainer)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._interval_start = time.perf_counter()
@@ -860,7 +861,7 @@ class GeometryMonitor(Watchers, Callback):
                 self._keep_finite(
                     values, notes, "values undefined for this model (NaN; the model's outputs were finite)"
                 )
-        notes += self._fill_watched_keys(trainer, epoch, None if causes else set(values))
+        notes += self._fill_watched_keys(trainer, None if causes else set(values))
         for note in notes:
             rank_zero_warn(f"{name} (epoch {epoch}): {note}", category=RuntimeWarning)
         if not outcome.failed:

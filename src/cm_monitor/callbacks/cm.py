@@ -51,7 +51,8 @@ class CMDimensionMonitor(GeometryMonitor):
     even if every measurement improved, is refused at the start of fit, before any training).
     ``max_cost_frac`` caps the cost: a due measurement is postponed while it would push the time
     spent measuring above that fraction of the fit's wall time (postponed validations also repeat
-    the last values, so leave room for them in the patience).
+    the last values; a postponement that would bring an ``EarlyStopping`` on a ``cm/`` key to its
+    patience is not made: the monitor measures over the budget then).
 
     Anchors: ``num_anchors`` per class, a uniform random sample of each class of the validation
     dataloader (read to its end when it has a length, whatever ``limit_val_batches``;

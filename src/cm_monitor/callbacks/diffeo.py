@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from cm_monitor.anchors import BatchReader
 from cm_monitor.callbacks.base import GeometryMonitor, Measurement, check_int
-from cm_monitor.diffeo import StabilityEstimate, relative_stability
+from cm_monitor.diffeo import FOLD_WARNING, StabilityEstimate, relative_stability
 
 
 class DiffeoStabilityMonitor(GeometryMonitor):
@@ -276,7 +276,7 @@ class DiffeoStabilityMonitor(GeometryMonitor):
             est = StabilityEstimate.merge([p[0] for p in parts])
         notes = sorted({note for _, part_notes in parts for note in part_notes} | {str(w.message) for w in caught})
         if self._folds_said and self._known_fold_fraction() is not None:  # said once per series
-            notes = [n for n in notes if "of the deformations fold over" not in n]
+            notes = [n for n in notes if FOLD_WARNING not in n]
         self._folds_said = True
         self.last_estimate = est
         self._folds = (self._deformation_key(), est.fold_fraction)

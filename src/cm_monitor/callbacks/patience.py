@@ -48,8 +48,8 @@ class Schedule:
 
 @dataclass(frozen=True)
 class Stop:
-    """A stop that the repeats alone force: at ``epoch`` (a stream: after ``validations``), with
-    ``repeats`` checks without a measurement in a row before it."""
+    """A stop that the repeats alone force: at ``epoch`` (a stream: after ``validations``);
+    ``repeats``: the most checks without a measurement in a row in the fit's schedule."""
 
     epoch: int | None
     validations: int
@@ -70,16 +70,23 @@ def _validations_in(schedule: Schedule, epoch: int) -> int:
     return batches // step
 
 
+def epochs_between_validations(check_val_every_n_epoch: int | None, val_check_batch: float, batches: float) -> int:
+    """Epochs from one validating epoch to the next: ``check_val_every_n_epoch``, or with validation
+    every ``val_check_batch`` batches counted across epochs of ``batches`` batches, as many epochs
+    as that takes (1 when it is not known)."""
+    if check_val_every_n_epoch is not None:
+        return check_val_every_n_epoch
+    if not batches or math.isinf(val_check_batch) or math.isinf(batches):
+        return 1
+    return max(1, math.ceil(val_check_batch / batches))
+
+
 def _horizon(schedule: Schedule) -> int:
     """The epoch to replay to when the fit ends later or never: a few windows between two
     measurements, which then repeat."""
-    per = schedule.check_val_every_n_epoch
-    if per is None:  # validation by batches across epochs: epochs between two validations
-        per = (
-            1
-            if math.isinf(schedule.val_check_batch)
-            else math.ceil(schedule.val_check_batch / schedule.batches_per_epoch)
-        )
+    per = epochs_between_validations(
+        schedule.check_val_every_n_epoch, schedule.val_check_batch, schedule.batches_per_epoch
+    )
     return 4 * (schedule.every_n_epochs + per) + 2
 
 
@@ -113,27 +120,29 @@ def checks(schedule: Schedule, on_train_epoch_end: bool) -> Iterator[tuple[int, 
 
 def forced_stop(schedule: Schedule, patience: int, on_train_epoch_end: bool = False) -> Stop | None:
     """The stop an ``EarlyStopping(patience=patience)`` makes before the fit's end even if every
-    measurement improves, or ``None``. Its ``repeats`` is the longest run of checks without a
-    measurement in the replay; ``patience > repeats`` lets every measurement be compared."""
+    measurement improves, or ``None``. Its ``repeats`` is :func:`repeats_in_a_row`: ``patience >
+    repeats`` lets every measurement be compared."""
     patience = max(patience, 1)  # patience 0 stops at the first check without improvement, as 1 does
-    wait = longest = seen = 0
-    stop: tuple[int, int] | None = None
+    wait = seen = 0
     for epoch, measured, repeats in checks(schedule, on_train_epoch_end):
         wait = 0 if measured else wait + 1
-        if stop is None and wait + repeats >= patience:
-            stop = (seen + 1 + max(0, patience - wait), epoch)
+        if wait + repeats >= patience:
+            return _stop_before_the_end(schedule, epoch, seen + 1 + max(0, patience - wait), on_train_epoch_end)
         wait += repeats
         seen += 1 + repeats
-        longest = max(longest, wait)
-    if stop is None:
-        return None
-    validations, epoch = stop
+    return None
+
+
+def _stop_before_the_end(schedule: Schedule, epoch: int, validations: int, on_train_epoch_end: bool) -> Stop | None:
+    """A stop requested at ``epoch`` (a stream: at check ``validations``), or None when the fit
+    ends there anyway (``min_epochs`` delays it)."""
+    longest = repeats_in_a_row(schedule, on_train_epoch_end)
     if schedule.stream:
         ends = schedule.max_validations
         return Stop(None, validations, longest) if ends is None or validations < ends else None
     effective = max(epoch, schedule.min_epochs - 1)
     if schedule.end_epoch is not None and effective >= schedule.end_epoch - 1:
-        return None  # the fit ends there anyway
+        return None
     return Stop(effective, validations, longest)
 
 

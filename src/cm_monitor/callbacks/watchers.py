@@ -13,6 +13,8 @@ from __future__ import annotations
 import difflib
 import math
 import re
+from collections.abc import Callable
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -20,7 +22,15 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from cm_monitor.callbacks.patience import Schedule, Stop, checks, forced_stop, measured_epochs, repeats_in_a_row
+from cm_monitor.callbacks.patience import (
+    Schedule,
+    Stop,
+    checks,
+    epochs_between_validations,
+    forced_stop,
+    measured_epochs,
+    repeats_in_a_row,
+)
 
 
 def _worst_value(mode: str) -> float:
@@ -40,44 +50,55 @@ def _epochs_of(steps: int | None, batches: float, per_step: int) -> int | None:
 def _checks_to_next_validation(trainer: pl.Trainer, cb: EarlyStopping) -> int:
     """How many checks ``cb`` makes from this validation to the next one (included, not that one's):
     one at validation ends, or one per epoch end until the next validating epoch."""
-    if not getattr(cb, "_check_on_train_epoch_end", False):
+    if not _on_epoch_end(cb):
         return 1
-    every = trainer.check_val_every_n_epoch
-    if every is None:  # validation every val_check_batch batches, counted across epochs
-        batches, every_batches = trainer.num_training_batches, trainer.val_check_batch
-        finite = every_batches and batches and not math.isinf(every_batches) and not math.isinf(batches)
-        return max(1, math.ceil(every_batches / batches)) if finite else 1
-    return every
+    return epochs_between_validations(
+        trainer.check_val_every_n_epoch, trainer.val_check_batch or math.inf, trainer.num_training_batches
+    )
+
+
+def _on_epoch_end(cb: EarlyStopping) -> bool:
+    """Whether ``cb`` checks at the end of training epochs (as its ``setup`` resolved it)."""
+    return bool(getattr(cb, "_check_on_train_epoch_end", False))
 
 
 class Watchers:
-    """The watched-keys part of a monitor (mixed into ``GeometryMonitor``, whose attributes it reads:
-    ``prefix``, ``every_n_epochs``, ``max_cost_frac``, ``verbose``, ``last_values`` and the key lists)."""
+    """The watched-keys part of a monitor (mixed into ``GeometryMonitor``, whose attributes and key
+    lists it reads: ``prefix``, ``every_n_epochs``, ``max_cost_frac``, ``verbose``, ``last_values``,
+    ``_key_patterns``, ``_loggable_keys()``, ``_always_logged()``)."""
 
     prefix: str
     every_n_epochs: int
     max_cost_frac: float | None
     verbose: bool
     last_values: dict[str, float]
-    _restored: bool
+    _key_patterns: tuple[str, ...]
+    _fresh_fit: bool  # set at on_train_start: a new fit, not resumed, at epoch 0 and step 0
+    _loggable_keys: Callable[[], set[str]]
+    _always_logged: Callable[[], set[str]]
 
-    def _loggable_keys(self) -> set[str]:
-        raise NotImplementedError
-
-    def _always_logged(self) -> set[str]:
-        raise NotImplementedError
+    def _check_watchers(self, trainer: pl.Trainer) -> None:
+        """At the start of fit: the watched keys are keys of the monitor, no ``EarlyStopping`` would
+        end the fit on repeated values, and what the schedule means for the watchers is said."""
+        self._check_watched_keys(trainer)
+        schedule = self._schedule(trainer)
+        if schedule is not None:
+            self._check_patience(trainer, schedule)
+            self._announce_schedule(schedule)
+        self._warn_budget_with_watchers(trainer, schedule)
+        self._warn_checkpoint_top_k(trainer, schedule)
 
     def _schedule(self, trainer: pl.Trainer) -> Schedule | None:
         """A new fit's validation schedule as Lightning resolved it, or None where it is not known
-        ahead: validation by time, ``fast_dev_run``, ``min_steps``, ``max_steps`` with manual
-        optimization (its optimizer steps per batch are the module's), and a resumed fit (it may
-        resume inside an epoch, after some of its validations, and ``EarlyStopping`` brings back its
-        count; the fit was checked when it started)."""
-        every_batches = trainer.val_check_batch
-        if every_batches is None or trainer.fast_dev_run or trainer.min_steps or self._time_validated(trainer):
+        ahead: a fit that is not new (resumed from a checkpoint: it may restart inside an epoch,
+        after some of its validations, with ``EarlyStopping``'s count restored; a fit that continues
+        without one), no training batches, validation by time, a stream validated only at its end,
+        ``fast_dev_run``, ``min_steps``, and ``max_steps`` with manual optimization (its optimizer
+        steps per batch are the module's)."""
+        every_batches, batches = trainer.val_check_batch, trainer.num_training_batches
+        if not self._fresh_fit or every_batches is None or not batches or trainer.fast_dev_run or trainer.min_steps:
             return None
-        batches = trainer.num_training_batches
-        if not batches or trainer.current_epoch or trainer.global_step or self._restored:
+        if getattr(trainer, "_val_check_time_interval", None) is not None:
             return None
         steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
         if steps is not None and not trainer.lightning_module.automatic_optimization:
@@ -94,16 +115,10 @@ class Watchers:
             end_epoch=min(ends) if ends else None, min_epochs=trainer.min_epochs or 0,
         )  # fmt: skip
 
-    @staticmethod
-    def _time_validated(trainer: pl.Trainer) -> bool:
-        return getattr(trainer, "_val_check_time_interval", None) is not None
-
-    def _announce_schedule(self, trainer: pl.Trainer) -> None:
-        """At the start of a new fit: which epochs are measured (``verbose``); a warning when a fit
-        with validations in several epochs is measured only once (the later values are the first
-        one's, repeated)."""
-        schedule = self._schedule(trainer)
-        measured, complete = ([], False) if schedule is None else measured_epochs(schedule)
+    def _announce_schedule(self, schedule: Schedule) -> None:
+        """Which epochs are measured (``verbose``); a warning when a fit with validations in several
+        epochs is measured only once (the later values are the first one's, repeated)."""
+        measured, complete = measured_epochs(schedule)
         if not measured:
             return
         name, every = type(self).__name__, self.every_n_epochs
@@ -118,33 +133,21 @@ class Watchers:
             )
         elif self.verbose:
             shown = ", ".join(str(e) for e in measured[:5]) + ("" if complete and len(measured) <= 5 else ", ...")
-            budget = ", unless the budget postpones it" if self.max_cost_frac is not None else ""
+            budget = "; a budget may postpone them" if self.max_cost_frac is not None else ""
             rank_zero_info(
                 f"{name}: measures the first validation of epochs {shown} (the first validation of the fit, then "
-                f"every {every} epochs{budget}); the others log the last values again ({self.prefix}/measured = 0)."
+                f"the first at least {every} epochs after the last measurement{budget}); the others log the last "
+                f"values again ({self.prefix}/measured = 0)."
             )
 
-    def _values_repeat(self, trainer: pl.Trainer) -> bool:
-        """Whether some validations of this fit log the last values again (a budget may make them)."""
-        if self.max_cost_frac is not None:
-            return True
-        schedule = self._schedule(trainer)
-        if schedule is None:
-            return self.every_n_epochs > 1 or trainer.val_check_batch != trainer.num_training_batches
-        return any(not measured or repeats for _, measured, repeats in checks(schedule, on_train_epoch_end=False))
-
-    def _check_patience(self, trainer: pl.Trainer) -> None:
-        """At the start of fit: an ``EarlyStopping`` on a key of this monitor that would end the fit
-        on the repeated values alone, even if every measurement improved, is an error."""
-        schedule = self._schedule(trainer)
-        if schedule is None:
-            return
+    def _check_patience(self, trainer: pl.Trainer, schedule: Schedule) -> None:
+        """An ``EarlyStopping`` on a repeated key of this monitor that would end the fit on the
+        repeated values alone, even if every measurement improved, is an error."""
         for cb in self._early_stoppings(trainer):
-            on_epoch_end = getattr(cb, "_check_on_train_epoch_end", None)
-            stop = forced_stop(schedule, cb.patience, bool(on_epoch_end))
+            stop = forced_stop(schedule, cb.patience, _on_epoch_end(cb))
             if stop is not None:
                 several = (
-                    not (on_epoch_end or schedule.stream) and schedule.val_check_batch < schedule.batches_per_epoch
+                    not (_on_epoch_end(cb) or schedule.stream) and schedule.val_check_batch < schedule.batches_per_epoch
                 )
                 raise MisconfigurationException(self._patience_message(cb, stop, several))
 
@@ -166,39 +169,21 @@ class Watchers:
             f"in a row here), which count as no improvement. To keep the fit: {'; '.join(options)}."
         )
 
-    def _warn_budget_with_watchers(self, trainer: pl.Trainer) -> None:
-        """Say how the repeated values at validations without a measurement meet the callbacks that
-        watch this monitor's keys: a budget's postponements, and a ``ModelCheckpoint`` top k."""
+    def _warn_budget_with_watchers(self, trainer: pl.Trainer, schedule: Schedule | None) -> None:
+        """A budget's postponements repeat values, which the watchers count; a patience that leaves
+        the budget no room to postpone anything makes it have no effect."""
         watched = sorted(self._watched_keys(trainer))
-        if self.max_cost_frac is not None and watched:
-            rank_zero_warn(
-                f"{type(self).__name__}: with `max_cost_frac` measurements may be postponed, and the "
-                f"validations in between log the last values again; a callback watching {watched} counts them "
-                "as validations without improvement (a postponement never brings an EarlyStopping on them to "
-                "its patience: the monitor then measures whatever the budget).",
-                category=UserWarning,
-            )
-            self._warn_budget_without_effect(trainer)
-        repeats = self._values_repeat(trainer)
-        for cb in trainer.callbacks:
-            key, top = getattr(cb, "monitor", None), getattr(cb, "save_top_k", None)
-            if repeats and isinstance(cb, ModelCheckpoint) and key in watched and top not in (-1, 0, 1):
-                rank_zero_warn(
-                    f"{type(self).__name__}: ModelCheckpoint(monitor={key!r}, save_top_k={top}) ranks the "
-                    "validations without a measurement by the last measured value, so models that were never "
-                    "measured take places in its top k, tied with the measured one before them. Keep "
-                    "save_top_k=1 (a tie keeps the first, measured, checkpoint).",
-                    category=UserWarning,
-                )
-
-    def _warn_budget_without_effect(self, trainer: pl.Trainer) -> None:
-        """A budget that an ``EarlyStopping``'s patience leaves no room to postpone anything."""
-        schedule = self._schedule(trainer)
-        if schedule is None:
+        if self.max_cost_frac is None or not watched:
             return
-        for cb in self._early_stoppings(trainer):
-            on_epoch_end = bool(getattr(cb, "_check_on_train_epoch_end", False))
-            needed = repeats_in_a_row(schedule, on_epoch_end) + _checks_to_next_validation(trainer, cb)
+        rank_zero_warn(
+            f"{type(self).__name__}: with `max_cost_frac` measurements may be postponed, and the "
+            f"validations in between log the last values again; a callback watching {watched} counts them "
+            "as validations without improvement (a postponement never brings an EarlyStopping on them to "
+            "its patience: the monitor then measures whatever the budget).",
+            category=UserWarning,
+        )
+        for cb in self._early_stoppings(trainer) if schedule is not None else []:
+            needed = repeats_in_a_row(schedule, _on_epoch_end(cb)) + _checks_to_next_validation(trainer, cb)
             if max(cb.patience, 1) <= needed:
                 rank_zero_warn(
                     f"{type(self).__name__}: `max_cost_frac` cannot postpone any measurement in this fit: one "
@@ -209,6 +194,27 @@ class Watchers:
                 )
                 return
 
+    def _warn_checkpoint_top_k(self, trainer: pl.Trainer, schedule: Schedule | None) -> None:
+        """A ``ModelCheckpoint`` top k > 1 on a repeated key keeps models that were never measured."""
+        if self.max_cost_frac is None and schedule is not None:
+            repeats = any(not measured or more for _, measured, more in checks(schedule, on_train_epoch_end=False))
+        else:
+            repeats = (
+                self.every_n_epochs > 1
+                or self.max_cost_frac is not None
+                or trainer.val_check_batch != trainer.num_training_batches
+            )
+        for cb in self._watching(trainer, repeated_only=True):
+            top = getattr(cb, "save_top_k", None)
+            if repeats and isinstance(cb, ModelCheckpoint) and top not in (-1, 0, 1):
+                rank_zero_warn(
+                    f"{type(self).__name__}: ModelCheckpoint(monitor={cb.monitor!r}, save_top_k={top}) ranks the "
+                    "validations without a measurement by the last measured value, so models that were never "
+                    "measured take places in its top k, tied with the measured one before them. Keep "
+                    "save_top_k=1 (a tie keeps the first, measured, checkpoint).",
+                    category=UserWarning,
+                )
+
     def _stopper_at_stake(self, trainer: pl.Trainer) -> EarlyStopping | None:
         """An ``EarlyStopping`` on a key of this monitor that the repeats before the next validation
         (the next chance to measure) would make stop the fit, if any."""
@@ -218,28 +224,42 @@ class Watchers:
         return None
 
     def _early_stoppings(self, trainer: pl.Trainer) -> list[EarlyStopping]:
-        """The ``EarlyStopping`` callbacks on a key of this monitor that count a repeated value as no
+        """The ``EarlyStopping`` callbacks on a repeated key of this monitor that count a repeat as no
         improvement (all but those with a negative ``min_delta``)."""
-        found = []
-        for cb in trainer.callbacks:
-            key = getattr(cb, "monitor", None)
-            if not (isinstance(cb, EarlyStopping) and isinstance(key, str) and key.startswith(f"{self.prefix}/")):
-                continue
-            zero = torch.zeros(())
-            if not cb.monitor_op(zero - cb.min_delta, zero):  # a negative min_delta: a repeat improves
-                found.append(cb)
-        return found
+        zero = torch.zeros(())
+        return [
+            cb
+            for cb in self._watching(trainer, repeated_only=True)
+            if isinstance(cb, EarlyStopping) and not cb.monitor_op(zero - cb.min_delta, zero)
+        ]
+
+    def _watching(self, trainer: pl.Trainer, repeated_only: bool = False, strict_only: bool = False) -> list[Any]:
+        """The other callbacks that monitor a key under this monitor's prefix (``repeated_only``: not
+        one of the keys logged afresh at every validation, such as ``{prefix}/seconds``;
+        ``strict_only``: that fail on a missing key, all but ``EarlyStopping(strict=False)``)."""
+        fresh = self._always_logged() if repeated_only else set()
+        return [
+            cb
+            for cb in trainer.callbacks
+            if cb is not self
+            and isinstance(getattr(cb, "monitor", None), str)
+            and cb.monitor.startswith(f"{self.prefix}/")
+            and cb.monitor not in fresh
+            and (getattr(cb, "strict", True) or not strict_only)
+        ]
+
+    def _watched_keys(self, trainer: pl.Trainer, strict_only: bool = False) -> set[str]:
+        """Keys under this monitor's prefix that other callbacks monitor (see :meth:`_watching`)."""
+        return {cb.monitor for cb in self._watching(trainer, strict_only=strict_only)}
 
     def _check_watched_keys(self, trainer: pl.Trainer) -> None:
-        """At the start of fit: a key under this prefix that another callback monitors and that this
-        configuration never logs is an error (close to a logged key, or one the monitor logs only with
-        another configuration); any other unknown key under the prefix is a warning (the module may log it)."""
+        """A key under this prefix that another callback monitors and that this configuration never
+        logs is an error (close to a logged key, or one the monitor logs only with another
+        configuration); any other unknown key under the prefix is a warning (the module may log it)."""
         n = len(self.prefix) + 1
         known = self._loggable_keys() | {k[n:] for k in self._always_logged()}
-        for cb in trainer.callbacks:
-            key = getattr(cb, "monitor", None)
-            if cb is self or not isinstance(key, str) or not key.startswith(f"{self.prefix}/"):
-                continue
+        for cb in self._watching(trainer):
+            key = cb.monitor
             name = key[n:]
             if name in known:
                 continue
@@ -258,12 +278,7 @@ class Watchers:
                 category=UserWarning,
             )
 
-    def _watched_keys(self, trainer: pl.Trainer, strict_only: bool = False) -> set[str]:
-        """Keys under this monitor's prefix that other callbacks monitor (``strict_only``: those that
-        fail on a missing key, i.e. all but ``EarlyStopping(strict=False)``)."""
-        return set(self._watchers(trainer, strict_only))
-
-    def _fill_watched_keys(self, trainer: pl.Trainer, epoch: int, produced: set[str] | None) -> list[str]:
+    def _fill_watched_keys(self, trainer: pl.Trainer, produced: set[str] | None) -> list[str]:
         """A value for each key of this monitor that another callback strictly monitors and that has
         none yet; notes saying so.
 
@@ -277,10 +292,9 @@ class Watchers:
         others are left to whoever logs them (the LightningModule may, also in its own
         ``on_validation_epoch_end``, which runs after this hook); the start of fit warned about them.
         """
-        watchers = self._watchers(trainer, strict_only=True)
         known = set(self.last_values) | self._always_logged() | set(trainer.callback_metrics)
         loggable = {f"{self.prefix}/{k}" for k in self._loggable_keys()}
-        absent = sorted(k for k in watchers if k not in known and k in loggable)
+        absent = sorted(k for k in self._watched_keys(trainer, strict_only=True) if k not in known and k in loggable)
         if not absent:
             return []
         self.last_values.update({k: self._placeholder(trainer, k) for k in absent})
@@ -295,21 +309,10 @@ class Watchers:
         """The value for a watched ``key`` without one: the worst finite value for the mode of the
         callbacks that watch it, within an ``EarlyStopping``'s ``divergence_threshold`` (a value at
         the threshold does not trip it)."""
-        watching = [cb for cb in trainer.callbacks if cb is not self and getattr(cb, "monitor", None) == key]
+        watching = [cb for cb in self._watching(trainer) if cb.monitor == key]
         value = _worst_value(getattr(watching[0], "mode", "min"))
         for cb in watching:
             threshold = getattr(cb, "divergence_threshold", None)
             if threshold is not None:
                 value = min(value, threshold) if value > 0 else max(value, threshold)
         return value
-
-    def _watchers(self, trainer: pl.Trainer, strict_only: bool) -> dict[str, str]:
-        """``{key: mode}`` of the keys under this monitor's prefix that other callbacks monitor."""
-        return {
-            cb.monitor: getattr(cb, "mode", "min")
-            for cb in trainer.callbacks
-            if cb is not self
-            and isinstance(getattr(cb, "monitor", None), str)
-            and cb.monitor.startswith(f"{self.prefix}/")
-            and (getattr(cb, "strict", True) or not strict_only)
-        }
