@@ -92,6 +92,7 @@ def test_the_bisections_remaining_bound_holds_at_every_step():
                 search.report(group, j, j >= answers[group])
                 finished += 1
                 bounds.append((finished, search.remaining()))
+                assert search.remaining() == sum(search._group_bound(k) for k in range(6))  # kept up to date
         assert search.remaining() == 0
         for k, bound in bounds:  # what was still to come after k problems never exceeded the bound
             assert finished - k <= bound

@@ -192,6 +192,8 @@ class BisectionSearch:
         #: problems that can run at once: one per group, two for a group with a hint (its first round,
         #: or at an end of the grid, where the first round has one problem, its second)
         self.in_flight = sum(1 if h is None or num_dims < 2 else 2 for h in hints or [None] * groups)
+        self._bound = [self._group_bound(g) for g in range(groups)]  # see remaining()
+        self._remaining = sum(self._bound)
 
     @staticmethod
     def _first(hint: int | None, num_dims: int) -> list[int]:
@@ -214,6 +216,13 @@ class BisectionSearch:
 
     def report(self, group: int, index: int, success: bool | None) -> None:
         self._running[group] -= 1
+        self._learn(group, index, success)
+        bound = self._group_bound(group)
+        self._remaining += bound - self._bound[group]
+        self._bound[group] = bound
+
+    def _learn(self, group: int, index: int, success: bool | None) -> None:
+        """Narrow the group's bracket by the outcome; queue its next problems when none is left."""
         if success is None or self._stopped[group]:
             self._stop(group)
             return
@@ -248,12 +257,15 @@ class BisectionSearch:
 
     def remaining(self) -> int:
         """At most this many problems have yet to finish (running, waiting, or to come from the open
-        brackets): it only falls as problems finish, to 0 at the end."""
-        total = 0
-        for g in range(len(self.lo)):
-            if not self._stopped[g]:
-                total += self._running[g] + len(self._pending[g]) + _depth(self.hi[g] - self.lo[g])
-        return total
+        brackets): it only falls as problems finish, to 0 at the end. Kept up to date by
+        :meth:`report`, so reading it costs nothing."""
+        return self._remaining
+
+    def _group_bound(self, g: int) -> int:
+        """Problems of group ``g`` yet to finish, at most."""
+        if self._stopped[g]:
+            return 0
+        return self._running[g] + len(self._pending[g]) + _depth(self.hi[g] - self.lo[g])
 
     def _stop(self, group: int) -> None:
         """A problem of ``group`` produced NaN/inf: no further problems for it."""
