@@ -146,13 +146,14 @@ def _stop_before_the_end(schedule: Schedule, epoch: int, validations: int, on_tr
     return Stop(effective, validations, longest)
 
 
-def measured_epochs(schedule: Schedule) -> tuple[list[int], bool]:
-    """The epochs of a new fit whose validations a monitor measures, and whether that is all of
-    them (False: the fit goes on past the replay, which repeats)."""
+def validated_epochs(schedule: Schedule) -> tuple[list[int], list[int], bool]:
+    """The epochs of a new fit that validate, those whose (first) validation a monitor measures,
+    and whether that is all of them (False: the fit goes on past the replay, which repeats)."""
     if schedule.stream:
-        return [], False
-    measured = [epoch for epoch, m, _ in checks(schedule, on_train_epoch_end=False) if m]
-    return measured, schedule.end_epoch is not None and schedule.end_epoch <= _horizon(schedule)
+        return [], [], False
+    events = list(checks(schedule, on_train_epoch_end=False))
+    complete = schedule.end_epoch is not None and schedule.end_epoch <= _horizon(schedule)
+    return [epoch for epoch, _, _ in events], [epoch for epoch, m, _ in events if m], complete
 
 
 def repeats_in_a_row(schedule: Schedule, on_train_epoch_end: bool = False) -> int:

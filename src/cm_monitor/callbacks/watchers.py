@@ -25,11 +25,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from cm_monitor.callbacks.patience import (
     Schedule,
     Stop,
-    checks,
     epochs_between_validations,
     forced_stop,
-    measured_epochs,
     repeats_in_a_row,
+    validated_epochs,
 )
 
 
@@ -118,11 +117,10 @@ class Watchers:
     def _announce_schedule(self, schedule: Schedule) -> None:
         """Which epochs are measured (``verbose``); a warning when a fit with validations in several
         epochs is measured only once (the later values are the first one's, repeated)."""
-        measured, complete = measured_epochs(schedule)
+        validated, measured, complete = validated_epochs(schedule)
         if not measured:
             return
         name, every = type(self).__name__, self.every_n_epochs
-        validated = [epoch for epoch, _, _ in checks(schedule, on_train_epoch_end=False)]
         if complete and len(measured) == 1 and len(validated) > 1:
             rank_zero_warn(
                 f"{name}: with every_n_epochs = {every} this fit, validated at epochs "
@@ -197,7 +195,7 @@ class Watchers:
     def _warn_checkpoint_top_k(self, trainer: pl.Trainer, schedule: Schedule | None) -> None:
         """A ``ModelCheckpoint`` top k > 1 on a repeated key keeps models that were never measured."""
         if self.max_cost_frac is None and schedule is not None:
-            repeats = any(not measured or more for _, measured, more in checks(schedule, on_train_epoch_end=False))
+            repeats = repeats_in_a_row(schedule) > 0
         else:
             repeats = (
                 self.every_n_epochs > 1
